@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# fixture.sh - the local test fixture for kyuubi-broker: real Spark Thrift
+# Server 4.0.1 instances (HiveServer2 protocol) on 127.0.0.1 and the real
+# clients (beeline / Hive JDBC 2.3.10, PyHive, impyla).
+#
+# Usage:
+#   scripts/fixture.sh install                 venv with pyspark + clients, bind shim
+#   scripts/fixture.sh start NAME [--mode binary|http] [--port N]
+#                                              start (idempotent) a named server;
+#                                              prints host:port when it accepts
+#   scripts/fixture.sh stop NAME|all           stop by PID
+#   scripts/fixture.sh status
+#   scripts/fixture.sh env                     prints KB_PYTHON / KB_SPARK_HOME exports
+#
+# Environment: KB_FIXTURE_DIR (state, default /tmp/kyuubi-broker-fixture),
+# KB_CACHE_DIR (venv + shim, default ~/.cache/kyuubi-broker),
+# KB_STS_START_TIMEOUT (seconds, default 240), KB_STS_MEMORY (default 1g).
+set -euo pipefail
+
+CACHE_DIR=${KB_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kyuubi-broker}
+FIXTURE_DIR=${KB_FIXTURE_DIR:-/tmp/kyuubi-broker-fixture}
+VENV="$CACHE_DIR/venv"
+PY="$VENV/bin/python"
+SHIM="$CACHE_DIR/loopback_bind.so"
+MAIN_CLASS=org.apache.spark.sql.hive.thriftserver.HiveThriftServer2
+START_TIMEOUT=${KB_STS_START_TIMEOUT:-240}
+HOST=127.0.0.1
+
+log() { printf '[fixture] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+spark_home() { "$PY" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))'; }
+
+cmd_install() {
+  command -v java >/dev/null || die "java (17 or 21) is required: apt-get install openjdk-17-jre-headless"
+  mkdir -p "$CACHE_DIR"
+  if ! "$PY" -c 'import pyspark, pyhive, impala, thrift_sasl, puresasl' 2>/dev/null; then
+    log "creating client venv in $VENV (pyspark 4.0.1, PyHive 0.7.0, impyla 0.24.0)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q 'pyspark==4.0.1' 'pyhive[hive_pure_sasl]==0.7.0' 'impyla==0.24.0' \
+      thrift_sasl pure-sasl >&2
+  fi
+  build_shim
+  log "installed: SPARK_HOME=$(spark_home)"
+}
+
+# Spark's HTTP mode ignores the bind host and listens on all interfaces; this
+# LD_PRELOAD shim turns wildcard binds into loopback binds.
+build_shim() {
+  [ -f "$SHIM" ] && return 0
+  command -v cc >/dev/null || die "a C compiler is needed for the loopback bind shim"
+  cat >"$CACHE_DIR/loopback_bind.c" <<'EOF'
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+
+typedef int (*bind_fn)(int, const struct sockaddr *, socklen_t);
+
+int bind(int fd, const struct sockaddr *addr, socklen_t len) {
+    static bind_fn real;
+    if (!real) real = (bind_fn)dlsym(RTLD_NEXT, "bind");
+    if (addr && addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        struct sockaddr_in a;
+        memcpy(&a, addr, sizeof a);
+        if (a.sin_addr.s_addr == htonl(INADDR_ANY)) {
+            a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            return real(fd, (const struct sockaddr *)&a, sizeof a);
+        }
+    } else if (addr && addr->sa_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        struct sockaddr_in6 a;
+        memcpy(&a, addr, sizeof a);
+        if (IN6_IS_ADDR_UNSPECIFIED(&a.sin6_addr)) {
+            static const unsigned char mapped_lo[16] = {0,0,0,0,0,0,0,0,0,0,0xff,0xff,127,0,0,1};
+            memcpy(&a.sin6_addr, mapped_lo, sizeof mapped_lo);
+            return real(fd, (const struct sockaddr *)&a, sizeof a);
+        }
+    }
+    return real(fd, addr, len);
+}
+EOF
+  cc -shared -fPIC -O2 -o "$SHIM.tmp" "$CACHE_DIR/loopback_bind.c" -ldl && mv "$SHIM.tmp" "$SHIM"
+}
+
+alive() { # pid
+  [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null &&
+    tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q "$MAIN_CLASS"
+}
+
+port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+cmd_start() {
+  local name=${1:?usage: start NAME [--mode binary|http] [--port N]}; shift
+  local mode=binary port=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --mode) mode=${2:?}; shift 2 ;;
+      --port) port=${2:?}; shift 2 ;;
+      *) die "unknown option $1" ;;
+    esac
+  done
+  case "$mode" in binary) port=${port:-10000} ;; http) port=${port:-10001} ;; *) die "--mode binary|http" ;; esac
+  local dir="$FIXTURE_DIR/$name"
+  mkdir -p "$dir"
+  # one start at a time per instance, so parallel test binaries can share it
+  exec 9>"$dir/lock"
+  flock 9
+  local sig="mode=$mode port=$port"
+  if [ -f "$dir/pid" ] && alive "$(cat "$dir/pid")"; then
+    if [ "$(cat "$dir/signature" 2>/dev/null)" = "$sig" ] && port_open "$port"; then
+      echo "$HOST:$port"; return 0
+    fi
+    die "instance $name runs with $(cat "$dir/signature"); stop it first"
+  fi
+  port_open "$port" && die "port $HOST:$port is in use by another process"
+  [ -x "$PY" ] || cmd_install
+  build_shim
+  local sh; sh=$(spark_home)
+  rm -rf "$dir/tmp"; mkdir -p "$dir/tmp"
+  local hive=(--hiveconf "hive.server2.thrift.bind.host=$HOST"
+    --hiveconf hive.server2.authentication=NONE
+    --hiveconf "hive.exec.local.scratchdir=$dir/tmp/scratch"
+    --hiveconf "hive.exec.scratchdir=$dir/tmp/hdfs-scratch"
+    --hiveconf "hive.downloaded.resources.dir=$dir/tmp/resources"
+    --hiveconf "hive.server2.logging.operation.log.location=$dir/tmp/oplogs")
+  if [ "$mode" = http ]; then
+    hive+=(--hiveconf hive.server2.transport.mode=http --hiveconf "hive.server2.thrift.http.port=$port"
+      --hiveconf hive.server2.thrift.http.path=cliservice)
+  else
+    hive+=(--hiveconf hive.server2.transport.mode=binary --hiveconf "hive.server2.thrift.port=$port")
+  fi
+  log "starting Spark Thrift Server '$name' ($sig)"
+  local t0=$SECONDS
+  (
+    cd "$dir"
+    export SPARK_LOCAL_IP=$HOST LD_PRELOAD="$SHIM" SPARK_HOME="$sh"
+    exec nohup "$sh/bin/spark-submit" --class "$MAIN_CLASS" --name "kb-fixture-$name" \
+      --master 'local[2]' --driver-memory "${KB_STS_MEMORY:-1g}" \
+      --conf spark.ui.enabled=false --conf "spark.driver.bindAddress=$HOST" --conf "spark.driver.host=$HOST" \
+      --conf "spark.local.dir=$dir/tmp" --conf "spark.sql.warehouse.dir=$dir/warehouse" \
+      --conf "spark.hadoop.javax.jdo.option.ConnectionURL=jdbc:derby:;databaseName=$dir/metastore_db;create=true" \
+      --conf spark.sql.shuffle.partitions=2 \
+      --conf "spark.driver.extraJavaOptions=-Dderby.system.home=$dir -Djava.io.tmpdir=$dir/tmp" \
+      spark-internal "${hive[@]}"
+  ) >"$dir/server.log" 2>&1 </dev/null &
+  local pid=$!
+  echo "$pid" >"$dir/pid"
+  echo "$sig" >"$dir/signature"
+  while :; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      grep -E "ERROR|Exception" "$dir/server.log" | tail -n 10 >&2 || true
+      die "Spark Thrift Server '$name' exited during startup (log: $dir/server.log)"
+    fi
+    if grep -q "HiveThriftServer2 started" "$dir/server.log" 2>/dev/null && port_open "$port"; then break; fi
+    if [ $((SECONDS - t0)) -ge "$START_TIMEOUT" ]; then
+      kill "$pid" 2>/dev/null || true
+      tail -n 30 "$dir/server.log" >&2
+      die "Spark Thrift Server '$name' not ready after ${START_TIMEOUT}s"
+    fi
+    sleep 0.3
+  done
+  log "'$name' ready in $((SECONDS - t0)) s (pid $pid)"
+  echo "$HOST:$port"
+}
+
+stop_one() {
+  local dir="$FIXTURE_DIR/$1" pid
+  [ -f "$dir/pid" ] || return 0
+  pid=$(cat "$dir/pid")
+  if alive "$pid"; then
+    kill "$pid"
+    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    log "stopped '$1' (pid $pid)"
+  fi
+  rm -f "$dir/pid"
+}
+
+cmd_stop() {
+  local name=${1:?usage: stop NAME|all}
+  if [ "$name" = all ]; then
+    [ -d "$FIXTURE_DIR" ] || return 0
+    for d in "$FIXTURE_DIR"/*/; do [ -d "$d" ] && stop_one "$(basename "$d")"; done
+  else
+    stop_one "$name"
+  fi
+}
+
+cmd_status() {
+  [ -d "$FIXTURE_DIR" ] || { echo "no instances"; return 0; }
+  for d in "$FIXTURE_DIR"/*/; do
+    [ -f "$d/pid" ] || continue
+    if alive "$(cat "$d/pid")"; then echo "$(basename "$d"): running pid $(cat "$d/pid") $(cat "$d/signature")"; fi
+  done
+}
+
+cmd_env() {
+  echo "export KB_PYTHON=$PY"
+  echo "export KB_SPARK_HOME=$(spark_home)"
+}
+
+case "${1:-}" in
+  install) shift; cmd_install ;;
+  start) shift; cmd_start "$@" ;;
+  stop) shift; cmd_stop "$@" ;;
+  status) cmd_status ;;
+  env) cmd_env ;;
+  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

@@ -1,0 +1,448 @@
+//! TOML configuration: parsed with serde (unknown keys refused), then
+//! validated as a whole. Every error names the key and says how to fix it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {problem}; {fix}")]
+    Invalid {
+        key: String,
+        problem: String,
+        fix: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+        fix: fix.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Largest Thrift message or SASL frame accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Time a new client has to finish its SASL handshake.
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    /// On shutdown, how long in-flight RPCs may take to finish.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Session and operation handles unused this long are forgotten.
+    #[serde(with = "duration")]
+    pub session_idle_timeout: Duration,
+    /// Client connections served at once, over all listeners.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_message_bytes: 100 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            session_idle_timeout: Duration::from_secs(6 * 3600),
+            max_connections: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Binary,
+    Http,
+}
+
+/// How clients authenticate to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Any user name is accepted as the identity; loopback listeners only.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub protocol: Transport,
+    pub bind: SocketAddr,
+    pub route: String,
+    pub auth: ClientAuth,
+    /// Binary only: also accept raw (NOSASL) Thrift, detected by its first byte.
+    #[serde(default = "yes")]
+    pub allow_nosasl: bool,
+    /// HTTP only: the Thrift endpoint; any sub-path is accepted too.
+    #[serde(default = "default_http_path")]
+    pub http_path: String,
+    /// HTTP only: lifetime of the `hive.server2.auth` cookie.
+    #[serde(default = "default_cookie_age", with = "duration")]
+    pub cookie_max_age: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub credentials: CredentialsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub transport: Transport,
+    pub host: String,
+    pub port: u16,
+    /// Binary only: `plain` (SASL PLAIN) or `nosasl`.
+    #[serde(default)]
+    pub sasl: UpstreamSasl,
+    /// HTTP only.
+    #[serde(default = "default_http_path")]
+    pub http_path: String,
+    /// HTTP only: a gateway token placed in the path as `<http_path>/token/<token>`.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// HTTP only: read the token from this environment variable instead.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Longest wait for one RPC's reply.
+    #[serde(default = "default_read_timeout", with = "duration")]
+    pub read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamSasl {
+    #[default]
+    Plain,
+    Nosasl,
+}
+
+/// The identity the broker presents upstream.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, tag = "mode", rename_all = "lowercase")]
+pub enum CredentialsConfig {
+    /// Forward the client's own user name and password.
+    #[default]
+    Passthrough,
+    /// One fixed identity for every client of this route.
+    Static {
+        user: String,
+        #[serde(default)]
+        password: Option<Secret>,
+        #[serde(default)]
+        password_env: Option<String>,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_http_path() -> String {
+    "cliservice".into()
+}
+fn default_cookie_age() -> Duration {
+    Duration::from_secs(86400)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks cross-key rules and resolves `*_env` secrets.
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.max_message_bytes < 1024 || s.max_message_bytes > 1 << 31 {
+            return Err(invalid(
+                "server.max_message_bytes",
+                format!("{} is out of range", s.max_message_bytes),
+                "use a value between 1024 and 2147483648 (default 104857600 = 100 MiB)",
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1", "remove it to use 4096"));
+        }
+        if self.listeners.is_empty() {
+            return Err(invalid(
+                "listener",
+                "no listener is configured",
+                "add a [[listener]] table with name, protocol, bind, route and auth",
+            ));
+        }
+        if self.routes.is_empty() {
+            return Err(invalid("routes", "no route is configured", "add a [routes.<name>.upstream] table"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            let key = format!("listener[{i}]");
+            if l.name.is_empty() || !names.insert(l.name.clone()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("'{}' is empty or used twice", l.name),
+                    "give every listener a unique name",
+                ));
+            }
+            if !self.routes.contains_key(&l.route) {
+                return Err(invalid(
+                    format!("{key}.route"),
+                    format!("route '{}' is not defined", l.route),
+                    format!(
+                        "define [routes.{}] or use one of: {}",
+                        l.route,
+                        self.routes.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            if l.auth == ClientAuth::None && !l.bind.ip().is_loopback() {
+                return Err(invalid(
+                    format!("{key}.auth"),
+                    format!("'none' trusts any user name, but {} is not a loopback address", l.bind),
+                    "bind this listener to 127.0.0.1 or ::1",
+                ));
+            }
+            l.http_path = normalize_path(&l.http_path);
+            if l.protocol == Transport::Http && l.http_path.is_empty() {
+                return Err(invalid(format!("{key}.http_path"), "is empty", "use e.g. \"cliservice\""));
+            }
+        }
+        for (name, r) in self.routes.iter_mut() {
+            let key = format!("routes.{name}");
+            let u = &mut r.upstream;
+            if u.host.is_empty() {
+                return Err(invalid(format!("{key}.upstream.host"), "is empty", "set the upstream host name or IP"));
+            }
+            if u.port == 0 {
+                return Err(invalid(format!("{key}.upstream.port"), "is 0", "set the upstream port, e.g. 10009"));
+            }
+            if u.connect_timeout.is_zero() || u.read_timeout.is_zero() {
+                return Err(invalid(
+                    format!("{key}.upstream"),
+                    "connect_timeout and read_timeout must be above zero",
+                    "use durations such as \"5s\" and \"300s\"",
+                ));
+            }
+            u.http_path = normalize_path(&u.http_path);
+            if let Some(var) = u.token_env.clone() {
+                if u.token.is_some() {
+                    return Err(invalid(
+                        format!("{key}.upstream.token_env"),
+                        "token and token_env are both set",
+                        "keep one of them",
+                    ));
+                }
+                u.token = Some(read_env(&var, &format!("{key}.upstream.token_env"))?);
+            }
+            if u.token.is_some() && u.transport != Transport::Http {
+                return Err(invalid(
+                    format!("{key}.upstream.token"),
+                    "a token is carried in the HTTP path, but this upstream is binary",
+                    "set transport = \"http\" or remove the token",
+                ));
+            }
+            if let Some(t) = &u.token {
+                if t.is_empty() || !t.expose().chars().all(|c| c.is_ascii_alphanumeric()) {
+                    return Err(invalid(
+                        format!("{key}.upstream.token"),
+                        "must be non-empty and only letters and digits (it goes into a URL path)",
+                        "check the token value",
+                    ));
+                }
+            }
+            if let CredentialsConfig::Static {
+                user,
+                password,
+                password_env,
+            } = &mut r.credentials
+            {
+                if user.is_empty() {
+                    return Err(invalid(format!("{key}.credentials.user"), "is empty", "set the upstream user name"));
+                }
+                if let Some(var) = password_env.clone() {
+                    if password.is_some() {
+                        return Err(invalid(
+                            format!("{key}.credentials.password_env"),
+                            "password and password_env are both set",
+                            "keep one of them",
+                        ));
+                    }
+                    *password = Some(read_env(&var, &format!("{key}.credentials.password_env"))?);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_env(var: &str, key: &str) -> Result<Secret, ConfigError> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Ok(Secret::new(v)),
+        _ => Err(invalid(
+            key,
+            format!("environment variable {var} is not set or empty"),
+            format!("export {var} before starting the broker"),
+        )),
+    }
+}
+
+/// `/cliservice/` → `cliservice`.
+fn normalize_path(p: &str) -> String {
+    p.trim_matches('/').to_string()
+}
+
+/// Durations written as "30s", "5m", "6h", "250ms".
+mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration '{s}' ({e}); write e.g. \"30s\", \"5m\"")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[listener]]
+        name = "bin"
+        protocol = "binary"
+        bind = "127.0.0.1:10009"
+        route = "sts"
+        auth = "none"
+
+        [routes.sts.upstream]
+        transport = "binary"
+        host = "127.0.0.1"
+        port = 10000
+    "#;
+
+    fn err_of(toml: &str) -> String {
+        Config::from_toml(toml, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::from_toml(MINIMAL, "t").unwrap();
+        assert_eq!(c.server.max_message_bytes, 104_857_600);
+        let r = &c.routes["sts"];
+        assert_eq!(r.upstream.sasl, UpstreamSasl::Plain);
+        assert_eq!(r.upstream.connect_timeout, Duration::from_secs(5));
+        assert!(matches!(r.credentials, CredentialsConfig::Passthrough));
+        assert!(c.listeners[0].allow_nosasl);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err_of(&MINIMAL.replace("port = 10000", "port = 10000\nprot = 1"));
+        assert!(e.contains("prot"), "{e}");
+    }
+
+    #[test]
+    fn undefined_route_names_key_and_fix() {
+        let e = err_of(&MINIMAL.replace("route = \"sts\"", "route = \"nope\""));
+        assert!(e.contains("listener[0].route") && e.contains("define [routes.nope]"), "{e}");
+    }
+
+    #[test]
+    fn auth_none_off_loopback_is_refused() {
+        let e = err_of(&MINIMAL.replace("127.0.0.1:10009", "0.0.0.0:10009"));
+        assert!(e.contains("listener[0].auth") && e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn missing_password_env_names_the_variable() {
+        let t = format!(
+            "{MINIMAL}\n[routes.sts.credentials]\nmode = \"static\"\nuser = \"etl\"\npassword_env = \"KB_TEST_SURELY_UNSET_VAR\"\n"
+        );
+        let e = err_of(&t);
+        assert!(e.contains("KB_TEST_SURELY_UNSET_VAR") && e.contains("password_env"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_says_how_to_write_one() {
+        let t = MINIMAL.replace("port = 10000", "port = 10000\nread_timeout = \"soon\"");
+        assert!(err_of(&t).contains("30s"));
+    }
+
+    #[test]
+    fn token_on_binary_upstream_is_refused() {
+        let t = MINIMAL.replace("port = 10000", "port = 10000\ntoken = \"abc\"");
+        assert!(err_of(&t).contains("routes.sts.upstream.token"));
+    }
+
+    #[test]
+    fn every_shipped_config_file_parses_and_validates() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut seen = 0;
+        let mut dirs = vec![root];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "toml") {
+                    Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen >= 3, "expected the shipped configs, found {seen}");
+    }
+}

@@ -1,0 +1,124 @@
+//! kyuubi-broker: a local connection broker and SQL gateway proxy for
+//! HiveServer2 / Kyuubi (TCLIService), binary and HTTP on both sides.
+//!
+//! # One RPC, in data-flow order
+//!
+//! 1. [`listen`] accepts a client. [`listen::binary`] runs the SASL PLAIN
+//!    handshake (sans-IO in [`wire::sasl`]) or recognises NOSASL by its first
+//!    byte; [`listen::http`] checks Basic credentials or its signed
+//!    `hive.server2.auth` cookie. Both ask [`auth`] to turn credentials into a
+//!    client identity.
+//! 2. [`wire::io`] reads one Thrift message (a SASL data frame, a bare NOSASL
+//!    message, or an HTTP body), checking the size limit before allocating.
+//! 3. [`session::Call::parse`] peeks the message header ([`wire::thrift`]):
+//!    method, type, sequence id. Nothing else is decoded.
+//! 4. [`session::Broker::forward`] is where every RPC starts and ends (timing,
+//!    logging). It picks the upstream [`upstream::Link`]: a binary client's
+//!    connection owns one; HTTP requests find theirs through the session or
+//!    operation handle ([`tcli::request_guid`]). OpenSession is the one request
+//!    rewritten ([`tcli::rewrite_open_session`]), with the upstream identity
+//!    chosen by [`session::upstream_credential`].
+//! 5. [`upstream`] sends the bytes unchanged (SASL PLAIN, NOSASL or HTTP POST)
+//!    and returns the reply bytes; only OpenSession replies and new operation
+//!    handles are read.
+//! 6. The reply goes back to the client as it came. Failures become a TStatus
+//!    error reply or an HTTP status in one place ([`error::RpcError`]).
+//!
+//! [`run`] wires it together and drains connections on shutdown.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod listen;
+pub mod secret;
+pub mod session;
+pub mod tcli;
+pub mod upstream;
+pub mod wire;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, Transport};
+use crate::listen::Shared;
+use crate::session::Broker;
+
+/// A listener socket already bound for the `[[listener]]` of this name.
+pub struct BoundListener {
+    pub name: String,
+    pub tcp: TcpListener,
+}
+
+/// Binds every configured listener.
+pub async fn bind_all(config: &Config) -> std::io::Result<Vec<BoundListener>> {
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        let tcp = TcpListener::bind(l.bind)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("listener '{}' cannot bind {}: {e}", l.name, l.bind)))?;
+        out.push(BoundListener {
+            name: l.name.clone(),
+            tcp,
+        });
+    }
+    Ok(out)
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+/// RPCs finish (up to `server.shutdown_grace`) and closes the upstream
+/// sessions clients left open.
+pub async fn run(config: Config, listeners: Vec<BoundListener>, shutdown: impl Future<Output = ()>) {
+    let shared = Arc::new(Shared {
+        broker: Arc::new(Broker::new(&config)),
+        server: config.server.clone(),
+        cancel: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        permits: Arc::new(Semaphore::new(config.server.max_connections)),
+    });
+    let accept_loops = TaskTracker::new();
+    for bound in listeners {
+        let Some(lc) = config.listeners.iter().find(|l| l.name == bound.name) else {
+            warn!(listener = %bound.name, "no [[listener]] of this name; socket ignored");
+            continue;
+        };
+        let lc = Arc::new(lc.clone());
+        let addr: Option<SocketAddr> = bound.tcp.local_addr().ok();
+        let sh = shared.clone();
+        match lc.protocol {
+            Transport::Binary => {
+                info!(listener = %lc.name, addr = ?addr, route = %lc.route, "binary listener up");
+                accept_loops.spawn(listen::accept_loop(bound.tcp, shared.clone(), move |s, peer, permit| {
+                    listen::binary::serve(s, peer, lc.clone(), sh.clone(), permit)
+                }));
+            }
+            Transport::Http => {
+                info!(listener = %lc.name, addr = ?addr, path = %lc.http_path, route = %lc.route, "HTTP listener up");
+                let hl = listen::http::HttpListener::new(lc);
+                accept_loops.spawn(listen::accept_loop(bound.tcp, shared.clone(), move |s, peer, permit| {
+                    listen::http::serve(s, peer, hl.clone(), sh.clone(), permit)
+                }));
+            }
+        }
+    }
+    shutdown.await;
+    info!("shutting down: no new connections; waiting for in-flight RPCs");
+    shared.cancel.cancel();
+    accept_loops.close();
+    accept_loops.wait().await;
+    shared.tracker.close();
+    let grace = config.server.shutdown_grace;
+    if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
+        warn!("connections still busy after {grace:?}; closing them");
+    }
+    if tokio::time::timeout(grace, shared.broker.close_all_sessions()).await.is_err() {
+        warn!("closing upstream sessions took longer than {grace:?}");
+    }
+    info!("stopped");
+}

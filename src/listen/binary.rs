@@ -1,0 +1,144 @@
+//! Binary TCLIService listener: SASL PLAIN handshake (or NOSASL, recognised
+//! by its first byte), then one message at a time through the broker.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::timeout;
+use tracing::{debug, info, warn, Instrument};
+
+use super::Shared;
+use crate::auth::authenticate;
+use crate::config::ListenerConfig;
+use crate::session::{Call, ClientConn, ClientIdentity, ClientKind};
+use crate::wire::io::{FrameError, Framing, MessageIo};
+use crate::wire::sasl::{self, SaslError, ServerHandshake, ServerStep};
+use crate::wire::thrift::peek_header;
+
+const SASL_START: u8 = 1;
+/// First byte of a strict TBinaryProtocol message.
+const THRIFT_STRICT: u8 = 0x80;
+
+pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerConfig>, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
+    let span = tracing::info_span!("conn", listener = %listener.name, %peer);
+    connection(stream, peer, listener, shared).instrument(span).await;
+    drop(permit);
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerConfig>, shared: Arc<Shared>) {
+    let Some(route) = shared.broker.route(&listener.route) else {
+        return;
+    };
+    let mut io = MessageIo::new(stream, shared.server.max_message_bytes);
+    let handshake = timeout(shared.server.handshake_timeout, handshake(&mut io, peer, &listener));
+    let (framing, identity) = match handshake.await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            match e {
+                FrameError::Eof => debug!("closed before the handshake (health check?)"),
+                e => warn!(error = %e, "handshake failed; connection closed"),
+            }
+            return;
+        }
+        Err(_) => {
+            warn!("no complete handshake within {:?}; connection closed", shared.server.handshake_timeout);
+            return;
+        }
+    };
+    let mut conn = ClientConn::new(ClientKind::Binary, route, identity, peer);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => break,
+            m = io.read_message(framing) => m,
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(FrameError::Eof) => break,
+            Err(e) => {
+                warn!(error = %e, "bad frame from client; connection closed");
+                break;
+            }
+        };
+        // A call we cannot parse gets a Thrift exception if its header is
+        // readable, then the connection is closed: the stream may be out of sync.
+        let call = match Call::parse(&msg) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "malformed call; connection closed");
+                if let Ok(h) = peek_header(&msg) {
+                    let _ = io.write_message(framing, &e.to_thrift_reply(h.name, h.seqid)).await;
+                }
+                break;
+            }
+        };
+        let reply = match shared.broker.forward(&mut conn, call, msg).await {
+            Ok(r) => r,
+            Err(e) => e.to_thrift_reply(call.method, call.seqid).into(),
+        };
+        if let Err(e) = io.write_message(framing, &reply).await {
+            debug!(error = %e, "client went away while we replied");
+            break;
+        }
+    }
+    shared.broker.client_gone(&mut conn).await;
+}
+
+/// Runs the SASL handshake, or recognises NOSASL. Refusals are sent to the
+/// client as a SASL BAD/ERROR message before the error is returned.
+async fn handshake(
+    io: &mut MessageIo,
+    peer: SocketAddr,
+    listener: &ListenerConfig,
+) -> Result<(Framing, Option<ClientIdentity>), FrameError> {
+    match io.peek_byte().await? {
+        SASL_START => {}
+        THRIFT_STRICT if listener.allow_nosasl => return Ok((Framing::Bare, None)),
+        THRIFT_STRICT => {
+            return Err(FrameError::Malformed(
+                "NOSASL client on a listener with allow_nosasl = false".into(),
+            ))
+        }
+        b'G' | b'P' | b'H' => {
+            return Err(FrameError::Malformed(
+                "looks like HTTP; this is the binary listener (use the HTTP listener for transportMode=http)".into(),
+            ))
+        }
+        b => return Err(FrameError::Malformed(format!("not a HiveServer2 client (first byte {b:#04x})"))),
+    }
+    let mut hs = ServerHandshake::default();
+    loop {
+        let msg = io.read_sasl().await.map_err(|e| match e {
+            FrameError::Eof => FrameError::Truncated,
+            e => e,
+        })?;
+        let step = hs.on_message(msg);
+        let creds = match step {
+            Ok(ServerStep::Continue) => continue,
+            Ok(ServerStep::Verify(c)) => c,
+            Err(e) => {
+                let (status, text) = match &e {
+                    SaslError::Rejected(r) => (sasl::Status::Bad, r.clone()),
+                    SaslError::PeerFailure(_) => return Err(FrameError::Malformed(e.to_string())),
+                    other => (sasl::Status::Error, other.to_string()),
+                };
+                let _ = io.write_sasl(status, text.as_bytes()).await;
+                return Err(FrameError::Malformed(e.to_string()));
+            }
+        };
+        let user = creds.user.clone();
+        return match authenticate(listener.auth, &creds.user, creds.password, peer).await {
+            Ok(identity) => {
+                io.write_sasl(sasl::Status::Complete, b"").await?;
+                info!(%user, "client authenticated (SASL PLAIN)");
+                Ok((Framing::Sasl, Some(identity)))
+            }
+            Err(e) => {
+                let _ = io.write_sasl(sasl::Status::Bad, e.to_string().as_bytes()).await;
+                Err(FrameError::Malformed(e.to_string()))
+            }
+        };
+    }
+}

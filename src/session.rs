@@ -1,0 +1,408 @@
+//! The broker core, shared by both client transports: one RPC in, one reply
+//! out. [`Broker::forward`] is the single place where an RPC starts and ends;
+//! [`upstream_credential`] is where the upstream identity is chosen; the
+//! OpenSession rewrite happens in [`Broker::open_session`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::future::Cache;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::{Config, CredentialsConfig, Transport, UpstreamSasl};
+use crate::error::{RpcError, UpstreamError};
+use crate::secret::Secret;
+use crate::tcli::{self, Guid, OpenSessionEdit, Scope};
+use crate::upstream::{Credential, HttpPool, Link, Target};
+use crate::wire::thrift::{peek_header, MessageType, Writer};
+
+/// A configured route: the upstream and the identity used there.
+pub struct Route {
+    pub name: String,
+    pub target: Arc<Target>,
+    credentials: CredentialsConfig,
+    pool: HttpPool,
+}
+
+/// Who the client is, as established by the listener.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub user: String,
+    pub password: Secret,
+    pub addr: SocketAddr,
+}
+
+/// Chooses the identity presented upstream for a client.
+pub fn upstream_credential(route: &Route, client: &ClientIdentity) -> Credential {
+    match &route.credentials {
+        CredentialsConfig::Passthrough => Credential {
+            user: client.user.clone(),
+            password: client.password.clone(),
+        },
+        CredentialsConfig::Static { user, password, .. } => Credential {
+            user: user.clone(),
+            password: password.clone().unwrap_or_default(),
+        },
+    }
+}
+
+/// A parsed call: enough to route it and to answer it on failure.
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    pub method: &'static str,
+    pub seqid: i32,
+    pub scope: Scope,
+}
+
+impl Call {
+    pub fn parse(msg: &[u8]) -> Result<Call, RpcError> {
+        let h = peek_header(msg)?;
+        if h.kind != MessageType::Call {
+            return Err(RpcError::BadRequest(format!("expected a CALL message, got {:?}", h.kind)));
+        }
+        let (method, scope) = tcli::canonical(h.name)
+            .ok_or_else(|| RpcError::BadRequest(format!("unknown TCLIService method '{}'", h.name.escape_default())))?;
+        Ok(Call {
+            method,
+            seqid: h.seqid,
+            scope,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    Binary,
+    Http,
+}
+
+impl ClientKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ClientKind::Binary => "binary",
+            ClientKind::Http => "http",
+        }
+    }
+}
+
+/// State of one binary client connection, or of one HTTP request.
+pub struct ClientConn {
+    pub kind: ClientKind,
+    pub route: Arc<Route>,
+    /// `None` for a NOSASL client until its OpenSession names the user.
+    pub identity: Option<ClientIdentity>,
+    pub peer: SocketAddr,
+    /// Binary clients: the connection's upstream link, opened at OpenSession.
+    link: Option<Link>,
+    /// Binary clients: sessions opened on this connection (guid, secret).
+    sessions: Vec<(Guid, Vec<u8>)>,
+}
+
+impl ClientConn {
+    pub fn new(kind: ClientKind, route: Arc<Route>, identity: Option<ClientIdentity>, peer: SocketAddr) -> Self {
+        ClientConn {
+            kind,
+            route,
+            identity,
+            peer,
+            link: None,
+            sessions: Vec::new(),
+        }
+    }
+}
+
+/// A session or operation handle owned by one upstream link.
+struct Owned {
+    link: Link,
+    user: String,
+    /// Session handles: the secret, needed to close the session on shutdown.
+    secret: Vec<u8>,
+}
+
+pub struct Broker {
+    routes: HashMap<String, Arc<Route>>,
+    /// HTTP clients are stateless per request; these route each handle to the
+    /// link that created it.
+    sessions: Cache<Guid, Arc<Owned>>,
+    operations: Cache<Guid, Arc<Owned>>,
+}
+
+impl Broker {
+    pub fn new(config: &Config) -> Broker {
+        let routes = config
+            .routes
+            .iter()
+            .map(|(name, r)| {
+                let target = Arc::new(Target::from_config(&r.upstream, config.server.max_message_bytes));
+                let route = Route {
+                    name: name.clone(),
+                    pool: HttpPool::new(target.connect_timeout),
+                    target,
+                    credentials: r.credentials.clone(),
+                };
+                (name.clone(), Arc::new(route))
+            })
+            .collect();
+        let idle = config.server.session_idle_timeout;
+        Broker {
+            routes,
+            sessions: Cache::builder().time_to_idle(idle).build(),
+            operations: Cache::builder().time_to_idle(idle).build(),
+        }
+    }
+
+    pub fn route(&self, name: &str) -> Option<Arc<Route>> {
+        self.routes.get(name).cloned()
+    }
+
+    /// Forwards one call and returns the upstream's reply. Every RPC passes
+    /// through here, success or not: this is where it is timed and logged.
+    pub async fn forward(&self, conn: &mut ClientConn, call: Call, msg: Bytes) -> Result<Bytes, RpcError> {
+        let span = tracing::debug_span!(
+            "rpc",
+            method = call.method,
+            seqid = call.seqid,
+            route = %conn.route.name,
+            client = conn.kind.as_str(),
+            upstream = match conn.route.target.transport { Transport::Binary => "binary", Transport::Http => "http" },
+        );
+        let started = Instant::now();
+        let req_bytes = msg.len();
+        let mut upstream_time = Duration::ZERO;
+        let result = self
+            .dispatch(conn, call, msg, &mut upstream_time)
+            .instrument(span.clone())
+            .await;
+        let total = started.elapsed();
+        let _e = span.enter();
+        match &result {
+            Ok(reply) => debug!(
+                total_us = total.as_micros() as u64,
+                upstream_us = upstream_time.as_micros() as u64,
+                req_bytes,
+                resp_bytes = reply.len(),
+                outcome = "ok",
+                "rpc done"
+            ),
+            Err(e) => warn!(
+                total_us = total.as_micros() as u64,
+                upstream_us = upstream_time.as_micros() as u64,
+                outcome = e.kind(),
+                error = %e,
+                "rpc failed"
+            ),
+        }
+        result
+    }
+
+    async fn dispatch(
+        &self,
+        conn: &mut ClientConn,
+        call: Call,
+        msg: Bytes,
+        upstream_time: &mut Duration,
+    ) -> Result<Bytes, RpcError> {
+        if call.scope == Scope::OpenSession {
+            return self.open_session(conn, call, msg, upstream_time).await;
+        }
+        let owned = match conn.kind {
+            ClientKind::Binary => None,
+            ClientKind::Http => Some(self.lookup(conn, call, &msg).await?),
+        };
+        let link = match (&owned, &conn.link) {
+            (Some(o), _) => o.link.clone(),
+            (None, Some(l)) => l.clone(),
+            (None, None) => return Err(RpcError::UnknownHandle("session")),
+        };
+        let reply = timed(upstream_time, link.call(msg.clone())).await?;
+        self.after_reply(conn, call, &msg, &reply, &link).await?;
+        Ok(reply)
+    }
+
+    /// Opens (or, for a binary client, reuses) the upstream link and rewrites
+    /// the OpenSession request for it.
+    async fn open_session(
+        &self,
+        conn: &mut ClientConn,
+        call: Call,
+        msg: Bytes,
+        upstream_time: &mut Duration,
+    ) -> Result<Bytes, RpcError> {
+        let info = tcli::read_open_session(&msg)?;
+        let identity = match &conn.identity {
+            Some(id) => id.clone(),
+            // NOSASL clients name themselves in the request.
+            None => ClientIdentity {
+                user: info.username.clone().filter(|u| !u.is_empty()).unwrap_or_else(|| "anonymous".into()),
+                password: Secret::new(info.password.clone().unwrap_or_default()),
+                addr: conn.peer,
+            },
+        };
+        let route = conn.route.clone();
+        let cred = upstream_credential(&route, &identity);
+        let target = &route.target;
+        let edit = OpenSessionEdit {
+            credentials: (target.transport == Transport::Binary && target.sasl == UpstreamSasl::Nosasl)
+                .then(|| (cred.user.clone(), cred.password.expose().to_string())),
+            conf: Vec::new(),
+        };
+        let msg = Bytes::from(tcli::rewrite_open_session(&msg, &edit)?);
+
+        let reuse = match &conn.link {
+            Some(l) if conn.kind == ClientKind::Binary && l.is_usable().await => Some(l.clone()),
+            _ => None,
+        };
+        let link = match reuse {
+            Some(l) => l,
+            None => {
+                let t0 = Instant::now();
+                let l = Link::open(target, &cred, &route.pool).await;
+                *upstream_time += t0.elapsed();
+                l?
+            }
+        };
+        let reply = timed(upstream_time, link.call(msg)).await?;
+        let h = check_reply(&reply, call, target)?;
+        if let Some((guid, secret)) = tcli::reply_session_handle(&reply, &h).map_err(|e| malformed(target, e))? {
+            info!(user = %identity.user, upstream_user = %cred.user, route = %route.name, "session opened");
+            match conn.kind {
+                ClientKind::Binary => conn.sessions.push((guid, secret)),
+                ClientKind::Http => {
+                    let owned = Owned {
+                        link: link.clone(),
+                        user: identity.user.clone(),
+                        secret,
+                    };
+                    self.sessions.insert(guid, Arc::new(owned)).await;
+                }
+            }
+        }
+        if conn.kind == ClientKind::Binary {
+            conn.link = Some(link);
+        }
+        conn.identity = Some(identity);
+        Ok(reply)
+    }
+
+    /// HTTP clients: the link that owns the handle in this request.
+    async fn lookup(&self, conn: &ClientConn, call: Call, msg: &[u8]) -> Result<Arc<Owned>, RpcError> {
+        let h = peek_header(msg)?;
+        let guid = tcli::request_guid(msg, &h)?.ok_or_else(|| RpcError::BadRequest(format!("{} without a handle", call.method)))?;
+        let (found, what) = match call.scope {
+            Scope::Operation => (self.operations.get(&guid).await, "operation"),
+            _ => (self.sessions.get(&guid).await, "session"),
+        };
+        let owned = found.ok_or(RpcError::UnknownHandle(what))?;
+        // Handles are bearer secrets; still, never let one user drive another's session.
+        match &conn.identity {
+            Some(id) if id.user == owned.user => Ok(owned),
+            _ => Err(RpcError::UnknownHandle(what)),
+        }
+    }
+
+    /// Book-keeping after a reply: new operation handles, closed handles.
+    async fn after_reply(&self, conn: &mut ClientConn, call: Call, msg: &[u8], reply: &[u8], link: &Link) -> Result<(), RpcError> {
+        let target = &conn.route.target;
+        let h = check_reply(reply, call, target)?;
+        if conn.kind == ClientKind::Binary {
+            if call.method == "CloseSession" {
+                let req = peek_header(msg)?;
+                if let Some(g) = tcli::request_guid(msg, &req)? {
+                    conn.sessions.retain(|(s, _)| *s != g);
+                }
+            }
+            return Ok(());
+        }
+        if tcli::creates_operation(call.method) {
+            if let Some(op) = tcli::reply_operation_guid(reply, &h).map_err(|e| malformed(target, e))? {
+                let owner = conn.identity.as_ref().map(|i| i.user.clone()).unwrap_or_default();
+                let owned = Owned {
+                    link: link.clone(),
+                    user: owner,
+                    secret: Vec::new(),
+                };
+                self.operations.insert(op, Arc::new(owned)).await;
+            }
+        }
+        if matches!(call.method, "CloseSession" | "CloseOperation") {
+            let req = peek_header(msg)?;
+            if let Some(g) = tcli::request_guid(msg, &req)? {
+                match call.method {
+                    "CloseSession" => self.sessions.invalidate(&g).await,
+                    _ => self.operations.invalidate(&g).await,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A binary client went away: close the sessions it left open upstream.
+    /// Binary upstreams close them when the TCP connection drops; HTTP
+    /// upstreams need an explicit CloseSession.
+    pub async fn client_gone(&self, conn: &mut ClientConn) {
+        let Some(link) = conn.link.take() else { return };
+        if let Link::Http(_) = link {
+            for (guid, secret) in conn.sessions.drain(..) {
+                close_upstream_session(&link, &guid, &secret).await;
+            }
+        }
+    }
+
+    /// On shutdown: close every session HTTP clients left open.
+    pub async fn close_all_sessions(&self) {
+        let live: Vec<(Arc<Guid>, Arc<Owned>)> = self.sessions.iter().collect();
+        for (guid, owned) in live {
+            close_upstream_session(&owned.link, &guid, &owned.secret).await;
+            self.sessions.invalidate(guid.as_ref()).await;
+        }
+    }
+}
+
+async fn close_upstream_session(link: &Link, guid: &Guid, secret: &[u8]) {
+    let mut w = Writer::default();
+    w.message_begin("CloseSession", MessageType::Call, 0);
+    use crate::wire::thrift::ttype::{STRING, STRUCT};
+    w.field(STRUCT, 1);
+    w.field(STRUCT, 1);
+    w.field(STRUCT, 1);
+    w.field(STRING, 1);
+    w.binary(guid);
+    w.field(STRING, 2);
+    w.binary(secret);
+    w.stop();
+    w.stop();
+    w.stop();
+    w.stop();
+    if let Err(e) = link.call(Bytes::from(w.buf)).await {
+        debug!(error = %e, "closing a left-over session failed");
+    }
+}
+
+async fn timed<T>(acc: &mut Duration, f: impl std::future::Future<Output = T>) -> T {
+    let t0 = Instant::now();
+    let r = f.await;
+    *acc += t0.elapsed();
+    r
+}
+
+fn malformed(target: &Target, e: impl std::fmt::Display) -> RpcError {
+    RpcError::Upstream(UpstreamError::Protocol {
+        upstream: target.display.clone(),
+        detail: e.to_string(),
+    })
+}
+
+/// The reply must answer this call: same method and sequence id.
+fn check_reply<'a>(reply: &'a [u8], call: Call, target: &Target) -> Result<crate::wire::thrift::MessageHeader<'a>, RpcError> {
+    let h = peek_header(reply).map_err(|e| malformed(target, e))?;
+    if h.name != call.method || h.seqid != call.seqid || !matches!(h.kind, MessageType::Reply | MessageType::Exception) {
+        return Err(malformed(
+            target,
+            format!("reply {} #{} does not answer {} #{}", h.name.escape_default(), h.seqid, call.method, call.seqid),
+        ));
+    }
+    Ok(h)
+}

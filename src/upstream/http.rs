@@ -1,0 +1,165 @@
+//! Thrift-over-HTTP upstream: one POST per message over a keep-alive pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE, USER_AGENT};
+use http::{HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::timeout;
+
+use super::{Credential, Target};
+use crate::error::UpstreamError;
+
+const AUTH_COOKIE: &str = "hive.server2.auth";
+
+/// A keep-alive connection pool for one upstream.
+#[derive(Clone)]
+pub struct HttpPool {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl HttpPool {
+    pub fn new(connect_timeout: Duration) -> HttpPool {
+        let mut conn = HttpConnector::new();
+        conn.set_connect_timeout(Some(connect_timeout));
+        conn.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(conn);
+        HttpPool { client }
+    }
+}
+
+/// One identity's view of an HTTP upstream: its Basic header and the
+/// upstream's auth cookie, so the upstream need not re-check credentials on
+/// every call.
+pub struct HttpChannel {
+    target: Arc<Target>,
+    pool: HttpPool,
+    uri: Uri,
+    basic: HeaderValue,
+    cookie: std::sync::Mutex<Option<HeaderValue>>,
+}
+
+impl HttpChannel {
+    pub fn new(target: Arc<Target>, cred: &Credential, pool: &HttpPool) -> Result<HttpChannel, UpstreamError> {
+        let uri: Uri = format!("http://{}:{}{}", target.host, target.port, target.http_path)
+            .parse()
+            .map_err(|_| UpstreamError::Protocol {
+                upstream: target.display.clone(),
+                detail: "host or http_path do not form a valid URL".into(),
+            })?;
+        let raw = format!("{}:{}", cred.user, cred.password.expose());
+        let mut basic = HeaderValue::from_str(&format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        ))
+        .map_err(|_| UpstreamError::Protocol {
+            upstream: target.display.clone(),
+            detail: "credentials cannot be sent as an HTTP header".into(),
+        })?;
+        basic.set_sensitive(true);
+        Ok(HttpChannel {
+            target,
+            pool: pool.clone(),
+            uri,
+            basic,
+            cookie: std::sync::Mutex::new(None),
+        })
+    }
+
+    pub async fn call(&self, msg: Bytes) -> Result<Bytes, UpstreamError> {
+        let t = &self.target;
+        let mut req = Request::post(self.uri.clone())
+            .header(CONTENT_TYPE, "application/x-thrift")
+            .header(ACCEPT, "application/x-thrift")
+            .header(USER_AGENT, concat!("kyuubi-broker/", env!("CARGO_PKG_VERSION")))
+            .header(AUTHORIZATION, self.basic.clone());
+        if let Some(c) = self.cookie.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            req = req.header(COOKIE, c);
+        }
+        let req = req.body(Full::new(msg)).map_err(|e| UpstreamError::Protocol {
+            upstream: t.display.clone(),
+            detail: e.to_string(),
+        })?;
+        let exchange = async {
+            let resp = self.pool.client.request(req).await.map_err(|e| classify(t, e))?;
+            let status = resp.status();
+            if let Some(c) = auth_cookie(resp.headers()) {
+                *self.cookie.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+            }
+            let body = Limited::new(resp.into_body(), t.max_message_bytes)
+                .collect()
+                .await
+                .map_err(|e| UpstreamError::Protocol {
+                    upstream: t.display.clone(),
+                    detail: format!("reading the reply body: {e}"),
+                })?
+                .to_bytes();
+            match status {
+                StatusCode::OK => Ok(body),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(UpstreamError::AuthRejected {
+                    upstream: t.display.clone(),
+                    reason: format!("HTTP {}: {}", status.as_u16(), snippet(&body)),
+                }),
+                s => Err(UpstreamError::HttpStatus {
+                    upstream: t.display.clone(),
+                    status: s.as_u16(),
+                }),
+            }
+        };
+        timeout(t.read_timeout, exchange).await.map_err(|_| UpstreamError::ReadTimeout {
+            upstream: t.display.clone(),
+            secs: t.read_timeout.as_secs_f64(),
+        })?
+    }
+}
+
+fn classify(t: &Target, e: hyper_util::client::legacy::Error) -> UpstreamError {
+    let mut chain = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    let mut timed_out = false;
+    while let Some(s) = src {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            timed_out |= io.kind() == std::io::ErrorKind::TimedOut;
+        }
+        src = s.source();
+    }
+    if e.is_connect() && (timed_out || chain.contains("timed out") || chain.contains("timeout")) {
+        UpstreamError::ConnectTimeout {
+            upstream: t.display.clone(),
+            secs: t.connect_timeout.as_secs_f64(),
+        }
+    } else if e.is_connect() {
+        UpstreamError::Connect {
+            upstream: t.display.clone(),
+            source: std::io::Error::other(chain),
+        }
+    } else {
+        UpstreamError::Closed {
+            upstream: t.display.clone(),
+        }
+    }
+}
+
+/// The `hive.server2.auth=...` pair from a Set-Cookie header, if present.
+fn auth_cookie(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    headers.get_all(SET_COOKIE).iter().find_map(|v| {
+        let s = v.to_str().ok()?;
+        let pair = s.split(';').next()?.trim();
+        pair.starts_with(AUTH_COOKIE).then(|| HeaderValue::from_str(pair).ok())?
+    })
+}
+
+fn snippet(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    s.trim().to_string()
+}

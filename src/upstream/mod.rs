@@ -1,0 +1,132 @@
+//! Upstream side: a [`Target`] built from a route's config, and [`Link`], one
+//! authenticated channel to it that carries whole Thrift messages.
+//! Binary links own a TCP connection (SASL PLAIN or NOSASL); HTTP links share
+//! a keep-alive connection pool and POST one message per request.
+
+mod binary;
+mod http;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Mutex;
+
+pub use self::http::HttpPool;
+use crate::config::{Transport, UpstreamConfig, UpstreamSasl};
+use crate::error::UpstreamError;
+use crate::secret::Secret;
+
+/// Where and how to reach one upstream.
+#[derive(Debug)]
+pub struct Target {
+    pub transport: Transport,
+    pub host: String,
+    pub port: u16,
+    pub sasl: UpstreamSasl,
+    /// Full URL path for HTTP, token included (never logged).
+    http_path: String,
+    /// For logs and client-facing errors: the token is masked.
+    pub display: String,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+impl Target {
+    pub fn from_config(u: &UpstreamConfig, max_message_bytes: usize) -> Target {
+        let (http_path, shown_path) = match &u.token {
+            Some(t) => (
+                format!("/{}/token/{}", u.http_path, t.expose()),
+                format!("/{}/token/****", u.http_path),
+            ),
+            None => (format!("/{}", u.http_path), format!("/{}", u.http_path)),
+        };
+        let display = match u.transport {
+            Transport::Binary => format!(
+                "upstream {}:{} (binary, {})",
+                u.host,
+                u.port,
+                if u.sasl == UpstreamSasl::Plain { "SASL PLAIN" } else { "NOSASL" }
+            ),
+            Transport::Http => format!("upstream http://{}:{}{}", u.host, u.port, shown_path),
+        };
+        Target {
+            transport: u.transport,
+            host: u.host.clone(),
+            port: u.port,
+            sasl: u.sasl,
+            http_path,
+            display,
+            connect_timeout: u.connect_timeout,
+            read_timeout: u.read_timeout,
+            max_message_bytes,
+        }
+    }
+
+    fn io_err(&self, e: std::io::Error) -> UpstreamError {
+        match e.kind() {
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionAborted => UpstreamError::Closed {
+                upstream: self.display.clone(),
+            },
+            _ => UpstreamError::Io {
+                upstream: self.display.clone(),
+                source: e,
+            },
+        }
+    }
+}
+
+/// The identity presented upstream.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub user: String,
+    pub password: Secret,
+}
+
+/// One channel to an upstream; cheap to clone and share between the HTTP
+/// requests of one session.
+#[derive(Clone)]
+pub enum Link {
+    Binary(Arc<Mutex<binary::BinaryConn>>),
+    Http(Arc<http::HttpChannel>),
+}
+
+impl Link {
+    /// Connects (binary: TCP + SASL) or prepares (HTTP) a link as `cred`.
+    pub async fn open(target: &Arc<Target>, cred: &Credential, pool: &HttpPool) -> Result<Link, UpstreamError> {
+        match target.transport {
+            Transport::Binary => Ok(Link::Binary(Arc::new(Mutex::new(
+                binary::BinaryConn::connect(target.clone(), cred).await?,
+            )))),
+            Transport::Http => Ok(Link::Http(Arc::new(http::HttpChannel::new(target.clone(), cred, pool)?))),
+        }
+    }
+
+    /// Sends one Thrift message and returns the reply message.
+    pub async fn call(&self, msg: Bytes) -> Result<Bytes, UpstreamError> {
+        match self {
+            Link::Binary(c) => c.lock().await.call(msg).await,
+            Link::Http(h) => h.call(msg).await,
+        }
+    }
+
+    /// False once a binary connection failed; such a link is never reused.
+    pub async fn is_usable(&self) -> bool {
+        match self {
+            Link::Binary(c) => !c.lock().await.is_broken(),
+            Link::Http(_) => true,
+        }
+    }
+
+    pub fn same(&self, other: &Link) -> bool {
+        match (self, other) {
+            (Link::Binary(a), Link::Binary(b)) => Arc::ptr_eq(a, b),
+            (Link::Http(a), Link::Http(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}

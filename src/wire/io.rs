@@ -1,0 +1,150 @@
+//! Async message I/O over a TCP stream, shared by the client and upstream
+//! sides: SASL negotiation messages, SASL data frames, and bare (NOSASL)
+//! Thrift messages. Payloads are split off the read buffer without copying.
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use super::{sasl, thrift};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer closed the connection between messages.
+    #[error("connection closed")]
+    Eof,
+    /// The peer closed the connection in the middle of a message.
+    #[error("connection closed in the middle of a message")]
+    Truncated,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl From<sasl::SaslError> for FrameError {
+    fn from(e: sasl::SaslError) -> Self {
+        match e {
+            sasl::SaslError::TooLarge { len, max } => FrameError::TooLarge { len, max },
+            other => FrameError::Malformed(other.to_string()),
+        }
+    }
+}
+
+/// How messages are delimited on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// 4-byte length + payload (after a SASL handshake with QOP auth).
+    Sasl,
+    /// Bare TBinaryProtocol messages (NOSASL).
+    Bare,
+}
+
+pub struct MessageIo {
+    reader: OwnedReadHalf,
+    writer: BufWriter<OwnedWriteHalf>,
+    buf: BytesMut,
+    max: usize,
+}
+
+impl MessageIo {
+    pub fn new(stream: TcpStream, max: usize) -> MessageIo {
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = stream.into_split();
+        MessageIo {
+            reader,
+            writer: BufWriter::with_capacity(64 * 1024, writer),
+            buf: BytesMut::with_capacity(64 * 1024),
+            max,
+        }
+    }
+
+    /// Reads more bytes; `at_boundary` says whether EOF here is clean.
+    async fn fill(&mut self, at_boundary: bool) -> Result<(), FrameError> {
+        if self.buf.capacity() - self.buf.len() < 8192 {
+            self.buf.reserve(64 * 1024);
+        }
+        match self.reader.read_buf(&mut self.buf).await? {
+            0 if at_boundary && self.buf.is_empty() => Err(FrameError::Eof),
+            0 => Err(FrameError::Truncated),
+            _ => Ok(()),
+        }
+    }
+
+    /// The first byte the peer sends, without consuming it.
+    pub async fn peek_byte(&mut self) -> Result<u8, FrameError> {
+        while self.buf.is_empty() {
+            self.fill(true).await?;
+        }
+        Ok(self.buf[0])
+    }
+
+    pub async fn read_sasl(&mut self) -> Result<sasl::Message, FrameError> {
+        loop {
+            if let Some((m, n)) = sasl::decode(&self.buf, self.max)? {
+                let _ = self.buf.split_to(n);
+                return Ok(m);
+            }
+            self.fill(true).await?;
+        }
+    }
+
+    pub async fn read_message(&mut self, framing: Framing) -> Result<Bytes, FrameError> {
+        match framing {
+            Framing::Sasl => self.read_frame().await,
+            Framing::Bare => self.read_bare().await,
+        }
+    }
+
+    async fn read_frame(&mut self) -> Result<Bytes, FrameError> {
+        loop {
+            if let Some(len) = sasl::data_frame_len(&self.buf, self.max)? {
+                if self.buf.len() >= 4 + len {
+                    let _ = self.buf.split_to(4);
+                    return Ok(self.buf.split_to(len).freeze());
+                }
+                self.buf.reserve(4 + len - self.buf.len());
+            }
+            self.fill(self.buf.is_empty()).await?;
+        }
+    }
+
+    async fn read_bare(&mut self) -> Result<Bytes, FrameError> {
+        loop {
+            match thrift::message_len(&self.buf) {
+                Ok(n) => return Ok(self.buf.split_to(n).freeze()),
+                Err(thrift::WireError::Incomplete) if self.buf.len() <= self.max => {}
+                Err(thrift::WireError::Incomplete) => {
+                    return Err(FrameError::TooLarge {
+                        len: self.buf.len(),
+                        max: self.max,
+                    })
+                }
+                Err(e) => return Err(FrameError::Malformed(e.to_string())),
+            }
+            self.fill(self.buf.is_empty()).await?;
+        }
+    }
+
+    pub async fn write_message(&mut self, framing: Framing, msg: &[u8]) -> Result<(), FrameError> {
+        if framing == Framing::Sasl {
+            self.writer.write_all(&(msg.len() as u32).to_be_bytes()).await?;
+        }
+        self.writer.write_all(msg).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    pub async fn write_sasl(&mut self, status: sasl::Status, payload: &[u8]) -> Result<(), FrameError> {
+        self.write_raw(&sasl::encode(status, payload)).await
+    }
+
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+        self.writer.write_all(bytes).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+}
