@@ -27,7 +27,11 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+fn invalid(
+    key: impl Into<String>,
+    problem: impl Into<String>,
+    fix: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         problem: problem.into(),
@@ -214,7 +218,11 @@ impl Config {
             ));
         }
         if s.max_connections == 0 {
-            return Err(invalid("server.max_connections", "must be at least 1", "remove it to use 4096"));
+            return Err(invalid(
+                "server.max_connections",
+                "must be at least 1",
+                "remove it to use 4096",
+            ));
         }
         if self.listeners.is_empty() {
             return Err(invalid(
@@ -224,7 +232,11 @@ impl Config {
             ));
         }
         if self.routes.is_empty() {
-            return Err(invalid("routes", "no route is configured", "add a [routes.<name>.upstream] table"));
+            return Err(invalid(
+                "routes",
+                "no route is configured",
+                "add a [routes.<name>.upstream] table",
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for (i, l) in self.listeners.iter_mut().enumerate() {
@@ -250,23 +262,38 @@ impl Config {
             if l.auth == ClientAuth::None && !l.bind.ip().is_loopback() {
                 return Err(invalid(
                     format!("{key}.auth"),
-                    format!("'none' trusts any user name, but {} is not a loopback address", l.bind),
+                    format!(
+                        "'none' trusts any user name, but {} is not a loopback address",
+                        l.bind
+                    ),
                     "bind this listener to 127.0.0.1 or ::1",
                 ));
             }
             l.http_path = normalize_path(&l.http_path);
             if l.protocol == Transport::Http && l.http_path.is_empty() {
-                return Err(invalid(format!("{key}.http_path"), "is empty", "use e.g. \"cliservice\""));
+                return Err(invalid(
+                    format!("{key}.http_path"),
+                    "is empty",
+                    "use e.g. \"cliservice\"",
+                ));
             }
         }
         for (name, r) in self.routes.iter_mut() {
             let key = format!("routes.{name}");
             let u = &mut r.upstream;
             if u.host.is_empty() {
-                return Err(invalid(format!("{key}.upstream.host"), "is empty", "set the upstream host name or IP"));
+                return Err(invalid(
+                    format!("{key}.upstream.host"),
+                    "is empty",
+                    "set the upstream host name or IP",
+                ));
             }
             if u.port == 0 {
-                return Err(invalid(format!("{key}.upstream.port"), "is 0", "set the upstream port, e.g. 10009"));
+                return Err(invalid(
+                    format!("{key}.upstream.port"),
+                    "is 0",
+                    "set the upstream port, e.g. 10009",
+                ));
             }
             if u.connect_timeout.is_zero() || u.read_timeout.is_zero() {
                 return Err(invalid(
@@ -309,7 +336,11 @@ impl Config {
             } = &mut r.credentials
             {
                 if user.is_empty() {
-                    return Err(invalid(format!("{key}.credentials.user"), "is empty", "set the upstream user name"));
+                    return Err(invalid(
+                        format!("{key}.credentials.user"),
+                        "is empty",
+                        "set the upstream user name",
+                    ));
                 }
                 if let Some(var) = password_env.clone() {
                     if password.is_some() {
@@ -350,8 +381,11 @@ mod duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration '{s}' ({e}); write e.g. \"30s\", \"5m\"")))
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration '{s}' ({e}); write e.g. \"30s\", \"5m\""
+            ))
+        })
     }
 }
 
@@ -374,7 +408,9 @@ mod tests {
     "#;
 
     fn err_of(toml: &str) -> String {
-        Config::from_toml(toml, "test.toml").unwrap_err().to_string()
+        Config::from_toml(toml, "test.toml")
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -397,13 +433,19 @@ mod tests {
     #[test]
     fn undefined_route_names_key_and_fix() {
         let e = err_of(&MINIMAL.replace("route = \"sts\"", "route = \"nope\""));
-        assert!(e.contains("listener[0].route") && e.contains("define [routes.nope]"), "{e}");
+        assert!(
+            e.contains("listener[0].route") && e.contains("define [routes.nope]"),
+            "{e}"
+        );
     }
 
     #[test]
     fn auth_none_off_loopback_is_refused() {
         let e = err_of(&MINIMAL.replace("127.0.0.1:10009", "0.0.0.0:10009"));
-        assert!(e.contains("listener[0].auth") && e.contains("loopback"), "{e}");
+        assert!(
+            e.contains("listener[0].auth") && e.contains("loopback"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -412,7 +454,10 @@ mod tests {
             "{MINIMAL}\n[routes.sts.credentials]\nmode = \"static\"\nuser = \"etl\"\npassword_env = \"KB_TEST_SURELY_UNSET_VAR\"\n"
         );
         let e = err_of(&t);
-        assert!(e.contains("KB_TEST_SURELY_UNSET_VAR") && e.contains("password_env"), "{e}");
+        assert!(
+            e.contains("KB_TEST_SURELY_UNSET_VAR") && e.contains("password_env"),
+            "{e}"
+        );
     }
 
     #[test]

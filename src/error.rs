@@ -11,7 +11,10 @@ use crate::wire::thrift::WireError;
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot connect to {upstream}: {source}")]
-    Connect { upstream: String, source: std::io::Error },
+    Connect {
+        upstream: String,
+        source: std::io::Error,
+    },
     #[error("timed out after {secs:.1}s connecting to {upstream}")]
     ConnectTimeout { upstream: String, secs: f64 },
     #[error("{upstream} did not reply within {secs:.1}s")]
@@ -19,7 +22,10 @@ pub enum UpstreamError {
     #[error("{upstream} closed the connection")]
     Closed { upstream: String },
     #[error("I/O error talking to {upstream}: {source}")]
-    Io { upstream: String, source: std::io::Error },
+    Io {
+        upstream: String,
+        source: std::io::Error,
+    },
     #[error("{upstream} refused the broker's credentials: {reason}")]
     AuthRejected { upstream: String, reason: String },
     #[error("{upstream} answered HTTP {status}")]
@@ -31,7 +37,9 @@ pub enum UpstreamError {
 impl UpstreamError {
     pub fn http_status(&self) -> StatusCode {
         match self {
-            UpstreamError::ConnectTimeout { .. } | UpstreamError::ReadTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::ConnectTimeout { .. } | UpstreamError::ReadTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -91,7 +99,13 @@ impl RpcError {
             RpcError::Upstream(_) | RpcError::ShuttingDown => (ReplyStatus::Error, "08S01"),
             RpcError::BadRequest(_) => (ReplyStatus::Error, "HY000"),
         };
-        error_reply(method, seqid, status, state, &format!("kyuubi-broker: {self}"))
+        error_reply(
+            method,
+            seqid,
+            status,
+            state,
+            &format!("kyuubi-broker: {self}"),
+        )
     }
 
     /// For HTTP clients: transport-level failures become an HTTP status with

@@ -60,9 +60,12 @@ pub struct BoundListener {
 pub async fn bind_all(config: &Config) -> std::io::Result<Vec<BoundListener>> {
     let mut out = Vec::new();
     for l in &config.listeners {
-        let tcp = TcpListener::bind(l.bind)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("listener '{}' cannot bind {}: {e}", l.name, l.bind)))?;
+        let tcp = TcpListener::bind(l.bind).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("listener '{}' cannot bind {}: {e}", l.name, l.bind),
+            )
+        })?;
         out.push(BoundListener {
             name: l.name.clone(),
             tcp,
@@ -74,7 +77,11 @@ pub async fn bind_all(config: &Config) -> std::io::Result<Vec<BoundListener>> {
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
 /// RPCs finish (up to `server.shutdown_grace`) and closes the upstream
 /// sessions clients left open.
-pub async fn run(config: Config, listeners: Vec<BoundListener>, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    config: Config,
+    listeners: Vec<BoundListener>,
+    shutdown: impl Future<Output = ()>,
+) {
     let shared = Arc::new(Shared {
         broker: Arc::new(Broker::new(&config)),
         server: config.server.clone(),
@@ -94,16 +101,24 @@ pub async fn run(config: Config, listeners: Vec<BoundListener>, shutdown: impl F
         match lc.protocol {
             Transport::Binary => {
                 info!(listener = %lc.name, addr = ?addr, route = %lc.route, "binary listener up");
-                accept_loops.spawn(listen::accept_loop(bound.tcp, shared.clone(), move |s, peer, permit| {
-                    listen::binary::serve(s, peer, lc.clone(), sh.clone(), permit)
-                }));
+                accept_loops.spawn(listen::accept_loop(
+                    bound.tcp,
+                    shared.clone(),
+                    move |s, peer, permit| {
+                        listen::binary::serve(s, peer, lc.clone(), sh.clone(), permit)
+                    },
+                ));
             }
             Transport::Http => {
                 info!(listener = %lc.name, addr = ?addr, path = %lc.http_path, route = %lc.route, "HTTP listener up");
                 let hl = listen::http::HttpListener::new(lc);
-                accept_loops.spawn(listen::accept_loop(bound.tcp, shared.clone(), move |s, peer, permit| {
-                    listen::http::serve(s, peer, hl.clone(), sh.clone(), permit)
-                }));
+                accept_loops.spawn(listen::accept_loop(
+                    bound.tcp,
+                    shared.clone(),
+                    move |s, peer, permit| {
+                        listen::http::serve(s, peer, hl.clone(), sh.clone(), permit)
+                    },
+                ));
             }
         }
     }
@@ -114,10 +129,16 @@ pub async fn run(config: Config, listeners: Vec<BoundListener>, shutdown: impl F
     accept_loops.wait().await;
     shared.tracker.close();
     let grace = config.server.shutdown_grace;
-    if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(grace, shared.tracker.wait())
+        .await
+        .is_err()
+    {
         warn!("connections still busy after {grace:?}; closing them");
     }
-    if tokio::time::timeout(grace, shared.broker.close_all_sessions()).await.is_err() {
+    if tokio::time::timeout(grace, shared.broker.close_all_sessions())
+        .await
+        .is_err()
+    {
         warn!("closing upstream sessions took longer than {grace:?}");
     }
     info!("stopped");

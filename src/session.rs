@@ -50,26 +50,44 @@ pub fn upstream_credential(route: &Route, client: &ClientIdentity) -> Credential
 }
 
 /// A parsed call: enough to route it and to answer it on failure.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Call {
+    /// TCLIService method name, or "other" (a bounded set, fit for labels).
     pub method: &'static str,
     pub seqid: i32,
     pub scope: Scope,
+    /// The name as sent, for methods outside TCLIService.
+    other_name: Option<Box<str>>,
 }
 
 impl Call {
     pub fn parse(msg: &[u8]) -> Result<Call, RpcError> {
         let h = peek_header(msg)?;
         if h.kind != MessageType::Call {
-            return Err(RpcError::BadRequest(format!("expected a CALL message, got {:?}", h.kind)));
+            return Err(RpcError::BadRequest(format!(
+                "expected a CALL message, got {:?}",
+                h.kind
+            )));
         }
-        let (method, scope) = tcli::canonical(h.name)
-            .ok_or_else(|| RpcError::BadRequest(format!("unknown TCLIService method '{}'", h.name.escape_default())))?;
-        Ok(Call {
-            method,
-            seqid: h.seqid,
-            scope,
+        Ok(match tcli::canonical(h.name) {
+            Some((method, scope)) => Call {
+                method,
+                seqid: h.seqid,
+                scope,
+                other_name: None,
+            },
+            None => Call {
+                method: "other",
+                seqid: h.seqid,
+                scope: Scope::Unknown,
+                other_name: Some(h.name.into()),
+            },
         })
+    }
+
+    /// The method name as it appears on the wire.
+    pub fn wire_name(&self) -> &str {
+        self.other_name.as_deref().unwrap_or(self.method)
     }
 }
 
@@ -102,7 +120,12 @@ pub struct ClientConn {
 }
 
 impl ClientConn {
-    pub fn new(kind: ClientKind, route: Arc<Route>, identity: Option<ClientIdentity>, peer: SocketAddr) -> Self {
+    pub fn new(
+        kind: ClientKind,
+        route: Arc<Route>,
+        identity: Option<ClientIdentity>,
+        peer: SocketAddr,
+    ) -> Self {
         ClientConn {
             kind,
             route,
@@ -136,7 +159,10 @@ impl Broker {
             .routes
             .iter()
             .map(|(name, r)| {
-                let target = Arc::new(Target::from_config(&r.upstream, config.server.max_message_bytes));
+                let target = Arc::new(Target::from_config(
+                    &r.upstream,
+                    config.server.max_message_bytes,
+                ));
                 let route = Route {
                     name: name.clone(),
                     pool: HttpPool::new(target.connect_timeout),
@@ -160,7 +186,12 @@ impl Broker {
 
     /// Forwards one call and returns the upstream's reply. Every RPC passes
     /// through here, success or not: this is where it is timed and logged.
-    pub async fn forward(&self, conn: &mut ClientConn, call: Call, msg: Bytes) -> Result<Bytes, RpcError> {
+    pub async fn forward(
+        &self,
+        conn: &mut ClientConn,
+        call: &Call,
+        msg: Bytes,
+    ) -> Result<Bytes, RpcError> {
         let span = tracing::debug_span!(
             "rpc",
             method = call.method,
@@ -201,7 +232,7 @@ impl Broker {
     async fn dispatch(
         &self,
         conn: &mut ClientConn,
-        call: Call,
+        call: &Call,
         msg: Bytes,
         upstream_time: &mut Duration,
     ) -> Result<Bytes, RpcError> {
@@ -227,7 +258,7 @@ impl Broker {
     async fn open_session(
         &self,
         conn: &mut ClientConn,
-        call: Call,
+        call: &Call,
         msg: Bytes,
         upstream_time: &mut Duration,
     ) -> Result<Bytes, RpcError> {
@@ -236,7 +267,11 @@ impl Broker {
             Some(id) => id.clone(),
             // NOSASL clients name themselves in the request.
             None => ClientIdentity {
-                user: info.username.clone().filter(|u| !u.is_empty()).unwrap_or_else(|| "anonymous".into()),
+                user: info
+                    .username
+                    .clone()
+                    .filter(|u| !u.is_empty())
+                    .unwrap_or_else(|| "anonymous".into()),
                 password: Secret::new(info.password.clone().unwrap_or_default()),
                 addr: conn.peer,
             },
@@ -245,7 +280,8 @@ impl Broker {
         let cred = upstream_credential(&route, &identity);
         let target = &route.target;
         let edit = OpenSessionEdit {
-            credentials: (target.transport == Transport::Binary && target.sasl == UpstreamSasl::Nosasl)
+            credentials: (target.transport == Transport::Binary
+                && target.sasl == UpstreamSasl::Nosasl)
                 .then(|| (cred.user.clone(), cred.password.expose().to_string())),
             conf: Vec::new(),
         };
@@ -266,7 +302,9 @@ impl Broker {
         };
         let reply = timed(upstream_time, link.call(msg)).await?;
         let h = check_reply(&reply, call, target)?;
-        if let Some((guid, secret)) = tcli::reply_session_handle(&reply, &h).map_err(|e| malformed(target, e))? {
+        if let Some((guid, secret)) =
+            tcli::reply_session_handle(&reply, &h).map_err(|e| malformed(target, e))?
+        {
             info!(user = %identity.user, upstream_user = %cred.user, route = %route.name, "session opened");
             match conn.kind {
                 ClientKind::Binary => conn.sessions.push((guid, secret)),
@@ -288,11 +326,22 @@ impl Broker {
     }
 
     /// HTTP clients: the link that owns the handle in this request.
-    async fn lookup(&self, conn: &ClientConn, call: Call, msg: &[u8]) -> Result<Arc<Owned>, RpcError> {
+    async fn lookup(
+        &self,
+        conn: &ClientConn,
+        call: &Call,
+        msg: &[u8],
+    ) -> Result<Arc<Owned>, RpcError> {
         let h = peek_header(msg)?;
-        let guid = tcli::request_guid(msg, &h)?.ok_or_else(|| RpcError::BadRequest(format!("{} without a handle", call.method)))?;
+        let guid = tcli::request_guid(msg, &h)?.ok_or_else(|| {
+            RpcError::BadRequest(format!("{} without a handle", call.wire_name()))
+        })?;
         let (found, what) = match call.scope {
             Scope::Operation => (self.operations.get(&guid).await, "operation"),
+            Scope::Unknown => match self.operations.get(&guid).await {
+                Some(o) => (Some(o), "operation"),
+                None => (self.sessions.get(&guid).await, "session"),
+            },
             _ => (self.sessions.get(&guid).await, "session"),
         };
         let owned = found.ok_or(RpcError::UnknownHandle(what))?;
@@ -304,7 +353,14 @@ impl Broker {
     }
 
     /// Book-keeping after a reply: new operation handles, closed handles.
-    async fn after_reply(&self, conn: &mut ClientConn, call: Call, msg: &[u8], reply: &[u8], link: &Link) -> Result<(), RpcError> {
+    async fn after_reply(
+        &self,
+        conn: &mut ClientConn,
+        call: &Call,
+        msg: &[u8],
+        reply: &[u8],
+        link: &Link,
+    ) -> Result<(), RpcError> {
         let target = &conn.route.target;
         let h = check_reply(reply, call, target)?;
         if conn.kind == ClientKind::Binary {
@@ -317,8 +373,14 @@ impl Broker {
             return Ok(());
         }
         if tcli::creates_operation(call.method) {
-            if let Some(op) = tcli::reply_operation_guid(reply, &h).map_err(|e| malformed(target, e))? {
-                let owner = conn.identity.as_ref().map(|i| i.user.clone()).unwrap_or_default();
+            if let Some(op) =
+                tcli::reply_operation_guid(reply, &h).map_err(|e| malformed(target, e))?
+            {
+                let owner = conn
+                    .identity
+                    .as_ref()
+                    .map(|i| i.user.clone())
+                    .unwrap_or_default();
                 let owned = Owned {
                     link: link.clone(),
                     user: owner,
@@ -396,12 +458,25 @@ fn malformed(target: &Target, e: impl std::fmt::Display) -> RpcError {
 }
 
 /// The reply must answer this call: same method and sequence id.
-fn check_reply<'a>(reply: &'a [u8], call: Call, target: &Target) -> Result<crate::wire::thrift::MessageHeader<'a>, RpcError> {
+fn check_reply<'a>(
+    reply: &'a [u8],
+    call: &Call,
+    target: &Target,
+) -> Result<crate::wire::thrift::MessageHeader<'a>, RpcError> {
     let h = peek_header(reply).map_err(|e| malformed(target, e))?;
-    if h.name != call.method || h.seqid != call.seqid || !matches!(h.kind, MessageType::Reply | MessageType::Exception) {
+    if h.name != call.wire_name()
+        || h.seqid != call.seqid
+        || !matches!(h.kind, MessageType::Reply | MessageType::Exception)
+    {
         return Err(malformed(
             target,
-            format!("reply {} #{} does not answer {} #{}", h.name.escape_default(), h.seqid, call.method, call.seqid),
+            format!(
+                "reply {} #{} does not answer {} #{}",
+                h.name.escape_default(),
+                h.seqid,
+                call.wire_name(),
+                call.seqid
+            ),
         ));
     }
     Ok(h)

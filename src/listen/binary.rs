@@ -21,18 +21,34 @@ const SASL_START: u8 = 1;
 /// First byte of a strict TBinaryProtocol message.
 const THRIFT_STRICT: u8 = 0x80;
 
-pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerConfig>, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerConfig>,
+    shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) {
     let span = tracing::info_span!("conn", listener = %listener.name, %peer);
-    connection(stream, peer, listener, shared).instrument(span).await;
+    connection(stream, peer, listener, shared)
+        .instrument(span)
+        .await;
     drop(permit);
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerConfig>, shared: Arc<Shared>) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerConfig>,
+    shared: Arc<Shared>,
+) {
     let Some(route) = shared.broker.route(&listener.route) else {
         return;
     };
     let mut io = MessageIo::new(stream, shared.server.max_message_bytes);
-    let handshake = timeout(shared.server.handshake_timeout, handshake(&mut io, peer, &listener));
+    let handshake = timeout(
+        shared.server.handshake_timeout,
+        handshake(&mut io, peer, &listener),
+    );
     let (framing, identity) = match handshake.await {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
@@ -43,7 +59,10 @@ async fn connection(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerC
             return;
         }
         Err(_) => {
-            warn!("no complete handshake within {:?}; connection closed", shared.server.handshake_timeout);
+            warn!(
+                "no complete handshake within {:?}; connection closed",
+                shared.server.handshake_timeout
+            );
             return;
         }
     };
@@ -69,14 +88,16 @@ async fn connection(stream: TcpStream, peer: SocketAddr, listener: Arc<ListenerC
             Err(e) => {
                 warn!(error = %e, "malformed call; connection closed");
                 if let Ok(h) = peek_header(&msg) {
-                    let _ = io.write_message(framing, &e.to_thrift_reply(h.name, h.seqid)).await;
+                    let _ = io
+                        .write_message(framing, &e.to_thrift_reply(h.name, h.seqid))
+                        .await;
                 }
                 break;
             }
         };
-        let reply = match shared.broker.forward(&mut conn, call, msg).await {
+        let reply = match shared.broker.forward(&mut conn, &call, msg).await {
             Ok(r) => r,
-            Err(e) => e.to_thrift_reply(call.method, call.seqid).into(),
+            Err(e) => e.to_thrift_reply(call.wire_name(), call.seqid).into(),
         };
         if let Err(e) = io.write_message(framing, &reply).await {
             debug!(error = %e, "client went away while we replied");
@@ -136,7 +157,9 @@ async fn handshake(
                 Ok((Framing::Sasl, Some(identity)))
             }
             Err(e) => {
-                let _ = io.write_sasl(sasl::Status::Bad, e.to_string().as_bytes()).await;
+                let _ = io
+                    .write_sasl(sasl::Status::Bad, e.to_string().as_bytes())
+                    .await;
                 Err(FrameError::Malformed(e.to_string()))
             }
         };

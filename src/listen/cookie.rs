@@ -28,7 +28,10 @@ impl CookieJar {
         rand::rngs::OsRng.fill_bytes(&mut key);
         CookieJar {
             key,
-            issued: Cache::builder().time_to_live(max_age).max_capacity(100_000).build(),
+            issued: Cache::builder()
+                .time_to_live(max_age)
+                .max_capacity(100_000)
+                .build(),
             max_age,
         }
     }

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, warn};
@@ -40,7 +40,13 @@ impl HttpListener {
     }
 }
 
-pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<HttpListener>, shared: Arc<Shared>, permit: OwnedSemaphorePermit) {
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<HttpListener>,
+    shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) {
     let span = tracing::debug_span!("http", listener = %listener.config.name, %peer);
     let sh = shared.clone();
     let svc = service_fn(move |req| {
@@ -48,6 +54,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<HttpListen
         async move { Ok::<_, Infallible>(handle(req, peer, &listener, &shared).await) }
     });
     let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
         .header_read_timeout(shared.server.handshake_timeout)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
@@ -68,20 +75,27 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: Arc<HttpListen
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.into())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
 fn thrift(body: Bytes) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, http::HeaderValue::from_static("application/x-thrift"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-thrift"),
+    );
     r
 }
 
 fn unauthorized(msg: &str) -> Response<Full<Bytes>> {
-    let mut r = text(StatusCode::UNAUTHORIZED, format!("Authentication Error: {msg}"));
+    let mut r = text(
+        StatusCode::UNAUTHORIZED,
+        format!("Authentication Error: {msg}"),
+    );
     r.headers_mut().insert(
         WWW_AUTHENTICATE,
         http::HeaderValue::from_static("Basic realm=\"kyuubi-broker\""),
@@ -91,7 +105,9 @@ fn unauthorized(msg: &str) -> Response<Full<Bytes>> {
 
 fn path_matches(path: &str, base: &str) -> bool {
     let p = path.trim_start_matches('/');
-    p == base || p.strip_prefix(base).is_some_and(|rest| rest.starts_with('/'))
+    p == base
+        || p.strip_prefix(base)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Identity from the Authorization header: Basic only on this listener.
@@ -112,17 +128,33 @@ fn basic_credentials(req: &Request<Incoming>) -> Result<Option<(String, Secret)>
     Ok(Some((user.to_string(), Secret::new(pass))))
 }
 
-async fn handle(req: Request<Incoming>, peer: SocketAddr, listener: &HttpListener, shared: &Shared) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    listener: &HttpListener,
+    shared: &Shared,
+) -> Response<Full<Bytes>> {
     let cfg = &listener.config;
     if req.method() != Method::POST {
-        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "Thrift over HTTP takes POST only");
-        r.headers_mut().insert(ALLOW, http::HeaderValue::from_static("POST"));
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Thrift over HTTP takes POST only",
+        );
+        r.headers_mut()
+            .insert(ALLOW, http::HeaderValue::from_static("POST"));
         return r;
     }
     if !path_matches(req.uri().path(), &cfg.http_path) {
-        return text(StatusCode::NOT_FOUND, format!("no Thrift endpoint here; use /{}", cfg.http_path));
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("no Thrift endpoint here; use /{}", cfg.http_path),
+        );
     }
-    let ct = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !ct.starts_with("application/x-thrift") {
         return text(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -130,7 +162,10 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, listener: &HttpListene
         );
     }
     if shared.cancel.is_cancelled() {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "kyuubi-broker is shutting down");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "kyuubi-broker is shutting down",
+        );
     }
 
     let (identity, set_cookie) = match authenticate_request(&req, peer, listener).await {
@@ -138,15 +173,26 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, listener: &HttpListene
         Err(resp) => return resp,
     };
 
-    let body = match Limited::new(req.into_body(), shared.server.max_message_bytes).collect().await {
+    let body = match Limited::new(req.into_body(), shared.server.max_message_bytes)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             return text(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request exceeds {} bytes", shared.server.max_message_bytes),
             )
         }
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        }
     };
     let call = match Call::parse(&body) {
         Ok(c) => c,
@@ -159,11 +205,11 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, listener: &HttpListene
         return text(StatusCode::INTERNAL_SERVER_ERROR, "route missing");
     };
     let mut conn = ClientConn::new(ClientKind::Http, route, Some(identity), peer);
-    let mut resp = match shared.broker.forward(&mut conn, call, body).await {
+    let mut resp = match shared.broker.forward(&mut conn, &call, body).await {
         Ok(reply) => thrift(reply),
         Err(e) => match e.http_status() {
             Some(status) => text(status, format!("kyuubi-broker: {e}")),
-            None => thrift(e.to_thrift_reply(call.method, call.seqid).into()),
+            None => thrift(e.to_thrift_reply(call.wire_name(), call.seqid).into()),
         },
     };
     if let Some(c) = set_cookie {
@@ -185,13 +231,15 @@ async fn authenticate_request(
         }
     }
     match basic_credentials(req) {
-        Ok(Some((user, password))) => match authenticate(listener.config.auth, &user, password, peer).await {
-            Ok(id) => {
-                let cookie = listener.cookies.issue(id.clone()).await;
-                Ok((id, Some(cookie)))
+        Ok(Some((user, password))) => {
+            match authenticate(listener.config.auth, &user, password, peer).await {
+                Ok(id) => {
+                    let cookie = listener.cookies.issue(id.clone()).await;
+                    Ok((id, Some(cookie)))
+                }
+                Err(e) => Err(unauthorized(&e.to_string())),
             }
-            Err(e) => Err(unauthorized(&e.to_string())),
-        },
+        }
         Ok(None) => Err(unauthorized("credentials required (HTTP Basic)")),
         Err(msg) => Err(unauthorized(msg)),
     }

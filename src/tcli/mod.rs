@@ -8,7 +8,9 @@ pub mod gen;
 
 use thrift::protocol::{TBinaryOutputProtocol, TOutputProtocol, TSerializable};
 
-use crate::wire::thrift::{find_field, peek_header, ttype, MessageHeader, MessageType, Reader, WireError, Writer};
+use crate::wire::thrift::{
+    find_field, peek_header, ttype, MessageHeader, MessageType, Reader, WireError, Writer,
+};
 
 /// A 16-byte handle GUID (session or operation).
 pub type Guid = [u8; 16];
@@ -21,6 +23,9 @@ pub enum Scope {
     Session,
     /// Carries only a TOperationHandle in field 1 of its request.
     Operation,
+    /// Not in TCLIService (e.g. Impala's GetLog). Relayed unchanged; HTTP
+    /// clients are routed by whatever handle sits in field 1 of the request.
+    Unknown,
 }
 
 /// Scope of a method, or `None` for a name TCLIService does not have.
@@ -80,9 +85,9 @@ fn guid_at(buf: &[u8], start: usize, path: &[i16]) -> Result<Option<Guid>, WireE
     match find_field(buf, start, path)? {
         Some((ttype::STRING, mut r)) => {
             let b = r.binary()?;
-            let g: Guid = b
-                .try_into()
-                .map_err(|_| WireError::Malformed(format!("handle guid of {} bytes, expected 16", b.len())))?;
+            let g: Guid = b.try_into().map_err(|_| {
+                WireError::Malformed(format!("handle guid of {} bytes, expected 16", b.len()))
+            })?;
             Ok(Some(g))
         }
         Some(_) => Err(WireError::Malformed("handle guid is not binary".into())),
@@ -102,7 +107,10 @@ pub fn reply_operation_guid(msg: &[u8], h: &MessageHeader<'_>) -> Result<Option<
 }
 
 /// Session handle (guid, secret) from an OpenSession reply, if it has one.
-pub fn reply_session_handle(msg: &[u8], h: &MessageHeader<'_>) -> Result<Option<(Guid, Vec<u8>)>, WireError> {
+pub fn reply_session_handle(
+    msg: &[u8],
+    h: &MessageHeader<'_>,
+) -> Result<Option<(Guid, Vec<u8>)>, WireError> {
     let Some(guid) = guid_at(msg, h.body_offset, &[0, 3, 1, 1])? else {
         return Ok(None);
     };
@@ -137,7 +145,9 @@ pub fn read_open_session(msg: &[u8]) -> Result<OpenSessionInfo, WireError> {
     let h = peek_header(msg)?;
     let mut info = OpenSessionInfo::default();
     let Some((ttype::STRUCT, mut r)) = find_field(msg, h.body_offset, &[1])? else {
-        return Err(WireError::Malformed("OpenSession without a request struct".into()));
+        return Err(WireError::Malformed(
+            "OpenSession without a request struct".into(),
+        ));
     };
     while let Some((t, id)) = r.field_begin()? {
         match (id, t) {
@@ -155,7 +165,9 @@ fn read_string_map(r: &mut Reader<'_>) -> Result<Vec<(String, String)>, WireErro
     let (kt, vt) = (r.u8()?, r.u8()?);
     let n = r.i32()?;
     if kt != ttype::STRING || vt != ttype::STRING || n < 0 {
-        return Err(WireError::Malformed("configuration is not a map<string,string>".into()));
+        return Err(WireError::Malformed(
+            "configuration is not a map<string,string>".into(),
+        ));
     }
     let mut out = Vec::new();
     for _ in 0..n {
@@ -174,7 +186,9 @@ pub fn rewrite_open_session(msg: &[u8], edit: &OpenSessionEdit) -> Result<Vec<u8
     }
     let h = peek_header(msg)?;
     let Some((ttype::STRUCT, mut r)) = find_field(msg, h.body_offset, &[1])? else {
-        return Err(WireError::Malformed("OpenSession without a request struct".into()));
+        return Err(WireError::Malformed(
+            "OpenSession without a request struct".into(),
+        ));
     };
     let req_start = r.pos();
     let mut w = Writer {
@@ -183,7 +197,9 @@ pub fn rewrite_open_session(msg: &[u8], edit: &OpenSessionEdit) -> Result<Vec<u8
     let mut conf: Vec<(String, String)> = Vec::new();
     loop {
         let field_start = r.pos();
-        let Some((t, id)) = r.field_begin()? else { break };
+        let Some((t, id)) = r.field_begin()? else {
+            break;
+        };
         match (id, t) {
             (2 | 3, _) if edit.credentials.is_some() => r.skip(t)?,
             (4, ttype::MAP) => conf = read_string_map(&mut r)?,
@@ -226,7 +242,13 @@ pub enum ReplyStatus {
 /// every required field of the response present so strict clients (Hive JDBC
 /// validates required fields) surface the message rather than a decode error.
 /// GetQueryId has no TStatus, so it gets a TApplicationException.
-pub fn error_reply(method: &str, seqid: i32, status: ReplyStatus, sql_state: &str, message: &str) -> Vec<u8> {
+pub fn error_reply(
+    method: &str,
+    seqid: i32,
+    status: ReplyStatus,
+    sql_state: &str,
+    message: &str,
+) -> Vec<u8> {
     use gen::{TGetInfoValue, TStatus, TStatusCode};
     let mut buf: Vec<u8> = Vec::with_capacity(128 + message.len());
     if method == "GetQueryId" || scope(method).is_none() {
@@ -304,7 +326,10 @@ mod tests {
             w.buf.extend_from_slice(&42i64.to_be_bytes());
         }
         w.field(ttype::MAP, 4);
-        w.string_map(&[("use:database".into(), "default".into()), ("k".into(), "client".into())]);
+        w.string_map(&[
+            ("use:database".into(), "default".into()),
+            ("k".into(), "client".into()),
+        ]);
         w.stop();
         w.stop();
         w.buf
@@ -337,7 +362,9 @@ mod tests {
         assert_eq!(conf["use:database"], "default");
         // the unknown field 1282 survives byte for byte
         let h = peek_header(&out).unwrap();
-        let (t, _) = find_field(&out, h.body_offset, &[1, 1282]).unwrap().unwrap();
+        let (t, _) = find_field(&out, h.body_offset, &[1, 1282])
+            .unwrap()
+            .unwrap();
         assert_eq!(t, ttype::I64);
     }
 
@@ -352,21 +379,36 @@ mod tests {
     #[test]
     fn empty_edit_leaves_the_message_untouched() {
         let msg = open_session_msg(false);
-        assert_eq!(rewrite_open_session(&msg, &OpenSessionEdit::default()).unwrap(), msg);
+        assert_eq!(
+            rewrite_open_session(&msg, &OpenSessionEdit::default()).unwrap(),
+            msg
+        );
     }
 
     #[test]
     fn open_session_error_reply_decodes_with_generated_types() {
-        let reply = error_reply("OpenSession", 5, ReplyStatus::Error, "08S01", "upstream down");
+        let reply = error_reply(
+            "OpenSession",
+            5,
+            ReplyStatus::Error,
+            "08S01",
+            "upstream down",
+        );
         let h = peek_header(&reply).unwrap();
-        assert_eq!((h.name, h.kind, h.seqid), ("OpenSession", MessageType::Reply, 5));
+        assert_eq!(
+            (h.name, h.kind, h.seqid),
+            ("OpenSession", MessageType::Reply, 5)
+        );
         let mut p = TBinaryInputProtocol::new(&reply[h.body_offset..], true);
         p.read_struct_begin().unwrap();
         assert_eq!(p.read_field_begin().unwrap().id, Some(0));
         let resp = TOpenSessionResp::read_from_in_protocol(&mut p).unwrap();
         assert_eq!(resp.status.status_code, TStatusCode::ERROR_STATUS);
         assert_eq!(resp.status.error_message.as_deref(), Some("upstream down"));
-        assert_eq!(crate::wire::thrift::message_len(&reply).unwrap(), reply.len());
+        assert_eq!(
+            crate::wire::thrift::message_len(&reply).unwrap(),
+            reply.len()
+        );
     }
 
     #[test]
@@ -406,11 +448,29 @@ mod tests {
     #[test]
     fn every_tcli_method_has_a_scope() {
         for m in [
-            "OpenSession", "CloseSession", "GetInfo", "ExecuteStatement", "GetTypeInfo", "GetCatalogs",
-            "GetSchemas", "GetTables", "GetTableTypes", "GetColumns", "GetFunctions", "GetPrimaryKeys",
-            "GetCrossReference", "GetOperationStatus", "CancelOperation", "CloseOperation",
-            "GetResultSetMetadata", "FetchResults", "GetDelegationToken", "CancelDelegationToken",
-            "RenewDelegationToken", "GetQueryId", "SetClientInfo",
+            "OpenSession",
+            "CloseSession",
+            "GetInfo",
+            "ExecuteStatement",
+            "GetTypeInfo",
+            "GetCatalogs",
+            "GetSchemas",
+            "GetTables",
+            "GetTableTypes",
+            "GetColumns",
+            "GetFunctions",
+            "GetPrimaryKeys",
+            "GetCrossReference",
+            "GetOperationStatus",
+            "CancelOperation",
+            "CloseOperation",
+            "GetResultSetMetadata",
+            "FetchResults",
+            "GetDelegationToken",
+            "CancelDelegationToken",
+            "RenewDelegationToken",
+            "GetQueryId",
+            "SetClientInfo",
         ] {
             assert!(scope(m).is_some(), "{m}");
         }

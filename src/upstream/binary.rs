@@ -21,7 +21,10 @@ pub struct BinaryConn {
 }
 
 impl BinaryConn {
-    pub async fn connect(target: Arc<Target>, cred: &Credential) -> Result<BinaryConn, UpstreamError> {
+    pub async fn connect(
+        target: Arc<Target>,
+        cred: &Credential,
+    ) -> Result<BinaryConn, UpstreamError> {
         let t = target.clone();
         let setup = async move {
             let stream = TcpStream::connect((t.host.as_str(), t.port))

@@ -48,7 +48,11 @@ pub struct HttpChannel {
 }
 
 impl HttpChannel {
-    pub fn new(target: Arc<Target>, cred: &Credential, pool: &HttpPool) -> Result<HttpChannel, UpstreamError> {
+    pub fn new(
+        target: Arc<Target>,
+        cred: &Credential,
+        pool: &HttpPool,
+    ) -> Result<HttpChannel, UpstreamError> {
         let uri: Uri = format!("http://{}:{}{}", target.host, target.port, target.http_path)
             .parse()
             .map_err(|_| UpstreamError::Protocol {
@@ -79,17 +83,32 @@ impl HttpChannel {
         let mut req = Request::post(self.uri.clone())
             .header(CONTENT_TYPE, "application/x-thrift")
             .header(ACCEPT, "application/x-thrift")
-            .header(USER_AGENT, concat!("kyuubi-broker/", env!("CARGO_PKG_VERSION")))
+            .header(
+                USER_AGENT,
+                concat!("kyuubi-broker/", env!("CARGO_PKG_VERSION")),
+            )
             .header(AUTHORIZATION, self.basic.clone());
-        if let Some(c) = self.cookie.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(c) = self
+            .cookie
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
             req = req.header(COOKIE, c);
         }
-        let req = req.body(Full::new(msg)).map_err(|e| UpstreamError::Protocol {
-            upstream: t.display.clone(),
-            detail: e.to_string(),
-        })?;
+        let req = req
+            .body(Full::new(msg))
+            .map_err(|e| UpstreamError::Protocol {
+                upstream: t.display.clone(),
+                detail: e.to_string(),
+            })?;
         let exchange = async {
-            let resp = self.pool.client.request(req).await.map_err(|e| classify(t, e))?;
+            let resp = self
+                .pool
+                .client
+                .request(req)
+                .await
+                .map_err(|e| classify(t, e))?;
             let status = resp.status();
             if let Some(c) = auth_cookie(resp.headers()) {
                 *self.cookie.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
@@ -104,20 +123,24 @@ impl HttpChannel {
                 .to_bytes();
             match status {
                 StatusCode::OK => Ok(body),
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(UpstreamError::AuthRejected {
-                    upstream: t.display.clone(),
-                    reason: format!("HTTP {}: {}", status.as_u16(), snippet(&body)),
-                }),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    Err(UpstreamError::AuthRejected {
+                        upstream: t.display.clone(),
+                        reason: format!("HTTP {}: {}", status.as_u16(), snippet(&body)),
+                    })
+                }
                 s => Err(UpstreamError::HttpStatus {
                     upstream: t.display.clone(),
                     status: s.as_u16(),
                 }),
             }
         };
-        timeout(t.read_timeout, exchange).await.map_err(|_| UpstreamError::ReadTimeout {
-            upstream: t.display.clone(),
-            secs: t.read_timeout.as_secs_f64(),
-        })?
+        timeout(t.read_timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::ReadTimeout {
+                upstream: t.display.clone(),
+                secs: t.read_timeout.as_secs_f64(),
+            })?
     }
 }
 
@@ -155,7 +178,8 @@ fn auth_cookie(headers: &http::HeaderMap) -> Option<HeaderValue> {
     headers.get_all(SET_COOKIE).iter().find_map(|v| {
         let s = v.to_str().ok()?;
         let pair = s.split(';').next()?.trim();
-        pair.starts_with(AUTH_COOKIE).then(|| HeaderValue::from_str(pair).ok())?
+        pair.starts_with(AUTH_COOKIE)
+            .then(|| HeaderValue::from_str(pair).ok())?
     })
 }
 

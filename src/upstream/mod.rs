@@ -47,7 +47,11 @@ impl Target {
                 "upstream {}:{} (binary, {})",
                 u.host,
                 u.port,
-                if u.sasl == UpstreamSasl::Plain { "SASL PLAIN" } else { "NOSASL" }
+                if u.sasl == UpstreamSasl::Plain {
+                    "SASL PLAIN"
+                } else {
+                    "NOSASL"
+                }
             ),
             Transport::Http => format!("upstream http://{}:{}{}", u.host, u.port, shown_path),
         };
@@ -97,12 +101,20 @@ pub enum Link {
 
 impl Link {
     /// Connects (binary: TCP + SASL) or prepares (HTTP) a link as `cred`.
-    pub async fn open(target: &Arc<Target>, cred: &Credential, pool: &HttpPool) -> Result<Link, UpstreamError> {
+    pub async fn open(
+        target: &Arc<Target>,
+        cred: &Credential,
+        pool: &HttpPool,
+    ) -> Result<Link, UpstreamError> {
         match target.transport {
             Transport::Binary => Ok(Link::Binary(Arc::new(Mutex::new(
                 binary::BinaryConn::connect(target.clone(), cred).await?,
             )))),
-            Transport::Http => Ok(Link::Http(Arc::new(http::HttpChannel::new(target.clone(), cred, pool)?))),
+            Transport::Http => Ok(Link::Http(Arc::new(http::HttpChannel::new(
+                target.clone(),
+                cred,
+                pool,
+            )?))),
         }
     }
 

@@ -131,14 +131,20 @@ impl MessageIo {
 
     pub async fn write_message(&mut self, framing: Framing, msg: &[u8]) -> Result<(), FrameError> {
         if framing == Framing::Sasl {
-            self.writer.write_all(&(msg.len() as u32).to_be_bytes()).await?;
+            self.writer
+                .write_all(&(msg.len() as u32).to_be_bytes())
+                .await?;
         }
         self.writer.write_all(msg).await?;
         self.writer.flush().await?;
         Ok(())
     }
 
-    pub async fn write_sasl(&mut self, status: sasl::Status, payload: &[u8]) -> Result<(), FrameError> {
+    pub async fn write_sasl(
+        &mut self,
+        status: sasl::Status,
+        payload: &[u8],
+    ) -> Result<(), FrameError> {
         self.write_raw(&sasl::encode(status, payload)).await
     }
 

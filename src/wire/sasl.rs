@@ -46,7 +46,10 @@ impl fmt::Display for SaslError {
         match self {
             SaslError::Malformed(m) => write!(f, "malformed SASL message: {m}"),
             SaslError::TooLarge { len, max } => {
-                write!(f, "SASL message of {len} bytes exceeds the limit of {max} bytes")
+                write!(
+                    f,
+                    "SASL message of {len} bytes exceeds the limit of {max} bytes"
+                )
             }
             SaslError::PeerFailure(r) => write!(f, "peer indicated failure: {r}"),
             SaslError::Rejected(r) => f.write_str(r),
@@ -249,7 +252,9 @@ mod tests {
         bytes.extend(encode(Status::Ok, b"authz\0bob\0"));
         let mut hs = ServerHandshake::default();
         let steps = feed(&mut hs, &bytes).unwrap();
-        assert!(matches!(&steps[1], ServerStep::Verify(c) if c.user == "bob" && c.password.is_empty()));
+        assert!(
+            matches!(&steps[1], ServerStep::Verify(c) if c.user == "bob" && c.password.is_empty())
+        );
     }
 
     #[test]
@@ -273,21 +278,39 @@ mod tests {
         let bytes = [1u8, 0x7f, 0xff, 0xff, 0xff];
         assert_eq!(
             decode(&bytes, MAX),
-            Err(SaslError::TooLarge { len: 0x7fff_ffff, max: MAX })
+            Err(SaslError::TooLarge {
+                len: 0x7fff_ffff,
+                max: MAX
+            })
         );
-        assert!(matches!(data_frame_len(&[0xff, 0xff, 0xff, 0xff], MAX), Err(SaslError::TooLarge { .. })));
+        assert!(matches!(
+            data_frame_len(&[0xff, 0xff, 0xff, 0xff], MAX),
+            Err(SaslError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn garbage_status_byte_is_malformed() {
-        assert!(matches!(decode(b"GET / HTTP/1.1", MAX), Err(SaslError::Malformed(_))));
+        assert!(matches!(
+            decode(b"GET / HTTP/1.1", MAX),
+            Err(SaslError::Malformed(_))
+        ));
     }
 
     #[test]
     fn plain_response_without_two_separators_is_malformed() {
-        assert!(matches!(parse_plain(b"alice"), Err(SaslError::Malformed(_))));
-        assert!(matches!(parse_plain(b"\0a\0b\0c"), Err(SaslError::Malformed(_))));
-        assert!(matches!(parse_plain(b"\0\0pw"), Err(SaslError::Rejected(_))));
+        assert!(matches!(
+            parse_plain(b"alice"),
+            Err(SaslError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_plain(b"\0a\0b\0c"),
+            Err(SaslError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_plain(b"\0\0pw"),
+            Err(SaslError::Rejected(_))
+        ));
     }
 
     #[test]

@@ -227,7 +227,8 @@ pub fn peek_header(buf: &[u8]) -> Result<MessageHeader<'_>, WireError> {
     if n > MAX_NAME_LEN {
         return Err(malformed(format!("method name of {n} bytes")));
     }
-    let name = std::str::from_utf8(r.take(n)?).map_err(|_| malformed("method name is not UTF-8"))?;
+    let name =
+        std::str::from_utf8(r.take(n)?).map_err(|_| malformed("method name is not UTF-8"))?;
     let seqid = r.i32()?;
     Ok(MessageHeader {
         name,
@@ -371,16 +372,29 @@ mod tests {
         });
         assert_eq!(message_len(&m).unwrap(), m.len());
         for cut in 0..m.len() {
-            assert_eq!(message_len(&m[..cut]), Err(WireError::Incomplete), "cut at {cut}");
+            assert_eq!(
+                message_len(&m[..cut]),
+                Err(WireError::Incomplete),
+                "cut at {cut}"
+            );
         }
     }
 
     #[test]
     fn garbage_and_non_strict_headers_are_malformed() {
-        assert!(matches!(peek_header(b"GET / HTTP/1.1\r\n"), Err(WireError::Malformed(_))));
-        assert!(matches!(peek_header(&[0x80, 0x01, 0x00, 0x09, 0, 0, 0, 0]), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            peek_header(b"GET / HTTP/1.1\r\n"),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            peek_header(&[0x80, 0x01, 0x00, 0x09, 0, 0, 0, 0]),
+            Err(WireError::Malformed(_))
+        ));
         let huge_name = [0x80, 0x01, 0x00, 0x01, 0x7f, 0xff, 0xff, 0xff];
-        assert!(matches!(peek_header(&huge_name), Err(WireError::Malformed(_))));
+        assert!(matches!(
+            peek_header(&huge_name),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -430,7 +444,9 @@ mod tests {
             w.stop();
         });
         let h = peek_header(&m).unwrap();
-        let (t, mut r) = find_field(&m, h.body_offset, &[1, 1, 1, 1]).unwrap().unwrap();
+        let (t, mut r) = find_field(&m, h.body_offset, &[1, 1, 1, 1])
+            .unwrap()
+            .unwrap();
         assert_eq!(t, ttype::STRING);
         assert_eq!(r.binary().unwrap(), &[7u8; 16]);
         assert!(find_field(&m, h.body_offset, &[1, 2]).unwrap().is_none());
