@@ -133,6 +133,7 @@ cmd_start() {
   log "starting Spark Thrift Server '$name' ($sig)"
   local t0=$SECONDS
   (
+    exec 9>&- # the server must not inherit (and hold) the start lock
     cd "$dir"
     export SPARK_LOCAL_IP=$HOST LD_PRELOAD="$SHIM" SPARK_HOME="$sh"
     exec nohup "$sh/bin/spark-submit" --class "$MAIN_CLASS" --name "kb-fixture-$name" \

@@ -27,6 +27,7 @@
 //! [`run`] wires it together and drains connections on shutdown.
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod listen;

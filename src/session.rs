@@ -208,23 +208,18 @@ impl Broker {
             .instrument(span.clone())
             .await;
         let total = started.elapsed();
-        let _e = span.enter();
+        let (total_us, upstream_us) = (total.as_micros() as u64, upstream_time.as_micros() as u64);
+        let (method, seqid, route) = (call.wire_name(), call.seqid, &conn.route.name);
         match &result {
-            Ok(reply) => debug!(
-                total_us = total.as_micros() as u64,
-                upstream_us = upstream_time.as_micros() as u64,
-                req_bytes,
-                resp_bytes = reply.len(),
-                outcome = "ok",
-                "rpc done"
-            ),
-            Err(e) => warn!(
-                total_us = total.as_micros() as u64,
-                upstream_us = upstream_time.as_micros() as u64,
-                outcome = e.kind(),
-                error = %e,
-                "rpc failed"
-            ),
+            Ok(reply) => {
+                debug!(method, seqid, %route, total_us, upstream_us, req_bytes, resp_bytes = reply.len(), "rpc ok")
+            }
+            Err(e @ RpcError::UnknownHandle(_)) => {
+                info!(method, seqid, %route, total_us, outcome = e.kind(), error = %e, "rpc refused")
+            }
+            Err(e) => {
+                warn!(method, seqid, %route, total_us, upstream_us, outcome = e.kind(), error = %e, "rpc failed")
+            }
         }
         result
     }

@@ -131,10 +131,17 @@ async fn handshake(
     }
     let mut hs = ServerHandshake::default();
     loop {
-        let msg = io.read_sasl().await.map_err(|e| match e {
-            FrameError::Eof => FrameError::Truncated,
-            e => e,
-        })?;
+        let msg = match io.read_sasl().await {
+            Ok(m) => m,
+            Err(FrameError::Eof) => return Err(FrameError::Truncated),
+            Err(e @ (FrameError::TooLarge { .. } | FrameError::Malformed(_))) => {
+                let _ = io
+                    .write_sasl(sasl::Status::Error, e.to_string().as_bytes())
+                    .await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         let step = hs.on_message(msg);
         let creds = match step {
             Ok(ServerStep::Continue) => continue,

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite: installs the fixture (Spark Thrift Server 4.0.1 from
+# the pyspark package, PyHive, impyla, beeline), starts the shared servers,
+# runs every cargo test against them, and stops what it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$SECONDS
+
+scripts/fixture.sh install
+# the two shared upstreams, started in parallel (about 20 s each)
+scripts/fixture.sh start sts-binary --mode binary --port 10000 >/dev/null &
+b=$!
+scripts/fixture.sh start sts-http --mode http --port 10001 >/dev/null &
+h=$!
+trap 'scripts/fixture.sh stop all' EXIT
+wait $b
+wait $h
+echo "[test] fixture ready after $((SECONDS - t0)) s"
+
+cargo test --all-targets "$@"
+echo "[test] whole suite: $((SECONDS - t0)) s wall"

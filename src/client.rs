@@ -1,0 +1,184 @@
+//! A minimal async TCLIService client built on the upstream [`Link`]: typed
+//! calls with the generated structs. Used by tests and tools that talk to a
+//! broker or a HiveServer2 directly.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use thrift::protocol::{
+    TBinaryInputProtocol, TBinaryOutputProtocol, TFieldIdentifier, TInputProtocol,
+    TMessageIdentifier, TMessageType, TOutputProtocol, TSerializable, TStructIdentifier, TType,
+};
+
+use crate::config::{Transport, UpstreamConfig, UpstreamSasl};
+use crate::error::UpstreamError;
+use crate::secret::Secret;
+use crate::tcli::gen::{
+    TCloseSessionReq, TCloseSessionResp, TExecuteStatementReq, TExecuteStatementResp,
+    TFetchOrientation, TFetchResultsReq, TFetchResultsResp, TOpenSessionReq, TOpenSessionResp,
+    TOperationHandle, TProtocolVersion, TSessionHandle, TStatus, TStatusCode,
+};
+use crate::upstream::{Credential, HttpPool, Link, Target};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Transport(#[from] UpstreamError),
+    #[error("thrift: {0}")]
+    Thrift(#[from] thrift::Error),
+    #[error("server exception: {0}")]
+    Application(String),
+    #[error("{0:?}: {1}")]
+    Status(TStatusCode, String),
+}
+
+pub struct Hs2Client {
+    link: Link,
+    seqid: i32,
+    /// NOSASL carries the identity in OpenSession, as Hive JDBC does for auth=noSasl.
+    nosasl_identity: Option<(String, String)>,
+}
+
+impl Hs2Client {
+    /// Connects as `user`/`password` to the server described by `cfg`.
+    pub async fn connect(
+        cfg: &UpstreamConfig,
+        user: &str,
+        password: &str,
+    ) -> Result<Hs2Client, ClientError> {
+        let target = Arc::new(Target::from_config(cfg, 1 << 30));
+        let cred = Credential {
+            user: user.to_string(),
+            password: Secret::new(password),
+        };
+        let link = Link::open(&target, &cred, &HttpPool::new(cfg.connect_timeout)).await?;
+        let nosasl = cfg.transport == Transport::Binary && cfg.sasl == UpstreamSasl::Nosasl;
+        Ok(Hs2Client {
+            link,
+            seqid: 0,
+            nosasl_identity: nosasl.then(|| (user.to_string(), password.to_string())),
+        })
+    }
+
+    /// Sends raw bytes and returns the raw reply.
+    pub async fn call_raw(&mut self, msg: Bytes) -> Result<Bytes, ClientError> {
+        Ok(self.link.call(msg).await?)
+    }
+
+    pub async fn call<Req: TSerializable, Resp: TSerializable>(
+        &mut self,
+        method: &str,
+        req: &Req,
+    ) -> Result<Resp, ClientError> {
+        self.seqid += 1;
+        let mut buf: Vec<u8> = Vec::new();
+        {
+            let mut p = TBinaryOutputProtocol::new(&mut buf, true);
+            p.write_message_begin(&TMessageIdentifier::new(
+                method,
+                TMessageType::Call,
+                self.seqid,
+            ))?;
+            p.write_struct_begin(&TStructIdentifier::new("args"))?;
+            p.write_field_begin(&TFieldIdentifier::new("req", TType::Struct, 1))?;
+            req.write_to_out_protocol(&mut p)?;
+            p.write_field_end()?;
+            p.write_field_stop()?;
+            p.write_struct_end()?;
+            p.write_message_end()?;
+        }
+        let reply = self.link.call(Bytes::from(buf)).await?;
+        let mut p = TBinaryInputProtocol::new(&reply[..], true);
+        let id = p.read_message_begin()?;
+        if id.message_type == TMessageType::Exception {
+            let e = thrift::Error::read_application_error_from_in_protocol(&mut p)?;
+            return Err(ClientError::Application(e.message));
+        }
+        p.read_struct_begin()?;
+        loop {
+            let f = p.read_field_begin()?;
+            if f.field_type == TType::Stop {
+                return Err(ClientError::Application(format!(
+                    "{method} reply has no result"
+                )));
+            }
+            if f.id == Some(0) {
+                return Ok(Resp::read_from_in_protocol(&mut p)?);
+            }
+            p.skip(f.field_type)?;
+        }
+    }
+
+    pub async fn open_session(&mut self) -> Result<TSessionHandle, ClientError> {
+        let req = TOpenSessionReq {
+            client_protocol: TProtocolVersion::HIVE_CLI_SERVICE_PROTOCOL_V10,
+            username: self.nosasl_identity.as_ref().map(|(u, _)| u.clone()),
+            password: self.nosasl_identity.as_ref().map(|(_, p)| p.clone()),
+            configuration: None,
+        };
+        let resp: TOpenSessionResp = self.call("OpenSession", &req).await?;
+        check(&resp.status)?;
+        resp.session_handle
+            .ok_or_else(|| ClientError::Application("OpenSession returned no handle".into()))
+    }
+
+    /// Runs a statement synchronously and returns its operation handle.
+    pub async fn execute(
+        &mut self,
+        session: &TSessionHandle,
+        sql: &str,
+    ) -> Result<TOperationHandle, ClientError> {
+        let req = TExecuteStatementReq {
+            session_handle: session.clone(),
+            statement: sql.to_string(),
+            conf_overlay: None,
+            run_async: Some(false),
+            query_timeout: None,
+        };
+        let resp: TExecuteStatementResp = self.call("ExecuteStatement", &req).await?;
+        check(&resp.status)?;
+        resp.operation_handle
+            .ok_or_else(|| ClientError::Application("ExecuteStatement returned no handle".into()))
+    }
+
+    pub async fn fetch(
+        &mut self,
+        op: &TOperationHandle,
+        max_rows: i64,
+    ) -> Result<TFetchResultsResp, ClientError> {
+        let req = TFetchResultsReq {
+            operation_handle: op.clone(),
+            orientation: TFetchOrientation::FETCH_NEXT,
+            max_rows,
+            fetch_type: Some(0),
+        };
+        let resp: TFetchResultsResp = self.call("FetchResults", &req).await?;
+        check(&resp.status)?;
+        Ok(resp)
+    }
+
+    pub async fn close_session(&mut self, session: TSessionHandle) -> Result<(), ClientError> {
+        let resp: TCloseSessionResp = self
+            .call(
+                "CloseSession",
+                &TCloseSessionReq {
+                    session_handle: session,
+                },
+            )
+            .await?;
+        check(&resp.status)
+    }
+}
+
+/// Turns an error TStatus into an error.
+pub fn check(status: &TStatus) -> Result<(), ClientError> {
+    match status.status_code {
+        TStatusCode::SUCCESS_STATUS
+        | TStatusCode::SUCCESS_WITH_INFO_STATUS
+        | TStatusCode::STILL_EXECUTING_STATUS => Ok(()),
+        code => Err(ClientError::Status(
+            code,
+            status.error_message.clone().unwrap_or_default(),
+        )),
+    }
+}

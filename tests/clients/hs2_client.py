@@ -1,0 +1,214 @@
+"""Drives a real HiveServer2 client library (PyHive or impyla) for the
+kyuubi-broker integration tests and prints one JSON object with the results.
+
+  hs2_client.py --client impyla|pyhive --mode binary|http --port N
+                [--user U --password P] SCENARIO [ARGS]
+
+Scenarios:
+  workload TABLE   create/insert/select (NULLs, unicode, decimals, timestamps),
+                   show tables, GetTables/GetColumns, drop
+  fetch N          select N rows x 2 columns; row count and checksums
+  error            a failing statement; the server's message
+  cancel           start a long query, cancel it, check the state, run another
+  long             run a long query until it fails; how long that took
+"""
+import argparse
+import base64
+import datetime
+import decimal
+import json
+import sys
+import time
+import traceback
+
+LONG_QUERY = "select sum(id % 7) from range(0, 400000000000, 1, 2)"
+
+
+def connect(args):
+    if args.client == "impyla":
+        from impala.dbapi import connect as impyla_connect
+
+        kw = dict(host="127.0.0.1", port=args.port, auth_mechanism="PLAIN",
+                  user=args.user, password=args.password, timeout=args.timeout)
+        if args.mode == "http":
+            kw.update(use_http_transport=True, http_path="cliservice")
+        return impyla_connect(**kw)
+    from pyhive import hive
+
+    if args.mode == "http":
+        from thrift.transport import THttpClient
+
+        t = THttpClient.THttpClient(f"http://127.0.0.1:{args.port}/cliservice")
+        token = base64.b64encode(f"{args.user}:{args.password}".encode()).decode()
+        t.setCustomHeaders({"Authorization": "Basic " + token})
+        if args.timeout:
+            t.setTimeout(args.timeout * 1000)
+        return hive.connect(thrift_transport=t)
+    return hive.connect(host="127.0.0.1", port=args.port, username=args.user,
+                        password=args.password, auth="CUSTOM")
+
+
+def norm(v):
+    if v is None:
+        return None
+    if isinstance(v, datetime.datetime):
+        s = v.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    elif isinstance(v, decimal.Decimal):
+        s = str(v)
+    else:
+        s = str(v)
+    if s.endswith(".000") and s[:4].isdigit() and len(s) == 23:
+        s = s[:-4]
+    return s
+
+
+def workload(conn, args):
+    t = args.arg
+    cur = conn.cursor()
+    out = {}
+    cur.execute(f"drop table if exists {t}")
+    cur.execute(f"create table {t} (id int, name string, amount decimal(12,3), ts timestamp, note string) using parquet")
+    cur.execute(
+        f"insert into {t} values "
+        "(1, 'ascii', 12.345, timestamp'2024-01-02 03:04:05.678', null), "
+        "(2, 'ünïcødé 数据 🚀', -0.001, null, 'x'), "
+        "(3, null, null, timestamp'1970-01-01 00:00:00', '')"
+    )
+    cur.execute(f"select id, name, amount, ts, note from {t} order by id")
+    out["rows"] = [[norm(v) for v in r] for r in cur.fetchall()]
+    cur.execute("show tables")
+    out["show_tables"] = sorted({str(r[1]) for r in cur.fetchall()})
+    out["tables"] = get_tables(conn, cur, args, t)
+    out["columns"] = get_columns(conn, cur, args, t)
+    cur.execute(f"drop table {t}")
+    cur.close()
+    return out
+
+
+def get_tables(conn, cur, args, t):
+    if args.client == "impyla":
+        # GetTables RPC
+        cur.get_tables(database_name="default")
+        return [r[2] for r in cur.fetchall() if r[2] == t]
+    from TCLIService import ttypes
+
+    req = ttypes.TGetTablesReq(sessionHandle=conn._sessionHandle, schemaName="default", tableName=t)
+    return [r[2] for r in _metadata(conn, conn.client.GetTables(req))]
+
+
+def get_columns(conn, cur, args, t):
+    if args.client == "impyla":
+        # GetColumns RPC
+        return [name for name, _type in cur.get_table_schema(t, database_name="default")]
+    from TCLIService import ttypes
+
+    req = ttypes.TGetColumnsReq(sessionHandle=conn._sessionHandle, schemaName="default", tableName=t)
+    return [r[3] for r in _metadata(conn, conn.client.GetColumns(req))]
+
+
+def _metadata(conn, resp):
+    from pyhive import hive
+
+    hive._check_status(resp)
+    cur = conn.cursor()
+    cur._operationHandle = resp.operationHandle
+    cur._state = cur._STATE_RUNNING
+    return cur.fetchall()
+
+
+def fetch(conn, args):
+    n = int(args.arg)
+    cur = conn.cursor()
+    cur.execute(f"select id, cast(id as string) as s from range({n})")
+    rows = sum_id = 0
+    h = 0
+    while True:
+        batch = cur.fetchmany(10000)
+        if not batch:
+            break
+        for i, s in batch:
+            rows += 1
+            sum_id += int(i)
+            for ch in s.encode():
+                h = (h * 131 + ch) % 2305843009213693951
+    cur.close()
+    return {"rows": rows, "sum_id": sum_id, "checksum": h}
+
+
+def error(conn, args):
+    cur = conn.cursor()
+    try:
+        cur.execute("select nosuchcol from kb_no_such_table")
+        return {"raised": False}
+    except Exception as e:  # the client's own exception type
+        return {"raised": True, "message": str(e)}
+
+
+def state_name(cur, args):
+    if args.client == "impyla":
+        return cur.status()
+    from TCLIService import ttypes
+
+    return ttypes.TOperationState._VALUES_TO_NAMES[cur.poll().operationState]
+
+
+def cancel(conn, args):
+    cur = conn.cursor()
+    if args.client == "impyla":
+        cur.execute_async(LONG_QUERY)
+    else:
+        cur.execute(LONG_QUERY, async_=True)
+    time.sleep(2)
+    before = state_name(cur, args)
+    t0 = time.time()
+    if args.client == "impyla":
+        op = cur._last_operation
+        cur.cancel_operation(reset_state=False)
+        after = op.get_status()
+    else:
+        cur.cancel()
+        after = state_name(cur, args)
+    cancel_s = time.time() - t0
+    cur2 = conn.cursor()
+    cur2.execute("select 7")
+    again = cur2.fetchall()[0][0]
+    return {"before": before, "after": after, "cancel_seconds": cancel_s, "next_query": again}
+
+
+def long(conn, args):
+    cur = conn.cursor()
+    t0 = time.time()
+    print(json.dumps({"started": True}), flush=True)
+    try:
+        cur.execute(LONG_QUERY)
+        cur.fetchall()
+        return {"raised": False, "seconds": time.time() - t0}
+    except Exception as e:
+        return {"raised": True, "message": f"{type(e).__name__}: {e}", "seconds": time.time() - t0}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--client", choices=["impyla", "pyhive"], required=True)
+    p.add_argument("--mode", choices=["binary", "http"], required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--user", default="alice")
+    p.add_argument("--password", default="alice-pw")
+    p.add_argument("--timeout", type=int, default=0)
+    p.add_argument("scenario", choices=["workload", "fetch", "error", "cancel", "long"])
+    p.add_argument("arg", nargs="?")
+    args = p.parse_args()
+    if args.timeout == 0:
+        args.timeout = None
+    try:
+        conn = connect(args)
+        result = globals()[args.scenario](conn, args)
+        if args.scenario != "long":
+            conn.close()
+    except Exception as e:
+        result = {"fatal": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    print(json.dumps(result, ensure_ascii=False), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

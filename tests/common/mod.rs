@@ -1,0 +1,306 @@
+//! Shared integration-test harness: the real Spark Thrift Server fixture
+//! (started through `scripts/fixture.sh`, once per instance name), an
+//! in-process broker on ephemeral ports, and the real clients (PyHive,
+//! impyla, beeline) run as subprocesses.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use kyuubi_broker::config::Config;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("KB_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME");
+            PathBuf::from(home).join(".cache/kyuubi-broker")
+        })
+}
+
+pub fn python() -> PathBuf {
+    cache_dir().join("venv/bin/python")
+}
+
+pub fn spark_home() -> PathBuf {
+    let out = Command::new(python())
+        .args([
+            "-c",
+            "import os, pyspark; print(os.path.dirname(pyspark.__file__))",
+        ])
+        .output()
+        .expect("python in the fixture venv");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Starts (or finds running) a named Spark Thrift Server and returns its
+/// address. Blocking: call it from `spawn_blocking` or before the runtime.
+pub fn sts(name: &str, mode: &str, port: u16) -> SocketAddr {
+    static STARTED: OnceLock<Mutex<HashMap<String, SocketAddr>>> = OnceLock::new();
+    let started = STARTED.get_or_init(Default::default);
+    let mut map = started.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(a) = map.get(name) {
+        return *a;
+    }
+    let out = Command::new(root().join("scripts/fixture.sh"))
+        .args(["start", name, "--mode", mode, "--port", &port.to_string()])
+        .output()
+        .expect("run scripts/fixture.sh");
+    assert!(
+        out.status.success(),
+        "could not start Spark Thrift Server '{name}':\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let addr: SocketAddr = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    map.insert(name.to_string(), addr);
+    addr
+}
+
+/// The shared binary Spark Thrift Server (127.0.0.1:10000).
+pub async fn sts_binary() -> SocketAddr {
+    tokio::task::spawn_blocking(|| sts("sts-binary", "binary", 10000))
+        .await
+        .unwrap()
+}
+
+/// The shared HTTP Spark Thrift Server (127.0.0.1:10001, path cliservice).
+pub async fn sts_http() -> SocketAddr {
+    tokio::task::spawn_blocking(|| sts("sts-http", "http", 10001))
+        .await
+        .unwrap()
+}
+
+pub fn stop_sts(name: &str) {
+    let _ = Command::new(root().join("scripts/fixture.sh"))
+        .args(["stop", name])
+        .status();
+}
+
+/// A broker running in this process.
+pub struct Broker {
+    pub binary: SocketAddr,
+    pub http: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Triggers graceful shutdown and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("broker stops within 60s")
+                .unwrap();
+        }
+    }
+
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn join(mut self) {
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("broker stops")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Route config for an upstream: "binary" or "http" transport.
+pub fn route_toml(transport: &str, upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        "[routes.r.upstream]\ntransport = \"{transport}\"\nhost = \"{}\"\nport = {}\n{extra}\n",
+        upstream.ip(),
+        upstream.port()
+    )
+}
+
+/// Starts a broker with a binary and an HTTP listener (ports chosen by the
+/// OS) in front of the route given as TOML.
+pub async fn start_broker(route: &str) -> Broker {
+    start_broker_with(route, "").await
+}
+
+pub async fn start_broker_with(route: &str, server: &str) -> Broker {
+    let toml = format!(
+        r#"
+[server]
+shutdown_grace = "10s"
+{server}
+
+[[listener]]
+name = "binary"
+protocol = "binary"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "none"
+
+[[listener]]
+name = "http"
+protocol = "http"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "none"
+
+{route}
+"#
+    );
+    let cfg = Config::from_toml(&toml, "test").expect("test config is valid");
+    let listeners = kyuubi_broker::bind_all(&cfg).await.unwrap();
+    let addr = |n: &str| {
+        listeners
+            .iter()
+            .find(|l| l.name == n)
+            .unwrap()
+            .tcp
+            .local_addr()
+            .unwrap()
+    };
+    let (binary, http) = (addr("binary"), addr("http"));
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(kyuubi_broker::run(cfg, listeners, async {
+        let _ = rx.await;
+    }));
+    Broker {
+        binary,
+        http,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// Runs a scenario of tests/clients/hs2_client.py and returns its JSON.
+pub async fn py_client(
+    client: &str,
+    mode: &str,
+    port: u16,
+    scenario: &str,
+    arg: Option<&str>,
+) -> Value {
+    py_client_args(client, mode, port, scenario, arg, &[]).await
+}
+
+pub async fn py_client_args(
+    client: &str,
+    mode: &str,
+    port: u16,
+    scenario: &str,
+    arg: Option<&str>,
+    extra: &[&str],
+) -> Value {
+    let mut cmd = tokio::process::Command::new(python());
+    cmd.arg(root().join("tests/clients/hs2_client.py"))
+        .args([
+            "--client",
+            client,
+            "--mode",
+            mode,
+            "--port",
+            &port.to_string(),
+        ])
+        .args(extra)
+        .arg(scenario);
+    if let Some(a) = arg {
+        cmd.arg(a);
+    }
+    cmd.kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .expect("client finished within 300s")
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or("");
+    let v: Value = serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!(
+            "client printed no JSON ({e}):\nstdout: {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        v.get("fatal").is_none(),
+        "{client} {mode} {scenario} failed: {v}"
+    );
+    v
+}
+
+pub struct BeelineRun {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs beeline (Hive JDBC 2.3.10) with a script file.
+pub async fn beeline(url: &str, user: &str, password: &str, script: &str) -> BeelineRun {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("script.sql");
+    std::fs::write(&file, script).unwrap();
+    let sh = tokio::task::spawn_blocking(spark_home).await.unwrap();
+    let mut cmd = tokio::process::Command::new(sh.join("bin/beeline"));
+    cmd.args([
+        "-u",
+        url,
+        "-n",
+        user,
+        "-p",
+        password,
+        "--silent=true",
+        "--outputformat=csv2",
+        "-f",
+    ])
+    .arg(&file)
+    .env("LC_ALL", "C.UTF-8")
+    .env("SPARK_HOME", &sh)
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .expect("beeline finished within 300s")
+        .expect("beeline runs");
+    BeelineRun {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn jdbc_url(mode: &str, addr: SocketAddr) -> String {
+    match mode {
+        "http" => format!("jdbc:hive2://{addr}/;transportMode=http;httpPath=cliservice"),
+        _ => format!("jdbc:hive2://{addr}/"),
+    }
+}
+
+/// A unique table name per test, so tests can share one server.
+pub fn table(tag: &str) -> String {
+    format!("kb_{tag}_{}", std::process::id())
+}
