@@ -1,0 +1,66 @@
+//! The command line: `check-config` and `serve` with SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kyuubi-broker");
+
+#[test]
+fn check_config_accepts_the_shipped_local_config() {
+    let out = Command::new(BIN)
+        .args(["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/local.toml")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK (2 listener(s), 1 route(s))"));
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.toml");
+    std::fs::write(
+        &f,
+        "[[listener]]\nname = \"b\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:1\"\nroute = \"missing\"\nauth = \"none\"\n\n\
+         [routes.r.upstream]\ntransport = \"binary\"\nhost = \"h\"\nport = 1\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("check-config").arg(&f).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listener[0].route") && err.contains("define [routes.missing]"), "{err}");
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.toml");
+    std::fs::write(
+        &f,
+        "[[listener]]\nname = \"b\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:0\"\nroute = \"r\"\nauth = \"none\"\n\n\
+         [routes.r.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = 9\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&f)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let up = lines.by_ref().take(20).map_while(Result::ok).any(|l| l.contains("binary listener up"));
+    assert!(up, "the broker reports its listener");
+    let t0 = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "no exit 15 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+}
