@@ -137,11 +137,12 @@ impl ClientConn {
     }
 }
 
-/// A session or operation handle owned by one upstream link.
+/// An HTTP client's session on one upstream link; its operations map to
+/// the same entry.
 struct Owned {
     link: Link,
     user: String,
-    /// Session handles: the secret, needed to close the session on shutdown.
+    /// The session handle's secret, needed to close it on shutdown.
     secret: Vec<u8>,
 }
 
@@ -176,7 +177,10 @@ impl Broker {
         Broker {
             routes,
             sessions: Cache::builder().time_to_idle(idle).build(),
-            operations: Cache::builder().time_to_idle(idle).build(),
+            operations: Cache::builder()
+                .time_to_idle(idle)
+                .support_invalidation_closures()
+                .build(),
         }
     }
 
@@ -234,18 +238,29 @@ impl Broker {
         if call.scope == Scope::OpenSession {
             return self.open_session(conn, call, msg, upstream_time).await;
         }
-        let owned = match conn.kind {
-            ClientKind::Binary => None,
-            ClientKind::Http => Some(self.lookup(conn, call, &msg).await?),
-        };
-        let link = match (&owned, &conn.link) {
-            (Some(o), _) => o.link.clone(),
-            (None, Some(l)) => l.clone(),
-            (None, None) => return Err(RpcError::UnknownHandle("session")),
-        };
-        let reply = timed(upstream_time, link.call(msg.clone())).await?;
-        self.after_reply(conn, call, &msg, &reply, &link).await?;
-        Ok(reply)
+        match conn.kind {
+            ClientKind::Binary => {
+                let link = conn
+                    .link
+                    .clone()
+                    .ok_or(RpcError::UnknownHandle("session"))?;
+                let reply = timed(upstream_time, link.call(msg.clone())).await?;
+                check_reply(&reply, call, &conn.route.target)?;
+                if call.method == "CloseSession" {
+                    if let Some(g) = tcli::request_guid(&msg, &peek_header(&msg)?)? {
+                        conn.sessions.retain(|(s, _)| *s != g);
+                    }
+                }
+                Ok(reply)
+            }
+            ClientKind::Http => {
+                let (session, guid) = self.lookup(conn, call, &msg).await?;
+                let reply = timed(upstream_time, session.link.call(msg)).await?;
+                self.track_handles(conn, call, guid, &session, &reply)
+                    .await?;
+                Ok(reply)
+            }
+        }
     }
 
     /// Opens (or, for a binary client, reuses) the upstream link and rewrites
@@ -320,13 +335,14 @@ impl Broker {
         Ok(reply)
     }
 
-    /// HTTP clients: the link that owns the handle in this request.
+    /// HTTP clients: the session that owns the handle in this request, and
+    /// the handle's GUID.
     async fn lookup(
         &self,
         conn: &ClientConn,
         call: &Call,
         msg: &[u8],
-    ) -> Result<Arc<Owned>, RpcError> {
+    ) -> Result<(Arc<Owned>, Guid), RpcError> {
         let h = peek_header(msg)?;
         let guid = tcli::request_guid(msg, &h)?.ok_or_else(|| {
             RpcError::BadRequest(format!("{} without a handle", call.wire_name()))
@@ -342,56 +358,46 @@ impl Broker {
         let owned = found.ok_or(RpcError::UnknownHandle(what))?;
         // Handles are bearer secrets; still, never let one user drive another's session.
         match &conn.identity {
-            Some(id) if id.user == owned.user => Ok(owned),
+            Some(id) if id.user == owned.user => Ok((owned, guid)),
             _ => Err(RpcError::UnknownHandle(what)),
         }
     }
 
-    /// Book-keeping after a reply: new operation handles, closed handles.
-    async fn after_reply(
+    /// HTTP clients: remember new operation handles (they share their
+    /// session's entry) and forget closed ones. Closing a session drops its
+    /// operations too, which releases the upstream link.
+    async fn track_handles(
         &self,
-        conn: &mut ClientConn,
+        conn: &ClientConn,
         call: &Call,
-        msg: &[u8],
+        guid: Guid,
+        session: &Arc<Owned>,
         reply: &[u8],
-        link: &Link,
     ) -> Result<(), RpcError> {
         let target = &conn.route.target;
         let h = check_reply(reply, call, target)?;
-        if conn.kind == ClientKind::Binary {
-            if call.method == "CloseSession" {
-                let req = peek_header(msg)?;
-                if let Some(g) = tcli::request_guid(msg, &req)? {
-                    conn.sessions.retain(|(s, _)| *s != g);
+        match call.method {
+            m if tcli::creates_operation(m) => {
+                if let Some(op) =
+                    tcli::reply_operation_guid(reply, &h).map_err(|e| malformed(target, e))?
+                {
+                    self.operations.insert(op, session.clone()).await;
                 }
             }
-            return Ok(());
-        }
-        if tcli::creates_operation(call.method) {
-            if let Some(op) =
-                tcli::reply_operation_guid(reply, &h).map_err(|e| malformed(target, e))?
-            {
-                let owner = conn
-                    .identity
-                    .as_ref()
-                    .map(|i| i.user.clone())
-                    .unwrap_or_default();
-                let owned = Owned {
-                    link: link.clone(),
-                    user: owner,
-                    secret: Vec::new(),
-                };
-                self.operations.insert(op, Arc::new(owned)).await;
+            "CloseOperation" => self.operations.invalidate(&guid).await,
+            "CloseSession" => {
+                self.sessions.invalidate(&guid).await;
+                // compare by address: a captured Arc would keep the link alive
+                let closed = Arc::as_ptr(session) as usize;
+                // only fails if closures were not enabled at build time
+                let _ = self
+                    .operations
+                    .invalidate_entries_if(move |_, v| Arc::as_ptr(v) as usize == closed);
+                // the link belongs to this session alone: close it now
+                // rather than when the cache lets go of the entry
+                session.link.close().await;
             }
-        }
-        if matches!(call.method, "CloseSession" | "CloseOperation") {
-            let req = peek_header(msg)?;
-            if let Some(g) = tcli::request_guid(msg, &req)? {
-                match call.method {
-                    "CloseSession" => self.sessions.invalidate(&g).await,
-                    _ => self.operations.invalidate(&g).await,
-                }
-            }
+            _ => {}
         }
         Ok(())
     }

@@ -9,10 +9,17 @@ const BIN: &str = env!("CARGO_BIN_EXE_kyuubi-broker");
 #[test]
 fn check_config_accepts_the_shipped_local_config() {
     let out = Command::new(BIN)
-        .args(["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/local.toml")])
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/local.toml"),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK (2 listener(s), 1 route(s))"));
 }
 
@@ -26,10 +33,17 @@ fn check_config_names_the_bad_key_and_exits_64() {
          [routes.r.upstream]\ntransport = \"binary\"\nhost = \"h\"\nport = 1\n",
     )
     .unwrap();
-    let out = Command::new(BIN).arg("check-config").arg(&f).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&f)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("listener[0].route") && err.contains("define [routes.missing]"), "{err}");
+    assert!(
+        err.contains("listener[0].route") && err.contains("define [routes.missing]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -49,15 +63,26 @@ fn serve_stops_cleanly_on_sigterm() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let up = lines.by_ref().take(20).map_while(Result::ok).any(|l| l.contains("binary listener up"));
+    let up = lines
+        .by_ref()
+        .take(20)
+        .map_while(Result::ok)
+        .any(|l| l.contains("binary listener up"));
     assert!(up, "the broker reports its listener");
     let t0 = Instant::now();
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(15), "no exit 15 s after SIGTERM");
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no exit 15 s after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");

@@ -53,7 +53,9 @@ async fn session_alive(c: &mut Hs2Client, h: &TSessionHandle) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_route_shows_the_client_user_upstream() {
     let b = start_broker(&route_toml("binary", sts_binary().await, "")).await;
-    let mut c = Hs2Client::connect(&cfg(Transport::Binary, b.binary), "alice", "alice-pw").await.unwrap();
+    let mut c = Hs2Client::connect(&cfg(Transport::Binary, b.binary), "alice", "alice-pw")
+        .await
+        .unwrap();
     assert_eq!(current_user(&mut c).await, "alice");
     b.shutdown().await;
 }
@@ -70,8 +72,14 @@ async fn static_credentials_are_the_identity_upstream_on_both_transports() {
         );
         let b = start_broker(&route).await;
         for (t, addr) in [(Transport::Binary, b.binary), (Transport::Http, b.http)] {
-            let mut c = Hs2Client::connect(&cfg(t, addr), "alice", "alice-pw").await.unwrap();
-            assert_eq!(current_user(&mut c).await, "etl_static", "client {t:?} -> upstream {transport}");
+            let mut c = Hs2Client::connect(&cfg(t, addr), "alice", "alice-pw")
+                .await
+                .unwrap();
+            assert_eq!(
+                current_user(&mut c).await,
+                "etl_static",
+                "client {t:?} -> upstream {transport}"
+            );
         }
         b.shutdown().await;
     }
@@ -80,8 +88,15 @@ async fn static_credentials_are_the_identity_upstream_on_both_transports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_in_upstream_path_works_against_a_real_http_server() {
     let token = "k3y0123456789abcdefghijklmnopqrs";
-    let b = start_broker(&route_toml("http", sts_http().await, &format!("token = \"{token}\""))).await;
-    let mut c = Hs2Client::connect(&cfg(Transport::Binary, b.binary), "alice", "alice-pw").await.unwrap();
+    let b = start_broker(&route_toml(
+        "http",
+        sts_http().await,
+        &format!("token = \"{token}\""),
+    ))
+    .await;
+    let mut c = Hs2Client::connect(&cfg(Transport::Binary, b.binary), "alice", "alice-pw")
+        .await
+        .unwrap();
     assert_eq!(current_user(&mut c).await, "alice");
     b.shutdown().await;
 }
@@ -99,16 +114,30 @@ async fn token_is_sent_as_a_path_segment_with_basic_credentials() {
             let n = s.read(&mut buf).await.unwrap();
             head.extend_from_slice(&buf[..n]);
         }
-        let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n").await;
+        let _ = s
+            .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            .await;
         String::from_utf8_lossy(&head).into_owned()
     });
     let b = start_broker(&route_toml("http", up, &format!("token = \"{token}\""))).await;
-    let mut c = Hs2Client::connect(&cfg(Transport::Binary, b.binary), "alice", "alice-pw").await.unwrap();
+    let mut c = Hs2Client::connect(&cfg(Transport::Binary, b.binary), "alice", "alice-pw")
+        .await
+        .unwrap();
     let err = c.open_session().await.unwrap_err();
     let head = seen.await.unwrap();
-    assert!(head.starts_with(&format!("POST /cliservice/token/{token} HTTP/1.1\r\n")), "{head}");
-    assert!(head.to_ascii_lowercase().contains("authorization: basic "), "{head}");
-    assert!(head.to_ascii_lowercase().contains("content-type: application/x-thrift"), "{head}");
+    assert!(
+        head.starts_with(&format!("POST /cliservice/token/{token} HTTP/1.1\r\n")),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("authorization: basic "),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/x-thrift"),
+        "{head}"
+    );
     let msg = err.to_string();
     assert!(msg.contains("token/****") && !msg.contains(token), "{msg}");
     b.shutdown().await;
@@ -116,13 +145,23 @@ async fn token_is_sent_as_a_path_segment_with_basic_credentials() {
 
 /// A session opened through the broker on the HTTP server, and a direct
 /// client to that server to observe it.
-async fn session_via_broker(b: &Broker, client: Transport) -> (Hs2Client, TSessionHandle, Hs2Client) {
-    let addr = if client == Transport::Http { b.http } else { b.binary };
-    let mut via = Hs2Client::connect(&cfg(client, addr), "alice", "alice-pw").await.unwrap();
-    let h = via.open_session().await.unwrap();
-    let mut direct = Hs2Client::connect(&cfg(Transport::Http, sts_http().await), "alice", "alice-pw")
+async fn session_via_broker(
+    b: &Broker,
+    client: Transport,
+) -> (Hs2Client, TSessionHandle, Hs2Client) {
+    let addr = if client == Transport::Http {
+        b.http
+    } else {
+        b.binary
+    };
+    let mut via = Hs2Client::connect(&cfg(client, addr), "alice", "alice-pw")
         .await
         .unwrap();
+    let h = via.open_session().await.unwrap();
+    let mut direct =
+        Hs2Client::connect(&cfg(Transport::Http, sts_http().await), "alice", "alice-pw")
+            .await
+            .unwrap();
     // the upstream knows the session: this check can fail
     assert!(session_alive(&mut direct, &h).await);
     (via, h, direct)
@@ -133,7 +172,10 @@ async fn shutdown_closes_upstream_sessions_http_clients_left_open() {
     let b = start_broker(&route_toml("http", sts_http().await, "")).await;
     let (_via, h, mut direct) = session_via_broker(&b, Transport::Http).await;
     b.shutdown().await;
-    assert!(!session_alive(&mut direct, &h).await, "the upstream session is closed");
+    assert!(
+        !session_alive(&mut direct, &h).await,
+        "the upstream session is closed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,6 +191,63 @@ async fn binary_client_leaving_without_close_session_closes_it_upstream() {
             break;
         }
     }
-    assert!(closed, "the broker closes sessions a binary client abandoned");
+    assert!(
+        closed,
+        "the broker closes sessions a binary client abandoned"
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_upstream_connections_are_reused_across_rpcs() {
+    let relay = CountingRelay::start(sts_http().await).await;
+    let b = start_broker(&route_toml("http", relay.addr, "")).await;
+    let mut c = Hs2Client::connect(&cfg(Transport::Binary, b.binary), "alice", "alice-pw")
+        .await
+        .unwrap();
+    let s = c.open_session().await.unwrap();
+    for _ in 0..20 {
+        let op = c.execute(&s, "select 1").await.unwrap();
+        c.fetch(&op, 1).await.unwrap();
+    }
+    c.close_session(s).await.unwrap();
+    // 42 POSTs; a fresh connection per request would show 42 here
+    assert!(
+        relay.accepted() <= 2,
+        "{} upstream connections for 42 RPCs",
+        relay.accepted()
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_an_http_clients_session_releases_its_upstream_connection_and_operations() {
+    let relay = CountingRelay::start(sts_binary().await).await;
+    let b = start_broker(&route_toml("binary", relay.addr, "")).await;
+    let mut c = Hs2Client::connect(&cfg(Transport::Http, b.http), "alice", "alice-pw")
+        .await
+        .unwrap();
+    let s = c.open_session().await.unwrap();
+    let op = c.execute(&s, "select 1").await.unwrap();
+    assert_eq!(relay.open(), 1, "one upstream connection for the session");
+    c.close_session(s).await.unwrap();
+    let mut released = false;
+    for _ in 0..50 {
+        if relay.open() == 0 {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        released,
+        "the upstream connection is closed with the session"
+    );
+    let err = c.fetch(&op, 1).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unknown or expired operation handle"),
+        "{err}"
+    );
     b.shutdown().await;
 }

@@ -15,7 +15,8 @@ use crate::wire::sasl;
 
 pub struct BinaryConn {
     target: Arc<Target>,
-    io: MessageIo,
+    /// `None` once closed.
+    io: Option<MessageIo>,
     framing: Framing,
     broken: bool,
 }
@@ -38,7 +39,7 @@ impl BinaryConn {
                 UpstreamSasl::Nosasl => Framing::Bare,
             };
             let mut conn = BinaryConn {
-                io: MessageIo::new(stream, t.max_message_bytes),
+                io: Some(MessageIo::new(stream, t.max_message_bytes)),
                 target: t,
                 framing,
                 broken: false,
@@ -70,9 +71,17 @@ impl BinaryConn {
 
     async fn sasl_plain(&mut self, cred: &Credential) -> Result<(), UpstreamError> {
         let hello = sasl::plain_client_hello(&cred.user, &cred.password);
-        self.io.write_raw(&hello).await.map_err(|e| self.err(e))?;
+        let Some(io) = self.io.as_mut() else {
+            return Err(self.closed());
+        };
+        let r = io.write_raw(&hello).await;
+        r.map_err(|e| self.err(e))?;
         loop {
-            let msg = self.io.read_sasl().await.map_err(|e| self.err(e))?;
+            let Some(io) = self.io.as_mut() else {
+                return Err(self.closed());
+            };
+            let r = io.read_sasl().await;
+            let msg = r.map_err(|e| self.err(e))?;
             match msg.status {
                 sasl::Status::Complete => return Ok(()),
                 // PLAIN has no challenge; wait for COMPLETE
@@ -94,20 +103,32 @@ impl BinaryConn {
     }
 
     pub fn is_broken(&self) -> bool {
-        self.broken
+        self.broken || self.io.is_none()
+    }
+
+    /// Drops the connection.
+    pub fn close(&mut self) {
+        self.io = None;
+    }
+
+    fn closed(&self) -> UpstreamError {
+        UpstreamError::Closed {
+            upstream: self.target.display.clone(),
+        }
     }
 
     pub async fn call(&mut self, msg: Bytes) -> Result<Bytes, UpstreamError> {
         if self.broken {
-            return Err(UpstreamError::Closed {
-                upstream: self.target.display.clone(),
-            });
+            return Err(self.closed());
         }
+        let Some(io) = self.io.as_mut() else {
+            return Err(self.closed());
+        };
         let limit = self.target.read_timeout;
         let framing = self.framing;
         let exchange = async {
-            self.io.write_message(framing, &msg).await?;
-            self.io.read_message(framing).await
+            io.write_message(framing, &msg).await?;
+            io.read_message(framing).await
         };
         let r = match timeout(limit, exchange).await {
             Ok(r) => r.map_err(|e| self.err(e)),

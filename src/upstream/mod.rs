@@ -134,11 +134,10 @@ impl Link {
         }
     }
 
-    pub fn same(&self, other: &Link) -> bool {
-        match (self, other) {
-            (Link::Binary(a), Link::Binary(b)) => Arc::ptr_eq(a, b),
-            (Link::Http(a), Link::Http(b)) => Arc::ptr_eq(a, b),
-            _ => false,
+    /// Closes a binary link's connection now; later calls fail as closed.
+    pub async fn close(&self) {
+        if let Link::Binary(c) = self {
+            c.lock().await.close();
         }
     }
 }

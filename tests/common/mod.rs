@@ -304,3 +304,48 @@ pub fn jdbc_url(mode: &str, addr: SocketAddr) -> String {
 pub fn table(tag: &str) -> String {
     format!("kb_{tag}_{}", std::process::id())
 }
+
+/// A TCP relay in front of a real server that counts connections, to observe
+/// how the broker uses its upstream.
+pub struct CountingRelay {
+    pub addr: SocketAddr,
+    pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingRelay {
+    pub async fn start(target: SocketAddr) -> CountingRelay {
+        use std::sync::atomic::Ordering::SeqCst;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (a, o) = (accepted.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                a.fetch_add(1, SeqCst);
+                o.fetch_add(1, SeqCst);
+                let o = o.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut u) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                    o.fetch_sub(1, SeqCst);
+                });
+            }
+        });
+        CountingRelay {
+            addr,
+            accepted,
+            open,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
