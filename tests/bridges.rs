@@ -220,3 +220,13 @@ workload_tests! {
     cancel_stops_a_running_query_impyla_http_to_http: cancel_works "impyla", "http", "http";
     cancel_stops_a_running_query_pyhive_http_to_binary: cancel_works "pyhive", "http", "binary";
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beeline_nosasl_client_is_served_as_the_user_it_names() {
+    let b = broker_for("binary").await;
+    let url = format!("jdbc:hive2://{}/;auth=noSasl", b.binary);
+    let r = beeline(&url, "dave", "dave-pw", "select current_user();\n").await;
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.lines().any(|l| l == "dave"), "{}", r.stdout);
+    b.shutdown().await;
+}

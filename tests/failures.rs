@@ -556,13 +556,46 @@ async fn shutdown_lets_the_in_flight_rpc_finish_then_refuses_new_connections() {
     b.join().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_mid_query_fails_clients_in_time_and_broker_keeps_serving() {
     let doomed = tokio::task::spawn_blocking(|| sts("sts-kill", "binary", 10002))
         .await
         .unwrap();
     let shared = sts_binary().await;
-    let b = start_broker(&route_toml("binary", doomed, "read_timeout = \"60s\"")).await;
+    // one broker, two routes: the doomed server, and a healthy one
+    let b = start_broker_toml(&format!(
+        r#"
+[[listener]]
+name = "binary"
+protocol = "binary"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "none"
+
+[[listener]]
+name = "http"
+protocol = "http"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "none"
+
+[[listener]]
+name = "healthy"
+protocol = "binary"
+bind = "127.0.0.1:0"
+route = "healthy"
+auth = "none"
+
+{}
+[routes.healthy.upstream]
+transport = "binary"
+host = "127.0.0.1"
+port = {}
+"#,
+        route_toml("binary", doomed, "read_timeout = \"60s\""),
+        shared.port()
+    ))
+    .await;
     let spawn_long = |mode: &'static str, port: u16| {
         tokio::spawn(async move { py_client("impyla", mode, port, "long", None).await })
     };
@@ -595,19 +628,24 @@ async fn upstream_killed_mid_query_fails_clients_in_time_and_broker_keeps_servin
     );
     stop_sts("sts-kill");
 
-    // new sessions on the dead route get a clear error; the broker is alive
+    // new sessions on the dead route get a clear error ...
     let mut c = binary_client(&b).await;
     let msg = status_error(c.open_session().await.unwrap_err());
     assert!(
         msg.contains(&format!("cannot connect to upstream {doomed}")),
         "{msg}"
     );
-    b.shutdown().await;
-    // and a broker on the same process keeps serving a live upstream
-    let b2 = start_broker(&route_toml("binary", shared, "")).await;
-    let v = py_client("impyla", "binary", b2.binary.port(), "fetch", Some("10")).await;
+    // ... and the same broker serves new sessions on its healthy route
+    let v = py_client(
+        "impyla",
+        "binary",
+        b.addrs["healthy"].port(),
+        "fetch",
+        Some("10"),
+    )
+    .await;
     assert_eq!(v["rows"], json!(10));
-    b2.shutdown().await;
+    b.shutdown().await;
 }
 
 // ---- raw protocol helpers ------------------------------------------------

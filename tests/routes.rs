@@ -251,3 +251,18 @@ async fn closing_an_http_clients_session_releases_its_upstream_connection_and_op
     );
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nosasl_upstream_carries_the_identity_in_open_session() {
+    // broker A (NOSASL upstream) -> broker B (recognises NOSASL) -> Spark
+    let b = start_broker(&route_toml("binary", sts_binary().await, "")).await;
+    let a = start_broker(&route_toml("binary", b.binary, "sasl = \"nosasl\"")).await;
+    for (t, addr) in [(Transport::Binary, a.binary), (Transport::Http, a.http)] {
+        let mut c = Hs2Client::connect(&cfg(t, addr), "alice", "alice-pw")
+            .await
+            .unwrap();
+        assert_eq!(current_user(&mut c).await, "alice", "client {t:?}");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -9,6 +9,9 @@ use tokio::net::TcpStream;
 
 use super::{sasl, thrift};
 
+/// Most memory reserved ahead of data that has not arrived.
+const RESERVE_STEP: usize = 4 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     /// The peer closed the connection between messages.
@@ -106,7 +109,9 @@ impl MessageIo {
                     let _ = self.buf.split_to(4);
                     return Ok(self.buf.split_to(len).freeze());
                 }
-                self.buf.reserve(4 + len - self.buf.len());
+                // grow in bounded steps: a declared length is not yet data
+                self.buf
+                    .reserve((4 + len - self.buf.len()).min(RESERVE_STEP));
             }
             self.fill(self.buf.is_empty()).await?;
         }

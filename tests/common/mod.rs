@@ -95,6 +95,8 @@ pub fn stop_sts(name: &str) {
 pub struct Broker {
     pub binary: SocketAddr,
     pub http: SocketAddr,
+    /// Every listener's address, by listener name.
+    pub addrs: HashMap<String, SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -176,25 +178,27 @@ auth = "none"
 {route}
 "#
     );
-    let cfg = Config::from_toml(&toml, "test").expect("test config is valid");
+    start_broker_toml(&toml).await
+}
+
+/// Starts a broker from a whole config; listeners bind where it says
+/// (use 127.0.0.1:0). `binary`/`http` are the listeners of those names.
+pub async fn start_broker_toml(toml: &str) -> Broker {
+    let cfg = Config::from_toml(toml, "test").expect("test config is valid");
     let listeners = kyuubi_broker::bind_all(&cfg).await.unwrap();
-    let addr = |n: &str| {
-        listeners
-            .iter()
-            .find(|l| l.name == n)
-            .unwrap()
-            .tcp
-            .local_addr()
-            .unwrap()
-    };
-    let (binary, http) = (addr("binary"), addr("http"));
+    let addrs: HashMap<String, SocketAddr> = listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.tcp.local_addr().unwrap()))
+        .collect();
+    let unbound: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(kyuubi_broker::run(cfg, listeners, async {
         let _ = rx.await;
     }));
     Broker {
-        binary,
-        http,
+        binary: addrs.get("binary").copied().unwrap_or(unbound),
+        http: addrs.get("http").copied().unwrap_or(unbound),
+        addrs,
         stop: Some(tx),
         task: Some(task),
     }
