@@ -245,7 +245,7 @@ impl Broker {
                     .clone()
                     .ok_or(RpcError::UnknownHandle("session"))?;
                 let reply = timed(upstream_time, link.call(msg.clone())).await?;
-                check_reply(&reply, call, &conn.route.target)?;
+                check_reply(&reply, call, &conn.route.target, &link).await?;
                 if call.method == "CloseSession" {
                     if let Some(g) = tcli::request_guid(&msg, &peek_header(&msg)?)? {
                         conn.sessions.retain(|(s, _)| *s != g);
@@ -311,7 +311,7 @@ impl Broker {
             }
         };
         let reply = timed(upstream_time, link.call(msg)).await?;
-        let h = check_reply(&reply, call, target)?;
+        let h = check_reply(&reply, call, target, &link).await?;
         if let Some((guid, secret)) =
             tcli::reply_session_handle(&reply, &h).map_err(|e| malformed(target, e))?
         {
@@ -375,7 +375,7 @@ impl Broker {
         reply: &[u8],
     ) -> Result<(), RpcError> {
         let target = &conn.route.target;
-        let h = check_reply(reply, call, target)?;
+        let h = check_reply(reply, call, target, &session.link).await?;
         match call.method {
             m if tcli::creates_operation(m) => {
                 if let Some(op) =
@@ -458,27 +458,31 @@ fn malformed(target: &Target, e: impl std::fmt::Display) -> RpcError {
     })
 }
 
-/// The reply must answer this call: same method and sequence id.
-fn check_reply<'a>(
+/// The reply must answer this call: same method and sequence id. If not,
+/// the stream is out of step and the link is closed.
+async fn check_reply<'a>(
     reply: &'a [u8],
     call: &Call,
     target: &Target,
+    link: &Link,
 ) -> Result<crate::wire::thrift::MessageHeader<'a>, RpcError> {
-    let h = peek_header(reply).map_err(|e| malformed(target, e))?;
-    if h.name != call.wire_name()
-        || h.seqid != call.seqid
-        || !matches!(h.kind, MessageType::Reply | MessageType::Exception)
-    {
-        return Err(malformed(
-            target,
-            format!(
-                "reply {} #{} does not answer {} #{}",
-                h.name.escape_default(),
-                h.seqid,
-                call.wire_name(),
-                call.seqid
-            ),
-        ));
-    }
-    Ok(h)
+    let problem = match peek_header(reply) {
+        Err(e) => e.to_string(),
+        Ok(h)
+            if h.name == call.wire_name()
+                && h.seqid == call.seqid
+                && matches!(h.kind, MessageType::Reply | MessageType::Exception) =>
+        {
+            return Ok(h)
+        }
+        Ok(h) => format!(
+            "reply {} #{} does not answer {} #{}",
+            h.name.escape_default(),
+            h.seqid,
+            call.wire_name(),
+            call.seqid
+        ),
+    };
+    link.close().await;
+    Err(malformed(target, problem))
 }

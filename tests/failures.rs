@@ -69,6 +69,8 @@ enum Misbehave {
     SaslThenSilent,
     /// Complete SASL PLAIN, then answer every call with garbage.
     SaslThenGarbage,
+    /// Complete SASL PLAIN, then answer with a well-formed reply to another call.
+    SaslThenWrongSeqid,
     /// Refuse SASL PLAIN as HiveServer2 does for a wrong password.
     SaslReject,
 }
@@ -124,9 +126,19 @@ async fn misbehaving_upstream(how: Misbehave) -> SocketAddr {
                     if n == 0 {
                         return;
                     }
-                    if let Misbehave::SaslThenGarbage = how {
-                        let junk = b"\x00\x00\x00\x08NOTTHRFT";
-                        let _ = s.write_all(junk).await;
+                    match how {
+                        Misbehave::SaslThenGarbage => {
+                            let _ = s.write_all(b"\x00\x00\x00\x08NOTTHRFT").await;
+                        }
+                        Misbehave::SaslThenWrongSeqid => {
+                            let mut w = Writer::default();
+                            w.message_begin("OpenSession", MessageType::Reply, 999);
+                            w.stop();
+                            let mut frame = (w.buf.len() as u32).to_be_bytes().to_vec();
+                            frame.extend_from_slice(&w.buf);
+                            let _ = s.write_all(&frame).await;
+                        }
+                        _ => {}
                     }
                 }
             });
@@ -220,6 +232,19 @@ async fn garbage_from_upstream_is_reported_as_a_malformed_reply() {
     let mut c = binary_client(&b).await;
     let msg = status_error(c.open_session().await.unwrap_err());
     assert!(msg.contains("sent a malformed reply"), "{msg}");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn reply_to_another_call_is_refused_and_not_relayed() {
+    let up = misbehaving_upstream(Misbehave::SaslThenWrongSeqid).await;
+    let b = start_broker(&route_toml("binary", up, "")).await;
+    let mut c = binary_client(&b).await;
+    let msg = status_error(c.open_session().await.unwrap_err());
+    assert!(
+        msg.contains("reply OpenSession #999 does not answer OpenSession #1"),
+        "{msg}"
+    );
     b.shutdown().await;
 }
 
