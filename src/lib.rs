@@ -28,6 +28,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod cloud;
 pub mod config;
 pub mod error;
 pub mod listen;
