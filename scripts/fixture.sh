@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # fixture.sh - the local test fixture for kyuubi-broker: real Spark Thrift
 # Server 4.0.1 instances (HiveServer2 protocol) on 127.0.0.1 and the real
-# clients (beeline / Hive JDBC 2.3.10, PyHive, impyla).
+# clients (beeline / Hive JDBC 2.3.10, PyHive, impyla, and the official
+# EMR Serverless Spark Python SDK).
 #
 # Usage:
 #   scripts/fixture.sh install                 venv with pyspark + clients, bind shim
@@ -34,11 +35,11 @@ spark_home() { "$PY" -c 'import os, pyspark; print(os.path.dirname(pyspark.__fil
 cmd_install() {
   command -v java >/dev/null || die "java (17 or 21) is required: apt-get install openjdk-17-jre-headless"
   mkdir -p "$CACHE_DIR"
-  if ! "$PY" -c 'import pyspark, pyhive, impala, thrift_sasl, puresasl' 2>/dev/null; then
-    log "creating client venv in $VENV (pyspark 4.0.1, PyHive 0.7.0, impyla 0.24.0)"
+  if ! "$PY" -c 'import pyspark, pyhive, impala, thrift_sasl, puresasl, alibabacloud_emr_serverless_spark20230808' 2>/dev/null; then
+    log "creating client venv in $VENV (pyspark 4.0.1, PyHive 0.7.0, impyla 0.24.0, the official EMR Serverless Spark SDK)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q 'pyspark==4.0.1' 'pyhive[hive_pure_sasl]==0.7.0' 'impyla==0.24.0' \
-      thrift_sasl pure-sasl >&2
+      thrift_sasl pure-sasl 'alibabacloud-emr-serverless-spark20230808==2.3.0' >&2
   fi
   build_shim
   log "installed: SPARK_HOME=$(spark_home)"

@@ -30,6 +30,7 @@ pub mod auth;
 pub mod client;
 pub mod cloud;
 pub mod config;
+pub mod emulator;
 pub mod error;
 pub mod listen;
 pub mod secret;

@@ -3,6 +3,7 @@
 //! guard ([`request`]), ACS3-HMAC-SHA256 signing ([`sign`]), and the
 //! credential chain the official tools use ([`credentials`]).
 
+pub mod client;
 pub mod credentials;
 pub mod request;
 pub mod sign;

@@ -28,18 +28,40 @@ impl Method {
     }
 }
 
-/// A request ready to sign and send.
+/// A request ready to sign and send. Only the constructors in this module
+/// make one, so every request has passed [`refuse_forbidden`].
 #[derive(Debug, Clone)]
 pub struct ApiRequest {
-    pub action: &'static str,
-    pub method: Method,
+    action: &'static str,
+    method: Method,
     /// Encoded path, e.g. `/api/v1/workspaces/w-1/kyuubiService/kb-1/token`.
-    pub path: String,
-    pub query: Vec<(String, String)>,
+    path: String,
+    query: Vec<(String, String)>,
     /// Compact JSON, if the operation has a body.
-    pub body: Option<Vec<u8>>,
+    body: Option<Vec<u8>>,
     /// Safe to send again after a 5xx or a lost reply.
-    pub idempotent: bool,
+    idempotent: bool,
+}
+
+impl ApiRequest {
+    pub fn action(&self) -> &'static str {
+        self.action
+    }
+    pub fn method(&self) -> Method {
+        self.method
+    }
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    pub fn query(&self) -> &[(String, String)] {
+        &self.query
+    }
+    pub fn body(&self) -> Option<&[u8]> {
+        self.body.as_deref()
+    }
+    pub fn idempotent(&self) -> bool {
+        self.idempotent
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
