@@ -46,7 +46,7 @@ impl Hs2Client {
         user: &str,
         password: &str,
     ) -> Result<Hs2Client, ClientError> {
-        let target = Arc::new(Target::from_config(cfg, 1 << 30));
+        let target = Arc::new(Target::from_config(cfg, 1 << 30, None));
         let cred = Credential {
             user: user.to_string(),
             password: Secret::new(password),

@@ -48,6 +48,54 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub routes: BTreeMap<String, RouteConfig>,
+    /// Gateway token rotation through the management API.
+    #[serde(default)]
+    pub tokens: Option<TokensConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    /// Overrides the regional endpoint, e.g. `http://127.0.0.1:18080`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Use the VPC endpoint instead of the public one.
+    #[serde(default)]
+    pub vpc: bool,
+    pub workspace: String,
+    pub kyuubi_service: String,
+    /// Where the broker keeps the tokens it created (mode 0600).
+    pub state_file: std::path::PathBuf,
+    /// Auto-expiry of created tokens, in days; 0 = none.
+    #[serde(default = "default_expire_days")]
+    pub expire_days: u32,
+    /// Rotate after this share of the token lifetime.
+    #[serde(default = "default_fraction")]
+    pub rotate_fraction: f64,
+    #[serde(default = "default_min_interval", with = "duration")]
+    pub min_interval: Duration,
+    #[serde(default = "default_max_interval", with = "duration")]
+    pub max_interval: Duration,
+    /// How long a replaced token keeps working before it is deleted.
+    #[serde(default = "default_grace", with = "duration")]
+    pub grace: Duration,
+}
+
+fn default_expire_days() -> u32 {
+    7
+}
+fn default_fraction() -> f64 {
+    0.5
+}
+fn default_min_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_interval() -> Duration {
+    Duration::from_secs(3 * 86400)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(600)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,6 +188,9 @@ pub struct UpstreamConfig {
     /// HTTP only: read the token from this environment variable instead.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// HTTP only: use the token that `[tokens]` rotates.
+    #[serde(default)]
+    pub token_rotation: bool,
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
     /// Longest wait for one RPC's reply.
@@ -320,6 +371,15 @@ impl Config {
                     "set transport = \"http\" or remove the token",
                 ));
             }
+            if u.token_rotation
+                && (u.token.is_some() || u.transport != Transport::Http || self.tokens.is_none())
+            {
+                return Err(invalid(
+                    format!("{key}.upstream.token_rotation"),
+                    "needs an HTTP upstream, no fixed token, and a [tokens] section",
+                    "set transport = \"http\", remove token/token_env, and configure [tokens]",
+                ));
+            }
             if let Some(t) = &u.token {
                 if t.is_empty() || !t.expose().chars().all(|c| c.is_ascii_alphanumeric()) {
                     return Err(invalid(
@@ -352,6 +412,49 @@ impl Config {
                     }
                     *password = Some(read_env(&var, &format!("{key}.credentials.password_env"))?);
                 }
+            }
+        }
+        if let Some(t) = &self.tokens {
+            if !(t.rotate_fraction > 0.0 && t.rotate_fraction <= 1.0) {
+                return Err(invalid(
+                    "tokens.rotate_fraction",
+                    "must be above 0 and at most 1",
+                    "e.g. 0.5",
+                ));
+            }
+            if t.min_interval > t.max_interval || t.min_interval.is_zero() {
+                return Err(invalid(
+                    "tokens.min_interval",
+                    "must be above zero and not above tokens.max_interval",
+                    "e.g. min_interval = \"1h\", max_interval = \"3d\"",
+                ));
+            }
+            let hex_id = |v: &str, p: &str, n: usize| {
+                v.strip_prefix(p)
+                    .is_some_and(|h| h.len() == n && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            };
+            if !hex_id(&t.workspace, "w-", 16) {
+                return Err(invalid(
+                    "tokens.workspace",
+                    format!("'{}' is not a workspace id", t.workspace),
+                    "use w-<16 hex>",
+                ));
+            }
+            if !hex_id(&t.kyuubi_service, "kb-", 32) {
+                return Err(invalid(
+                    "tokens.kyuubi_service",
+                    format!("'{}' is not a Kyuubi service id", t.kyuubi_service),
+                    "use kb-<32 hex>",
+                ));
+            }
+            if let Some(e) = &t.endpoint {
+                crate::cloud::client::Endpoint::parse(e).map_err(|p| {
+                    invalid(
+                        "tokens.endpoint",
+                        p,
+                        "use e.g. https://emr-serverless-spark.cn-hangzhou.aliyuncs.com",
+                    )
+                })?;
             }
         }
         Ok(())

@@ -29,6 +29,7 @@
 pub mod auth;
 pub mod client;
 pub mod cloud;
+pub mod commands;
 pub mod config;
 pub mod emulator;
 pub mod error;
@@ -36,6 +37,7 @@ pub mod listen;
 pub mod secret;
 pub mod session;
 pub mod tcli;
+pub mod tokens;
 pub mod upstream;
 pub mod wire;
 
@@ -85,8 +87,16 @@ pub async fn run(
     listeners: Vec<BoundListener>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let rotation_stop = CancellationToken::new();
+    let rotation = match &config.tokens {
+        Some(t) => Some(tokens::start(t, rotation_stop.clone()).await),
+        None => None,
+    };
     let shared = Arc::new(Shared {
-        broker: Arc::new(Broker::new(&config)),
+        broker: Arc::new(Broker::new(
+            &config,
+            rotation.as_ref().map(|r| r.live.clone()),
+        )),
         server: config.server.clone(),
         cancel: CancellationToken::new(),
         tracker: TaskTracker::new(),
@@ -127,6 +137,7 @@ pub async fn run(
     }
     shutdown.await;
     info!("shutting down: no new connections; waiting for in-flight RPCs");
+    rotation_stop.cancel();
     shared.cancel.cancel();
     accept_loops.close();
     accept_loops.wait().await;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use moka::future::Cache;
+use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Config, CredentialsConfig, Transport, UpstreamSasl};
@@ -155,7 +156,8 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(config: &Config) -> Broker {
+    /// `live_token` is the rotating gateway token, for routes that use it.
+    pub fn new(config: &Config, live_token: Option<watch::Receiver<Option<Secret>>>) -> Broker {
         let routes = config
             .routes
             .iter()
@@ -163,6 +165,7 @@ impl Broker {
                 let target = Arc::new(Target::from_config(
                     &r.upstream,
                     config.server.max_message_bytes,
+                    live_token.clone(),
                 ));
                 let route = Route {
                     name: name.clone(),

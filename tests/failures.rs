@@ -28,6 +28,7 @@ fn client_cfg(transport: Transport, addr: SocketAddr, sasl: UpstreamSasl) -> Ups
         http_path: "cliservice".into(),
         token: None,
         token_env: None,
+        token_rotation: false,
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(60),
     }

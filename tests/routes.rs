@@ -23,6 +23,7 @@ fn cfg(transport: Transport, addr: SocketAddr) -> UpstreamConfig {
         http_path: "cliservice".into(),
         token: None,
         token_env: None,
+        token_rotation: false,
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(60),
     }

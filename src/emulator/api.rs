@@ -634,6 +634,7 @@ fn tokens(
             };
             let token = new_token(&v, value, now_ms());
             s.tokens.insert(id.clone(), token);
+            s.creates += 1;
             ok(rid, Some(json!({"tokenId": id})))
         }
         (m, [id]) => {

@@ -58,6 +58,7 @@ pub struct Snapshot {
     pub tokens: Vec<(String, String)>,
     pub kyuubi_state: String,
     pub delete_workspace_attempts: u32,
+    pub creates: u32,
     pub deletes: u32,
     pub requests: u64,
 }
@@ -67,6 +68,7 @@ struct State {
     tokens: BTreeMap<String, Token>,
     kyuubi_state: String,
     delete_workspace_attempts: u32,
+    creates: u32,
     deletes: u32,
     requests: u64,
     faults: Faults,
@@ -111,6 +113,7 @@ impl Emulator {
                 .collect(),
             kyuubi_state: s.kyuubi_state.clone(),
             delete_workspace_attempts: s.delete_workspace_attempts,
+            creates: s.creates,
             deletes: s.deletes,
             requests: s.requests,
         }

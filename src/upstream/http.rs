@@ -42,7 +42,7 @@ impl HttpPool {
 pub struct HttpChannel {
     target: Arc<Target>,
     pool: HttpPool,
-    uri: Uri,
+    authority: String,
     basic: HeaderValue,
     cookie: std::sync::Mutex<Option<HeaderValue>>,
 }
@@ -53,12 +53,7 @@ impl HttpChannel {
         cred: &Credential,
         pool: &HttpPool,
     ) -> Result<HttpChannel, UpstreamError> {
-        let uri: Uri = format!("http://{}:{}{}", target.host, target.port, target.http_path)
-            .parse()
-            .map_err(|_| UpstreamError::Protocol {
-                upstream: target.display.clone(),
-                detail: "host or http_path do not form a valid URL".into(),
-            })?;
+        let authority = format!("{}:{}", target.host, target.port);
         let raw = format!("{}:{}", cred.user, cred.password.expose());
         let mut basic = HeaderValue::from_str(&format!(
             "Basic {}",
@@ -72,7 +67,7 @@ impl HttpChannel {
         Ok(HttpChannel {
             target,
             pool: pool.clone(),
-            uri,
+            authority,
             basic,
             cookie: std::sync::Mutex::new(None),
         })
@@ -80,7 +75,14 @@ impl HttpChannel {
 
     pub async fn call(&self, msg: Bytes) -> Result<Bytes, UpstreamError> {
         let t = &self.target;
-        let mut req = Request::post(self.uri.clone())
+        // built per request: a rotated token applies from the next call on
+        let uri: Uri = format!("http://{}{}", self.authority, t.http_path())
+            .parse()
+            .map_err(|_| UpstreamError::Protocol {
+                upstream: t.display.clone(),
+                detail: "host or http_path do not form a valid URL".into(),
+            })?;
+        let mut req = Request::post(uri)
             .header(CONTENT_TYPE, "application/x-thrift")
             .header(ACCEPT, "application/x-thrift")
             .header(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 
 pub use self::http::HttpPool;
 use crate::config::{Transport, UpstreamConfig, UpstreamSasl};
@@ -24,8 +24,9 @@ pub struct Target {
     pub host: String,
     pub port: u16,
     pub sasl: UpstreamSasl,
-    /// Full URL path for HTTP, token included (never logged).
-    http_path: String,
+    /// HTTP path without the token, e.g. `/cliservice`.
+    http_base: String,
+    token: TokenSource,
     /// For logs and client-facing errors: the token is masked.
     pub display: String,
     pub connect_timeout: Duration,
@@ -33,14 +34,30 @@ pub struct Target {
     pub max_message_bytes: usize,
 }
 
+/// Where an HTTP upstream's path token comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    None,
+    Static(Secret),
+    /// The rotating token; each request uses the value current at that moment.
+    Live(watch::Receiver<Option<Secret>>),
+}
+
 impl Target {
-    pub fn from_config(u: &UpstreamConfig, max_message_bytes: usize) -> Target {
-        let (http_path, shown_path) = match &u.token {
-            Some(t) => (
-                format!("/{}/token/{}", u.http_path, t.expose()),
-                format!("/{}/token/****", u.http_path),
-            ),
-            None => (format!("/{}", u.http_path), format!("/{}", u.http_path)),
+    /// `live` is the rotating token, used when the upstream asks for it.
+    pub fn from_config(
+        u: &UpstreamConfig,
+        max_message_bytes: usize,
+        live: Option<watch::Receiver<Option<Secret>>>,
+    ) -> Target {
+        let token = match (&u.token, u.token_rotation, live) {
+            (Some(t), _, _) => TokenSource::Static(t.clone()),
+            (None, true, Some(rx)) => TokenSource::Live(rx),
+            _ => TokenSource::None,
+        };
+        let shown_path = match token {
+            TokenSource::None => format!("/{}", u.http_path),
+            _ => format!("/{}/token/****", u.http_path),
         };
         let display = match u.transport {
             Transport::Binary => format!(
@@ -60,12 +77,26 @@ impl Target {
             host: u.host.clone(),
             port: u.port,
             sasl: u.sasl,
-            http_path,
+            http_base: format!("/{}", u.http_path),
+            token,
             display,
             connect_timeout: u.connect_timeout,
             read_timeout: u.read_timeout,
             max_message_bytes,
         }
+    }
+
+    /// The HTTP path for a request now, token included (never log it).
+    fn http_path(&self) -> String {
+        let token = match &self.token {
+            TokenSource::None => return self.http_base.clone(),
+            TokenSource::Static(t) => t.clone(),
+            TokenSource::Live(rx) => match rx.borrow().clone() {
+                Some(t) => t,
+                None => return self.http_base.clone(),
+            },
+        };
+        format!("{}/token/{}", self.http_base, token.expose())
     }
 
     fn io_err(&self, e: std::io::Error) -> UpstreamError {

@@ -1,0 +1,99 @@
+//! `kyuubi-broker emulate`: the management-API emulator and token gateway.
+
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct EmulateArgs {
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    #[arg(long)]
+    pub access_key_id: String,
+    /// Prefer the environment variable over the flag (the flag shows in `ps`).
+    #[arg(long, env = "KB_EMULATOR_ACCESS_KEY_SECRET", hide_env_values = true)]
+    pub access_key_secret: String,
+    /// w-<16 hex>
+    #[arg(long)]
+    pub workspace: String,
+    /// kb-<32 hex>
+    #[arg(long)]
+    pub kyuubi_service: String,
+    #[arg(long, default_value = "cn-hangzhou")]
+    pub region: String,
+    /// Serve the token gateway front here.
+    #[arg(long, requires = "gateway_upstream")]
+    pub gateway_listen: Option<std::net::SocketAddr>,
+    /// HTTP HiveServer2 behind the gateway, e.g. http://127.0.0.1:10001/cliservice
+    #[arg(long, requires = "gateway_listen")]
+    pub gateway_upstream: Option<String>,
+}
+
+fn is_hex_id(s: &str, prefix: &str, len: usize) -> bool {
+    s.strip_prefix(prefix)
+        .is_some_and(|h| h.len() == len && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+pub fn run(
+    a: EmulateArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> ExitCode {
+    use crate::emulator::{serve_api, serve_gateway, Emulator, EmulatorConfig};
+    if !is_hex_id(&a.workspace, "w-", 16) || !is_hex_id(&a.kyuubi_service, "kb-", 32) {
+        eprintln!("--workspace must be w-<16 hex> and --kyuubi-service kb-<32 hex>");
+        return ExitCode::from(64);
+    }
+    let upstream: Option<http::Uri> = match a.gateway_upstream.as_deref().map(str::parse) {
+        None => None,
+        Some(Ok(u)) => Some(u),
+        Some(Err(e)) => {
+            eprintln!("--gateway-upstream: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let emu = Emulator::new(EmulatorConfig {
+        access_key_id: a.access_key_id,
+        access_key_secret: crate::secret::Secret::new(a.access_key_secret),
+        region: a.region,
+        workspace: a.workspace,
+        kyuubi_service: a.kyuubi_service,
+    });
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(async move {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let trigger = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
+        let api = match tokio::net::TcpListener::bind(a.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cannot bind {}: {e}", a.listen);
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(addr = %a.listen, "management API emulator up");
+        let gateway = match (a.gateway_listen, upstream) {
+            (Some(addr), Some(up)) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    tracing::info!(%addr, upstream = %up, "token gateway emulator up");
+                    Some(tokio::spawn(serve_gateway(
+                        l,
+                        emu.clone(),
+                        up,
+                        stop.clone().cancelled_owned(),
+                    )))
+                }
+                Err(e) => {
+                    eprintln!("cannot bind {addr}: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+            _ => None,
+        };
+        serve_api(api, emu, stop.cancelled_owned()).await;
+        if let Some(g) = gateway {
+            g.abort();
+        }
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,4 @@
+//! Subcommands other than `serve`, kept out of `main.rs`.
+
+pub mod emulate;
+pub mod token;

@@ -1,0 +1,388 @@
+//! Kyuubi gateway token lifecycle: create, rotate, retire, reconcile.
+//!
+//! A rotation is: write an intent (name + value) → CreateKyuubiToken →
+//! persist the new token as active (the old one becomes "retiring") → publish
+//! the new value to live upstream traffic → after a grace period delete the
+//! old token, checked first with GetKyuubiToken. Every step is persisted
+//! before the next, and [`Lifecycle::reconcile`] (run at startup) finishes or
+//! undoes whatever a crash interrupted, so no token is orphaned and the
+//! working one is never lost. Only tokens whose name carries this broker's
+//! instance prefix are ever deleted.
+
+pub mod schedule;
+mod state;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::Rng;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use state::{Intent, OwnedToken, Retiring, StateError, TokenState};
+
+use crate::cloud::client::{utc_timestamp, ApiClient, ApiError, TokenInfo};
+use crate::cloud::request::{AutoExpire, KyuubiRef, TokenBody};
+use crate::secret::Secret;
+
+/// Every broker-created token's name starts with this, then the instance id.
+pub const NAME_PREFIX: &str = "kyuubi-broker-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A new token value: 32 characters of `[a-z0-9]` from the OS CSPRNG.
+pub fn generate_value() -> String {
+    const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rngs::OsRng;
+    (0..32)
+        .map(|_| ALPHABET[rng.gen_range(0..36)] as char)
+        .collect()
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
+}
+
+/// Test hook: `KYUUBI_BROKER_FAILPOINT=<step>` aborts the process at that
+/// step, to prove recovery from a crash there.
+fn failpoint(step: &str) {
+    if std::env::var("KYUUBI_BROKER_FAILPOINT").is_ok_and(|v| v == step) {
+        eprintln!("failpoint {step}: aborting");
+        std::process::abort();
+    }
+}
+
+/// What [`Lifecycle::reconcile`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub adopted: Option<String>,
+    pub dropped_intent: bool,
+    pub orphans_deleted: Vec<String>,
+    pub retired: Vec<String>,
+}
+
+pub struct Lifecycle {
+    api: ApiClient,
+    kref: KyuubiRef,
+    state_path: PathBuf,
+    state: TokenState,
+    /// Auto-expiry requested on created tokens.
+    pub expire_days: Option<i32>,
+    live: watch::Sender<Option<Secret>>,
+}
+
+impl Lifecycle {
+    /// Loads the state file and publishes the active token, if any. Call
+    /// [`Lifecycle::reconcile`] before relying on it.
+    pub fn open(
+        api: ApiClient,
+        kref: KyuubiRef,
+        state_path: PathBuf,
+        expire_days: Option<i32>,
+    ) -> Result<Lifecycle, TokenError> {
+        let state = TokenState::load(&state_path)?;
+        let (live, _) = watch::channel(state.active.as_ref().map(|t| Secret::new(t.value.clone())));
+        Ok(Lifecycle {
+            api,
+            kref,
+            state_path,
+            state,
+            expire_days,
+            live,
+        })
+    }
+
+    /// The live token value, updated on every rotation.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Secret>> {
+        self.live.subscribe()
+    }
+
+    pub fn state(&self) -> &TokenState {
+        &self.state
+    }
+
+    pub fn api(&self) -> &ApiClient {
+        &self.api
+    }
+
+    pub fn kref(&self) -> &KyuubiRef {
+        &self.kref
+    }
+
+    fn save(&self) -> Result<(), TokenError> {
+        Ok(self.state.save(&self.state_path)?)
+    }
+
+    fn publish(&self) {
+        let v = self
+            .state
+            .active
+            .as_ref()
+            .map(|t| Secret::new(t.value.clone()));
+        self.live.send_replace(v);
+    }
+
+    /// Brings the state file and the API into agreement after any crash.
+    pub async fn reconcile(&mut self, grace: Duration) -> Result<Reconciled, TokenError> {
+        let mut report = Reconciled::default();
+        let listed = self.api.list_kyuubi_tokens(&self.kref).await?;
+        if let Some(intent) = self.state.intent.clone() {
+            match listed
+                .iter()
+                .find(|t| t.name.as_deref() == Some(intent.name.as_str()))
+            {
+                // created, then the broker stopped before recording it: adopt it
+                Some(t) => {
+                    info!(token_id = %t.token_id, "adopting the token created before a restart");
+                    report.adopted = Some(t.token_id.clone());
+                    self.promote(t.token_id.clone(), &intent, grace);
+                }
+                None => report.dropped_intent = true,
+            }
+            self.state.intent = None;
+            self.save()?;
+            self.publish();
+        }
+        // ours by name, but neither active nor retiring: nobody can use it
+        let known: Vec<&str> = self
+            .state
+            .active
+            .iter()
+            .map(|t| t.token_id.as_str())
+            .chain(
+                self.state
+                    .retiring
+                    .iter()
+                    .map(|r| r.token.token_id.as_str()),
+            )
+            .collect();
+        let orphans: Vec<TokenInfo> = listed
+            .into_iter()
+            .filter(|t| t.name.as_deref().is_some_and(|n| self.state.owns_name(n)))
+            .filter(|t| !known.contains(&t.token_id.as_str()))
+            .collect();
+        for o in orphans {
+            if self.checked_delete(&o.token_id).await? {
+                report.orphans_deleted.push(o.token_id);
+            }
+        }
+        report.retired = self.retire_due().await?;
+        Ok(report)
+    }
+
+    fn promote(&mut self, token_id: String, intent: &Intent, grace: Duration) {
+        let new = OwnedToken {
+            token_id,
+            name: intent.name.clone(),
+            value: intent.value.clone(),
+            created_ms: intent.started_ms,
+            expires_ms: intent.expires_ms,
+        };
+        if let Some(old) = self.state.active.replace(new) {
+            self.state.retiring.push(Retiring {
+                token: old,
+                delete_after_ms: now_ms() + grace.as_millis() as i64,
+            });
+        }
+    }
+
+    /// Creates a new token, makes it active and live, and schedules the old
+    /// one for deletion after `grace`. Returns the new token id.
+    pub async fn rotate(&mut self, grace: Duration) -> Result<String, TokenError> {
+        if self.state.intent.is_some() {
+            return Err(TokenError::Refused(
+                "an earlier rotation was interrupted; reconcile first".into(),
+            ));
+        }
+        let started = now_ms();
+        let name = format!(
+            "{}{}",
+            self.state.prefix(),
+            utc_timestamp(SystemTime::now())
+                .replace([':', '-'], "")
+                .to_lowercase()
+        );
+        let intent = Intent {
+            name: format!("{name}-{:04}", rand::thread_rng().gen_range(0..10_000)),
+            value: generate_value(),
+            started_ms: started,
+            expires_ms: self
+                .expire_days
+                .map(|d| started + i64::from(d) * 86_400_000),
+        };
+        self.state.intent = Some(intent.clone());
+        self.save()?;
+        failpoint("after_intent");
+        let body = TokenBody {
+            name: Some(intent.name.clone()),
+            token: Some(intent.value.clone()),
+            auto_expire_configuration: Some(AutoExpire {
+                enable: self.expire_days.is_some(),
+                expire_days: self.expire_days,
+            }),
+            member_arns: None,
+        };
+        let token_id = self.api.create_kyuubi_token(&self.kref, &body).await?;
+        failpoint("after_create");
+        self.promote(token_id.clone(), &intent, grace);
+        self.state.intent = None;
+        self.save()?;
+        failpoint("after_persist");
+        self.publish();
+        failpoint("after_swap");
+        info!(%token_id, "token rotated");
+        Ok(token_id)
+    }
+
+    /// Deletes retiring tokens whose grace has passed. Returns their ids.
+    pub async fn retire_due(&mut self) -> Result<Vec<String>, TokenError> {
+        let now = now_ms();
+        let due: Vec<Retiring> = self
+            .state
+            .retiring
+            .iter()
+            .filter(|r| r.delete_after_ms <= now)
+            .cloned()
+            .collect();
+        let mut done = Vec::new();
+        for r in due {
+            self.checked_delete(&r.token.token_id).await?;
+            failpoint("during_delete");
+            self.state
+                .retiring
+                .retain(|x| x.token.token_id != r.token.token_id);
+            self.save()?;
+            done.push(r.token.token_id);
+        }
+        Ok(done)
+    }
+
+    /// Deletes a token after checking it still exists, is ours by name and
+    /// is not the active one. Returns false if it was already gone.
+    async fn checked_delete(&self, token_id: &str) -> Result<bool, TokenError> {
+        if self
+            .state
+            .active
+            .as_ref()
+            .is_some_and(|a| a.token_id == token_id)
+        {
+            return Err(TokenError::Refused(format!(
+                "{token_id} is the active token; not deleting it"
+            )));
+        }
+        let t = match self.api.get_kyuubi_token(&self.kref, token_id).await {
+            Ok(t) => t,
+            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        if !t.name.as_deref().is_some_and(|n| self.state.owns_name(n)) {
+            warn!(%token_id, "not deleting a token this broker did not create");
+            return Err(TokenError::Refused(format!(
+                "{token_id} was not created by this broker"
+            )));
+        }
+        match self.api.delete_kyuubi_token(&self.kref, token_id).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Everything `serve` needs from token rotation.
+pub struct Rotation {
+    /// The live token value.
+    pub live: watch::Receiver<Option<Secret>>,
+    pub status: std::sync::Arc<std::sync::Mutex<schedule::RotationStatus>>,
+}
+
+/// Starts the rotation loop for `[tokens]`. Problems (no credentials, a
+/// damaged state file, an unreachable API) are logged and shown in status;
+/// serving goes on with whatever token the state file holds.
+pub async fn start(
+    cfg: &crate::config::TokensConfig,
+    stop: tokio_util::sync::CancellationToken,
+) -> Rotation {
+    use crate::cloud::client::Endpoint;
+    use crate::cloud::credentials::Chain;
+    let status = std::sync::Arc::new(std::sync::Mutex::new(schedule::RotationStatus::default()));
+    let fail = |msg: String, live: Option<Secret>| {
+        warn!("token rotation disabled: {msg}");
+        status.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(msg);
+        // a receiver keeps the last value after its sender is gone
+        let (_, rx) = watch::channel(live);
+        Rotation {
+            live: rx,
+            status: status.clone(),
+        }
+    };
+    let recorded = || {
+        TokenState::load(&cfg.state_file)
+            .ok()
+            .and_then(|s| s.active.map(|t| Secret::new(t.value)))
+    };
+    let endpoint = match &cfg.endpoint {
+        Some(e) => Endpoint::parse(e).expect("validated at load"),
+        None => Endpoint::regional(&cfg.region, cfg.vpc),
+    };
+    let cred = match Chain::from_process().resolve().await {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string(), recorded()),
+    };
+    info!(provider = %cred.provider, endpoint = %endpoint.base, "management API credentials found");
+    let kref = KyuubiRef {
+        region: cfg.region.clone(),
+        workspace: cfg.workspace.clone(),
+        kyuubi_service: cfg.kyuubi_service.clone(),
+    };
+    let expire_days = (cfg.expire_days > 0).then_some(cfg.expire_days as i32);
+    let lc = match Lifecycle::open(
+        ApiClient::new(endpoint, cred),
+        kref,
+        cfg.state_file.clone(),
+        expire_days,
+    ) {
+        Ok(lc) => lc,
+        Err(e) => return fail(e.to_string(), None),
+    };
+    let lifetime = match expire_days {
+        Some(d) => Duration::from_secs(u64::from(d.unsigned_abs()) * 86400),
+        None => cfg.max_interval,
+    };
+    let sched = schedule::Schedule {
+        lifetime,
+        fraction: cfg.rotate_fraction,
+        min_interval: cfg.min_interval,
+        max_interval: cfg.max_interval,
+        grace: cfg.grace,
+    };
+    let live = lc.subscribe();
+    tokio::spawn(schedule::run(lc, sched, status.clone(), stop));
+    Rotation { live, status }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generate_value;
+
+    #[test]
+    fn generated_values_are_32_lowercase_alphanumerics_and_differ() {
+        let a = generate_value();
+        assert_eq!(a.len(), 32);
+        assert!(a
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert_ne!(a, generate_value());
+    }
+}

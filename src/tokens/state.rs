@@ -1,0 +1,207 @@
+//! The token state file: what the broker created and which value is live.
+//! Written atomically (temp file, fsync, rename, fsync of the directory),
+//! mode 0600, and never logged.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// One token this broker created; `value` is the secret.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OwnedToken {
+    pub token_id: String,
+    pub name: String,
+    pub value: String,
+    pub created_ms: i64,
+    /// When the API will expire it (auto-expiry), if set.
+    #[serde(default)]
+    pub expires_ms: Option<i64>,
+}
+
+impl std::fmt::Debug for OwnedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedToken")
+            .field("token_id", &self.token_id)
+            .field("name", &self.name)
+            .field("value", &"****")
+            .finish()
+    }
+}
+
+/// A token being replaced; deleted once `delete_after_ms` has passed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Retiring {
+    pub token: OwnedToken,
+    pub delete_after_ms: i64,
+}
+
+/// Written before CreateKyuubiToken, so a crash right after the create
+/// can still find (by name) and adopt the token.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Intent {
+    pub name: String,
+    pub value: String,
+    pub started_ms: i64,
+    #[serde(default)]
+    pub expires_ms: Option<i64>,
+}
+
+impl std::fmt::Debug for Intent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Intent")
+            .field("name", &self.name)
+            .field("value", &"****")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenState {
+    pub version: u32,
+    /// Random id in every token name this broker creates.
+    pub instance: String,
+    pub active: Option<OwnedToken>,
+    #[serde(default)]
+    pub retiring: Vec<Retiring>,
+    #[serde(default)]
+    pub intent: Option<Intent>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("token state file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("token state file {path} is not valid: {detail}; restore it or move it away to start afresh")]
+    Corrupt { path: String, detail: String },
+}
+
+impl TokenState {
+    pub fn fresh() -> TokenState {
+        let mut b = [0u8; 4];
+        rand::rngs::OsRng.fill(&mut b);
+        TokenState {
+            version: 1,
+            instance: crate::cloud::sign::hex(&b),
+            active: None,
+            retiring: Vec::new(),
+            intent: None,
+        }
+    }
+
+    /// Name prefix of every token this broker instance creates.
+    pub fn prefix(&self) -> String {
+        format!("{}{}-", super::NAME_PREFIX, self.instance)
+    }
+
+    pub fn owns_name(&self, name: &str) -> bool {
+        name.starts_with(&self.prefix())
+    }
+
+    /// Loads the state, or a fresh one if the file does not exist.
+    pub fn load(path: &Path) -> Result<TokenState, StateError> {
+        let io = |source| StateError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokenState::fresh()),
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Replaces the file atomically: after a crash it holds either the old
+    /// or the new state, never a mix.
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let io = |source| StateError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp: PathBuf = dir.join(format!(
+            ".{}.tmp{}",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("tokens"),
+            std::process::id()
+        ));
+        let bytes = serde_json::to_vec_pretty(self).expect("state serialises");
+        {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?;
+            f.write_all(&bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, path).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn save_is_atomic_private_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/tokens.json");
+        let mut s = TokenState::fresh();
+        s.active = Some(OwnedToken {
+            token_id: "tk-1".into(),
+            name: format!("{}x", s.prefix()),
+            value: "v".repeat(32),
+            created_ms: 1,
+            expires_ms: None,
+        });
+        s.save(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(TokenState::load(&p).unwrap(), s);
+        let leftovers: Vec<_> = std::fs::read_dir(p.parent().unwrap()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temp file left behind");
+    }
+
+    #[test]
+    fn missing_file_gives_a_fresh_state_and_garbage_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("none.json");
+        assert!(TokenState::load(&p).unwrap().active.is_none());
+        std::fs::write(&p, b"{not json").unwrap();
+        let e = TokenState::load(&p).unwrap_err().to_string();
+        assert!(e.contains("not valid") && e.contains("move it away"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_hides_token_values() {
+        let t = OwnedToken {
+            token_id: "tk-1".into(),
+            name: "n".into(),
+            value: "secretvalue0123456789abcdefghijk".into(),
+            created_ms: 0,
+            expires_ms: None,
+        };
+        assert!(!format!("{t:?}").contains("secretvalue"));
+    }
+}

@@ -1,0 +1,482 @@
+//! Token rotation end to end: the broker rotates the gateway token through
+//! the emulator while real queries run through broker → emulated token
+//! gateway → Spark Thrift Server; crashes at every rotation step; faults.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kyuubi_broker::client::Hs2Client;
+use kyuubi_broker::cloud::client::{ApiClient, Endpoint, Retry};
+use kyuubi_broker::cloud::credentials::CloudCredential;
+use kyuubi_broker::cloud::request::KyuubiRef;
+use kyuubi_broker::config::{Transport, UpstreamConfig, UpstreamSasl};
+use kyuubi_broker::emulator::{serve_api, serve_gateway, Emulator, EmulatorConfig, Faults};
+use kyuubi_broker::secret::Secret;
+use kyuubi_broker::tokens::{Lifecycle, TokenError, TokenState};
+
+const AK: &str = "rotationTestAK";
+const SECRET: &str = "rotationTestSecret";
+const WS: &str = "w-00112233445566ff";
+const KB: &str = "kb-00112233445566778899aabbccddeeff";
+
+/// The broker under test reads credentials the standard way: from the
+/// environment. Every test here uses the same values.
+fn cloud_env() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::env::set_var("ALIBABA_CLOUD_ACCESS_KEY_ID", AK);
+        std::env::set_var("ALIBABA_CLOUD_ACCESS_KEY_SECRET", SECRET);
+        std::env::set_var("ALIBABA_CLOUD_CLI_PROFILE_DISABLED", "true");
+        std::env::set_var("ALIBABA_CLOUD_ECS_METADATA_DISABLED", "true");
+    });
+}
+
+struct Emu {
+    api: SocketAddr,
+    gateway: SocketAddr,
+    emu: Arc<Emulator>,
+}
+
+async fn emulator(gateway_upstream: Option<SocketAddr>) -> Emu {
+    let emu = Emulator::new(EmulatorConfig {
+        access_key_id: AK.into(),
+        access_key_secret: Secret::new(SECRET),
+        region: "cn-hangzhou".into(),
+        workspace: WS.into(),
+        kyuubi_service: KB.into(),
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = l.local_addr().unwrap();
+    tokio::spawn(serve_api(l, emu.clone(), std::future::pending()));
+    let g = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = g.local_addr().unwrap();
+    if let Some(up) = gateway_upstream {
+        let uri = format!("http://{up}/cliservice").parse().unwrap();
+        tokio::spawn(serve_gateway(g, emu.clone(), uri, std::future::pending()));
+    }
+    Emu { api, gateway, emu }
+}
+
+fn tokens_toml(api: SocketAddr, state: &Path, max_interval: &str, grace: &str) -> String {
+    format!(
+        r#"
+[tokens]
+endpoint = "http://{api}"
+region = "cn-hangzhou"
+workspace = "{WS}"
+kyuubi_service = "{KB}"
+state_file = "{}"
+expire_days = 1
+min_interval = "100ms"
+max_interval = "{max_interval}"
+grace = "{grace}"
+"#,
+        state.display()
+    )
+}
+
+fn kref() -> KyuubiRef {
+    KyuubiRef {
+        region: "cn-hangzhou".into(),
+        workspace: WS.into(),
+        kyuubi_service: KB.into(),
+    }
+}
+
+fn api_client(api: SocketAddr) -> ApiClient {
+    let mut c = ApiClient::new(
+        Endpoint::parse(&format!("http://{api}")).unwrap(),
+        CloudCredential {
+            access_key_id: AK.into(),
+            access_key_secret: Secret::new(SECRET),
+            security_token: None,
+            provider: "test".into(),
+        },
+    );
+    c.retry = Retry {
+        max_attempts: 4,
+        throttle_wait: (Duration::from_millis(5), Duration::from_millis(10)),
+        backoff: Duration::from_millis(5),
+    };
+    c
+}
+
+fn client_cfg(t: Transport, addr: SocketAddr) -> UpstreamConfig {
+    UpstreamConfig {
+        transport: t,
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        sasl: UpstreamSasl::Plain,
+        http_path: "cliservice".into(),
+        token: None,
+        token_env: None,
+        token_rotation: false,
+        connect_timeout: Duration::from_secs(5),
+        read_timeout: Duration::from_secs(60),
+    }
+}
+
+/// Does this token value open a session through the emulated gateway?
+async fn token_works(gateway: SocketAddr, value: &str) -> bool {
+    let mut cfg = client_cfg(Transport::Http, gateway);
+    cfg.token = Some(Secret::new(value));
+    match Hs2Client::connect(&cfg, "alice", "pw").await {
+        Ok(mut c) => c.open_session().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_rotations_under_load_fail_no_query_and_leave_no_old_token() {
+    cloud_env();
+    let e = emulator(Some(sts_http().await)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("tokens.json");
+    let route = format!(
+        "{}\n{}",
+        route_toml("http", e.gateway, "token_rotation = true"),
+        tokens_toml(e.api, &state, "500ms", "300ms")
+    );
+    let b = start_broker(&route).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicUsize::new(0));
+    // queries each worker completed, sampled at every new token
+    let per_worker: Arc<Vec<AtomicUsize>> = Arc::new((0..4).map(|_| AtomicUsize::new(0)).collect());
+    let mut workers = Vec::new();
+    for (i, (t, addr)) in [(Transport::Binary, b.binary), (Transport::Http, b.http)]
+        .into_iter()
+        .cycle()
+        .take(4)
+        .enumerate()
+    {
+        let (stop, ok, failed) = (stop.clone(), per_worker.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            // wait for the first token, then keep one session for the whole run
+            let mut c = loop {
+                if let Ok(mut c) = Hs2Client::connect(&client_cfg(t, addr), "alice", "pw").await {
+                    if let Ok(s) = c.open_session().await {
+                        break (c, s);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            while !stop.load(SeqCst) {
+                let r = async {
+                    let op = c.0.execute(&c.1, &format!("select {i}")).await?;
+                    c.0.fetch(&op, 1).await
+                }
+                .await;
+                match r {
+                    Ok(_) => ok[i].fetch_add(1, SeqCst),
+                    Err(err) => {
+                        eprintln!("query failed during rotation: {err}");
+                        failed.fetch_add(1, SeqCst)
+                    }
+                };
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    let mut progress: Vec<Vec<usize>> = Vec::new();
+    let mut seen = 0;
+    while seen < 21 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "rotations too slow: {:?}",
+            e.emu.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let creates = e.emu.snapshot().creates;
+        if creates > seen {
+            seen = creates;
+            progress.push(per_worker.iter().map(|c| c.load(SeqCst)).collect());
+        }
+    }
+    stop.store(true, SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    b.shutdown().await;
+    let rotations_s = t0.elapsed().as_secs_f64();
+    let failed = failed.load(SeqCst);
+    let done: Vec<usize> = per_worker.iter().map(|c| c.load(SeqCst)).collect();
+    eprintln!("21 tokens (20 rotations) in {rotations_s:.1}s; queries per worker {done:?}, {failed} failed");
+    assert_eq!(failed, 0);
+    // every worker's session kept making progress while the tokens changed
+    let (first, last) = (&progress[1], progress.last().unwrap());
+    for w in 0..4 {
+        assert!(
+            last[w] > first[w],
+            "worker {w} made no progress across rotations: {progress:?}"
+        );
+    }
+
+    // old tokens deleted (the last grace may still be running), none orphaned
+    let st = TokenState::load(&state).unwrap();
+    let snap = e.emu.snapshot();
+    let known: Vec<String> = st
+        .active
+        .iter()
+        .map(|t| t.token_id.clone())
+        .chain(st.retiring.iter().map(|r| r.token.token_id.clone()))
+        .collect();
+    let live: Vec<String> = snap.tokens.iter().map(|(id, _)| id.clone()).collect();
+    assert!(
+        live.iter().all(|id| known.contains(id)),
+        "orphans: {live:?} vs {known:?}"
+    );
+    assert!(
+        snap.deletes as usize >= snap.creates as usize - 2,
+        "{snap:?}"
+    );
+    assert_eq!(snap.delete_workspace_attempts, 0);
+    assert!(token_works(e.gateway, &st.active.unwrap().value).await);
+}
+
+fn broker_cmd(
+    args: &[&str],
+    api: SocketAddr,
+    state: &Path,
+    failpoint: Option<&str>,
+) -> std::process::Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kyuubi-broker"));
+    c.arg("token")
+        .args(args)
+        .args([
+            "--endpoint",
+            &format!("http://{api}"),
+            "--region",
+            "cn-hangzhou",
+        ])
+        .args(["--workspace", WS, "--kyuubi-service", KB, "--state"])
+        .arg(state)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", AK)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", SECRET)
+        .env("ALIBABA_CLOUD_CLI_PROFILE_DISABLED", "true")
+        .env("ALIBABA_CLOUD_ECS_METADATA_DISABLED", "true")
+        .stdin(std::process::Stdio::null());
+    match failpoint {
+        Some(f) => c.env("KYUUBI_BROKER_FAILPOINT", f),
+        None => c.env_remove("KYUUBI_BROKER_FAILPOINT"),
+    };
+    c.output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_any_rotation_step_converges_with_no_orphan_and_a_working_token() {
+    let sts = sts_http().await;
+    for step in [
+        "after_intent",
+        "after_create",
+        "after_persist",
+        "after_swap",
+        "during_delete",
+    ] {
+        let e = emulator(Some(sts)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("tokens.json");
+        let (api, st) = (e.api, state.clone());
+        let run = move |args: &'static [&'static str], fp: Option<&'static str>| {
+            let st = st.clone();
+            tokio::task::spawn_blocking(move || broker_cmd(args, api, &st, fp))
+        };
+        let out = run(&["create"], None).await.unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let crashed = run(&["rotate", "--grace", "0s"], Some(step)).await.unwrap();
+        assert!(
+            !crashed.status.success(),
+            "{step}: the failpoint must stop the process"
+        );
+
+        // right after the crash, the recorded active token still works
+        let before = TokenState::load(&state).unwrap();
+        let active = before.active.clone().expect("an active token is recorded");
+        assert!(
+            token_works(e.gateway, &active.value).await,
+            "{step}: working token lost"
+        );
+
+        // restart: reconcile, then a normal rotation
+        let out = run(&["rotate", "--grace", "0s"], None).await.unwrap();
+        assert!(
+            out.status.success(),
+            "{step}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let after = TokenState::load(&state).unwrap();
+        assert!(
+            after.intent.is_none() && after.retiring.is_empty(),
+            "{step}: {after:?}"
+        );
+        let live: Vec<String> = e
+            .emu
+            .snapshot()
+            .tokens
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let active = after.active.unwrap();
+        assert_eq!(
+            live,
+            vec![active.token_id.clone()],
+            "{step}: exactly the active token remains"
+        );
+        assert!(token_works(e.gateway, &active.value).await, "{step}");
+        eprintln!(
+            "{step}: converged; tokens created {}, deleted {}",
+            e.emu.snapshot().creates,
+            e.emu.snapshot().deletes
+        );
+    }
+}
+
+#[tokio::test]
+async fn throttling_and_server_errors_during_rotation_are_survived() {
+    let e = emulator(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("t.json");
+    let mut lc = Lifecycle::open(api_client(e.api), kref(), state.clone(), Some(1)).unwrap();
+    let faults = |f: Faults| {
+        let url = format!("http://{}/_emulator/faults", e.api);
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .body(serde_json::to_vec(&f).unwrap())
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    lc.rotate(Duration::ZERO).await.unwrap();
+    // throttled twice: waited out
+    faults(Faults {
+        throttle: 2,
+        ..Faults::default()
+    })
+    .await;
+    lc.rotate(Duration::ZERO)
+        .await
+        .expect("rotation survives throttling");
+    // a 503 on the create: not repeated blindly; the intent stays
+    faults(Faults {
+        server_errors: 1,
+        ..Faults::default()
+    })
+    .await;
+    assert!(lc.rotate(Duration::ZERO).await.is_err());
+    assert!(lc.state().intent.is_some());
+    assert!(matches!(
+        lc.rotate(Duration::ZERO).await,
+        Err(TokenError::Refused(_))
+    ));
+    // 503s on the reads of reconcile are retried; the unmade token's intent is dropped
+    faults(Faults {
+        server_errors: 2,
+        ..Faults::default()
+    })
+    .await;
+    let rep = lc.reconcile(Duration::ZERO).await.unwrap();
+    assert!(rep.dropped_intent, "{rep:?}");
+    lc.rotate(Duration::ZERO).await.unwrap();
+    lc.retire_due().await.unwrap();
+    let snap = e.emu.snapshot();
+    assert_eq!(snap.tokens.len(), 1, "{snap:?}");
+    assert_eq!(
+        snap.tokens[0].0,
+        lc.state().active.as_ref().unwrap().token_id
+    );
+}
+
+#[tokio::test]
+async fn tokens_not_created_by_this_broker_are_never_deleted() {
+    let e = emulator(None).await;
+    let api = api_client(e.api);
+    let foreign = api
+        .create_kyuubi_token(
+            &kref(),
+            &kyuubi_broker::cloud::request::TokenBody {
+                name: Some("someone-elses".into()),
+                token: Some("f0reign0123456789abcdefghijklmno".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lc =
+        Lifecycle::open(api_client(e.api), kref(), dir.path().join("t.json"), None).unwrap();
+    for _ in 0..3 {
+        lc.rotate(Duration::ZERO).await.unwrap();
+        lc.reconcile(Duration::ZERO).await.unwrap();
+    }
+    let ids: Vec<String> = e
+        .emu
+        .snapshot()
+        .tokens
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        ids.contains(&foreign),
+        "the foreign token survives: {ids:?}"
+    );
+    assert_eq!(ids.len(), 2);
+}
+
+#[tokio::test]
+async fn revoke_without_confirmation_changes_nothing() {
+    let e = emulator(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("t.json");
+    let (api, st) = (e.api, state.clone());
+    let out = tokio::task::spawn_blocking(move || broker_cmd(&["create"], api, &st, None))
+        .await
+        .unwrap();
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let st = state.clone();
+    let idc = id.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        broker_cmd(&["revoke", &idc, "--force"], api, &st, None)
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ACTIVE token") && err.contains("no confirmation"),
+        "{err}"
+    );
+    assert_eq!(e.emu.snapshot().tokens.len(), 1, "nothing was deleted");
+    let st = state.clone();
+    let idc = id.clone();
+    let out =
+        tokio::task::spawn_blocking(move || broker_cmd(&["revoke", &idc, "--yes"], api, &st, None))
+            .await
+            .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without --force"));
+    assert_eq!(e.emu.snapshot().tokens.len(), 1);
+    let st = state.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        broker_cmd(&["revoke", &id, "--yes", "--force"], api, &st, None)
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(e.emu.snapshot().tokens.is_empty());
+    assert!(TokenState::load(&state).unwrap().active.is_none());
+}
