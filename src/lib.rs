@@ -31,6 +31,7 @@ pub mod client;
 pub mod cloud;
 pub mod commands;
 pub mod config;
+pub mod connstr;
 pub mod emulator;
 pub mod error;
 pub mod listen;

@@ -36,6 +36,8 @@ enum Command {
     Emulate(commands::emulate::EmulateArgs),
     /// List, create, rotate or revoke Kyuubi gateway tokens.
     Token(commands::token::TokenArgs),
+    /// Print a JDBC connection string.
+    Connstr(commands::connstr::ConnstrArgs),
 }
 
 fn init_logs(format: LogFormat) {
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Emulate(a) => commands::emulate::run(a, shutdown_signal()),
         Command::Token(a) => commands::token::run(a),
+        Command::Connstr(a) => commands::connstr::run(a),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(c) => {
                 println!(

@@ -1,0 +1,164 @@
+//! `kyuubi-broker connstr`: prints a JDBC URL on one line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::{Config, Transport};
+use crate::connstr::{build, Auth, ConnSpec, Tls};
+use crate::secret::Secret;
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("auth").args(["token", "token_file", "principal", "user"])))]
+pub struct ConnstrArgs {
+    /// Server host; with --zookeeper, the ensemble `h1:2181,h2:2181`.
+    #[arg(long, required_unless_present = "local")]
+    pub host: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Gateway token, placed in the HTTP path (port 80 by default).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Read the token from this file.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Kerberos server principal, e.g. kyuubi/_HOST@REALM.
+    #[arg(long)]
+    pub principal: Option<String>,
+    /// User name (LDAP or plain); the password is given to the client, not put in the URL.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Print the broker's own endpoints from --config instead.
+    #[arg(long, requires = "config")]
+    pub local: bool,
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value = "cliservice")]
+    pub http_path: String,
+    /// Use HTTP transport (implied by --token).
+    #[arg(long)]
+    pub http: bool,
+    #[arg(long)]
+    pub db: Option<String>,
+    #[arg(long)]
+    pub ssl: bool,
+    #[arg(long, requires = "ssl")]
+    pub truststore: Option<String>,
+    /// Environment variable holding the trust store password.
+    #[arg(long, requires = "ssl")]
+    pub truststore_password_env: Option<String>,
+    /// Discover servers through ZooKeeper.
+    #[arg(long)]
+    pub zookeeper: bool,
+    #[arg(long, default_value = "kyuubi")]
+    pub namespace: String,
+    /// Extra `?key=value` configuration, repeatable.
+    #[arg(long = "conf", value_parser = parse_kv)]
+    pub conf: Vec<(String, String)>,
+    /// Show secrets instead of `****`.
+    #[arg(long)]
+    pub show_secret: bool,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("'{s}' is not key=value"))
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(64)
+}
+
+pub fn run(a: ConnstrArgs) -> ExitCode {
+    if a.local {
+        return local(&a);
+    }
+    let token = match (&a.token, &a.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => match std::fs::read_to_string(f) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => return fail(format!("{}: {e}", f.display())),
+        },
+        _ => None,
+    };
+    let auth = match (token, &a.principal, &a.user) {
+        (Some(t), _, _) => Auth::Token {
+            value: Secret::new(t),
+            http_path: a.http_path.clone(),
+        },
+        (None, Some(p), _) => Auth::Kerberos {
+            principal: p.clone(),
+        },
+        (None, None, Some(u)) => Auth::User { name: u.clone() },
+        _ => Auth::None,
+    };
+    let host = a.host.clone().unwrap_or_default();
+    let default_port = match (&auth, a.zookeeper) {
+        (_, true) => 2181,
+        (Auth::Token { .. }, _) => 80,
+        _ => 10009,
+    };
+    let hosts: Vec<String> = host
+        .split(',')
+        .map(|h| match (h.contains(':'), a.port) {
+            (true, _) => h.to_string(),
+            (false, p) => format!("{h}:{}", p.unwrap_or(default_port)),
+        })
+        .collect();
+    let mut spec = ConnSpec::new(String::new(), auth);
+    spec.hosts = hosts;
+    spec.db = a.db.clone();
+    if a.http && !matches!(spec.auth, Auth::Token { .. }) {
+        spec.http_path = Some(a.http_path.clone());
+    }
+    if a.ssl {
+        let password = match &a.truststore_password_env {
+            Some(var) => match std::env::var(var) {
+                Ok(v) => Some(Secret::new(v)),
+                Err(_) => return fail(format!("environment variable {var} is not set")),
+            },
+            None => None,
+        };
+        spec.tls = Some(Tls {
+            trust_store: a.truststore.clone(),
+            trust_store_password: password,
+        });
+    }
+    if a.zookeeper {
+        spec.zookeeper_namespace = Some(a.namespace.clone());
+    }
+    spec.conf = a.conf.clone();
+    match build(&spec, a.show_secret) {
+        Ok(url) => {
+            println!("{url}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// The broker's own listeners as client URLs.
+fn local(a: &ConnstrArgs) -> ExitCode {
+    let cfg = match Config::load(a.config.as_ref().expect("clap requires --config")) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    for l in &cfg.listeners {
+        let mut spec = ConnSpec::new(
+            l.bind.to_string(),
+            match &a.user {
+                Some(u) => Auth::User { name: u.clone() },
+                None => Auth::None,
+            },
+        );
+        if l.protocol == Transport::Http {
+            spec.http_path = Some(l.http_path.clone());
+        }
+        match build(&spec, false) {
+            Ok(url) => println!("{url}"),
+            Err(e) => return fail(e),
+        }
+    }
+    ExitCode::SUCCESS
+}
