@@ -124,7 +124,7 @@ async fn hive_jdbc_parses_every_form_the_broker_prints_as_the_broker_does() {
         ]),
     ];
     checked.extend(local);
-    let extra = vec![
+    let extra = [
         // refusal evidence: Hive splits at the last '=', which is why such values are refused
         "jdbc:hive2://h:1/;http.header.Authorization=Bearer%20ab==".to_string(),
         connstr(&[
