@@ -10,27 +10,21 @@ use common::*;
 use kyuubi_broker::cloud::client::{ApiClient, ApiError, Endpoint, Retry};
 use kyuubi_broker::cloud::credentials::CloudCredential;
 use kyuubi_broker::cloud::request::{AutoExpire, KyuubiRef, TokenBody};
-use kyuubi_broker::emulator::{serve_api, Emulator, EmulatorConfig, Faults};
+use kyuubi_broker::emulator::{Emulator, Faults};
 use kyuubi_broker::secret::Secret;
 use serde_json::json;
 
-const AK: &str = "testAccessKeyId";
-const SECRET: &str = "testAccessKeySecret";
-const WS: &str = "w-1234567890abcdef";
-const KB: &str = "kb-0123456789abcdef0123456789abcdef";
+const AK: &str = EMU_AK;
+const SECRET: &str = EMU_SECRET;
+const WS: &str = EMU_WS;
+const KB: &str = EMU_KB;
 
 async fn emulator() -> (Endpoint, Arc<Emulator>) {
-    let emu = Emulator::new(EmulatorConfig {
-        access_key_id: AK.into(),
-        access_key_secret: Secret::new(SECRET),
-        region: "cn-hangzhou".into(),
-        workspace: WS.into(),
-        kyuubi_service: KB.into(),
-    });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(serve_api(l, emu.clone(), std::future::pending()));
-    (Endpoint::parse(&format!("http://{addr}")).unwrap(), emu)
+    let e = start_emulator(None).await;
+    (
+        Endpoint::parse(&format!("http://{}", e.api)).unwrap(),
+        e.emu,
+    )
 }
 
 fn client(endpoint: Endpoint, secret: &str) -> ApiClient {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use kyuubi_broker::client::{ClientError, Hs2Client};
-use kyuubi_broker::config::{Transport, UpstreamConfig, UpstreamSasl};
+use kyuubi_broker::config::{Transport, UpstreamSasl};
 use kyuubi_broker::secret::Secret;
 use kyuubi_broker::tcli::gen::{TGetInfoReq, TGetInfoResp, TGetInfoType, TStatusCode};
 use kyuubi_broker::wire::sasl;
@@ -18,21 +18,6 @@ use kyuubi_broker::wire::thrift::{peek_header, ttype, MessageType, Writer};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn client_cfg(transport: Transport, addr: SocketAddr, sasl: UpstreamSasl) -> UpstreamConfig {
-    UpstreamConfig {
-        transport,
-        host: addr.ip().to_string(),
-        port: addr.port(),
-        sasl,
-        http_path: "cliservice".into(),
-        token: None,
-        token_env: None,
-        token_rotation: false,
-        connect_timeout: Duration::from_secs(5),
-        read_timeout: Duration::from_secs(60),
-    }
-}
 
 async fn binary_client(b: &Broker) -> Hs2Client {
     Hs2Client::connect(
@@ -591,20 +576,7 @@ async fn upstream_killed_mid_query_fails_clients_in_time_and_broker_keeps_servin
     // one broker, two routes: the doomed server, and a healthy one
     let b = start_broker_toml(&format!(
         r#"
-[[listener]]
-name = "binary"
-protocol = "binary"
-bind = "127.0.0.1:0"
-route = "r"
-auth = "none"
-
-[[listener]]
-name = "http"
-protocol = "http"
-bind = "127.0.0.1:0"
-route = "r"
-auth = "none"
-
+{LISTENERS}
 [[listener]]
 name = "healthy"
 protocol = "binary"

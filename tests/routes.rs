@@ -9,24 +9,13 @@ use std::time::Duration;
 
 use common::*;
 use kyuubi_broker::client::{ClientError, Hs2Client};
-use kyuubi_broker::config::{Transport, UpstreamConfig, UpstreamSasl};
+use kyuubi_broker::config::{Transport, UpstreamSasl};
 use kyuubi_broker::tcli::gen::TSessionHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-fn cfg(transport: Transport, addr: SocketAddr) -> UpstreamConfig {
-    UpstreamConfig {
-        transport,
-        host: addr.ip().to_string(),
-        port: addr.port(),
-        sasl: UpstreamSasl::Plain,
-        http_path: "cliservice".into(),
-        token: None,
-        token_env: None,
-        token_rotation: false,
-        connect_timeout: Duration::from_secs(5),
-        read_timeout: Duration::from_secs(60),
-    }
+fn cfg(transport: Transport, addr: SocketAddr) -> kyuubi_broker::config::UpstreamConfig {
+    client_cfg(transport, addr, UpstreamSasl::Plain)
 }
 
 async fn current_user(c: &mut Hs2Client) -> String {

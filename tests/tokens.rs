@@ -15,15 +15,15 @@ use kyuubi_broker::client::Hs2Client;
 use kyuubi_broker::cloud::client::{ApiClient, Endpoint, Retry};
 use kyuubi_broker::cloud::credentials::CloudCredential;
 use kyuubi_broker::cloud::request::KyuubiRef;
-use kyuubi_broker::config::{Transport, UpstreamConfig, UpstreamSasl};
-use kyuubi_broker::emulator::{serve_api, serve_gateway, Emulator, EmulatorConfig, Faults};
+use kyuubi_broker::config::{Transport, UpstreamSasl};
+use kyuubi_broker::emulator::Faults;
 use kyuubi_broker::secret::Secret;
 use kyuubi_broker::tokens::{Lifecycle, TokenError, TokenState};
 
-const AK: &str = "rotationTestAK";
-const SECRET: &str = "rotationTestSecret";
-const WS: &str = "w-00112233445566ff";
-const KB: &str = "kb-00112233445566778899aabbccddeeff";
+const AK: &str = EMU_AK;
+const SECRET: &str = EMU_SECRET;
+const WS: &str = EMU_WS;
+const KB: &str = EMU_KB;
 
 /// The broker under test reads credentials the standard way: from the
 /// environment. Every test here uses the same values.
@@ -37,30 +37,8 @@ fn cloud_env() {
     });
 }
 
-struct Emu {
-    api: SocketAddr,
-    gateway: SocketAddr,
-    emu: Arc<Emulator>,
-}
-
 async fn emulator(gateway_upstream: Option<SocketAddr>) -> Emu {
-    let emu = Emulator::new(EmulatorConfig {
-        access_key_id: AK.into(),
-        access_key_secret: Secret::new(SECRET),
-        region: "cn-hangzhou".into(),
-        workspace: WS.into(),
-        kyuubi_service: KB.into(),
-    });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = l.local_addr().unwrap();
-    tokio::spawn(serve_api(l, emu.clone(), std::future::pending()));
-    let g = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway = g.local_addr().unwrap();
-    if let Some(up) = gateway_upstream {
-        let uri = format!("http://{up}/cliservice").parse().unwrap();
-        tokio::spawn(serve_gateway(g, emu.clone(), uri, std::future::pending()));
-    }
-    Emu { api, gateway, emu }
+    start_emulator(gateway_upstream).await
 }
 
 fn tokens_toml(api: SocketAddr, state: &Path, max_interval: &str, grace: &str) -> String {
@@ -107,24 +85,9 @@ fn api_client(api: SocketAddr) -> ApiClient {
     c
 }
 
-fn client_cfg(t: Transport, addr: SocketAddr) -> UpstreamConfig {
-    UpstreamConfig {
-        transport: t,
-        host: addr.ip().to_string(),
-        port: addr.port(),
-        sasl: UpstreamSasl::Plain,
-        http_path: "cliservice".into(),
-        token: None,
-        token_env: None,
-        token_rotation: false,
-        connect_timeout: Duration::from_secs(5),
-        read_timeout: Duration::from_secs(60),
-    }
-}
-
 /// Does this token value open a session through the emulated gateway?
 async fn token_works(gateway: SocketAddr, value: &str) -> bool {
-    let mut cfg = client_cfg(Transport::Http, gateway);
+    let mut cfg = client_cfg(Transport::Http, gateway, UpstreamSasl::Plain);
     cfg.token = Some(Secret::new(value));
     match Hs2Client::connect(&cfg, "alice", "pw").await {
         Ok(mut c) => c.open_session().await.is_ok(),
@@ -160,7 +123,10 @@ async fn twenty_rotations_under_load_fail_no_query_and_leave_no_old_token() {
         workers.push(tokio::spawn(async move {
             // wait for the first token, then keep one session for the whole run
             let mut c = loop {
-                if let Ok(mut c) = Hs2Client::connect(&client_cfg(t, addr), "alice", "pw").await {
+                if let Ok(mut c) =
+                    Hs2Client::connect(&client_cfg(t, addr, UpstreamSasl::Plain), "alice", "pw")
+                        .await
+                {
                     if let Ok(s) = c.open_session().await {
                         break (c, s);
                     }

@@ -4,7 +4,6 @@
 // boxing them would buy nothing.
 #![allow(clippy::result_large_err)]
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,9 +12,6 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use rand::Rng;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -33,30 +29,11 @@ pub async fn serve_api(
     emu: Arc<Emulator>,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "emulator accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    super::serve_http(listener, shutdown, move |req| {
         let emu = emu.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let emu = emu.clone();
-                async move { Ok::<_, Infallible>(handle(req, &emu).await) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        async move { handle(req, &emu).await }
+    })
+    .await
 }
 
 fn request_id() -> String {

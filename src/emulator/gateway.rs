@@ -2,7 +2,6 @@
 //! checked against the emulator's live tokens, then relayed to a real
 //! HiveServer2 over HTTP (e.g. `http://127.0.0.1:10001/cliservice`).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,11 +10,9 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tracing::warn;
 
@@ -37,29 +34,11 @@ pub async fn serve_gateway(
         .pool_idle_timeout(Duration::from_secs(60))
         .build(HttpConnector::new());
     let upstream = Arc::new(upstream);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    super::serve_http(listener, shutdown, move |req| {
         let (emu, client, upstream) = (emu.clone(), client.clone(), upstream.clone());
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let (emu, client, upstream) = (emu.clone(), client.clone(), upstream.clone());
-                async move { Ok::<_, Infallible>(relay(req, &emu, &client, &upstream).await) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        async move { relay(req, &emu, &client, &upstream).await }
+    })
+    .await
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

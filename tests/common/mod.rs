@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use kyuubi_broker::config::Config;
+use kyuubi_broker::config::{Config, Transport, UpstreamConfig, UpstreamSasl};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -154,13 +154,8 @@ pub async fn start_broker(route: &str) -> Broker {
     start_broker_with(route, "").await
 }
 
-pub async fn start_broker_with(route: &str, server: &str) -> Broker {
-    let toml = format!(
-        r#"
-[server]
-shutdown_grace = "10s"
-{server}
-
+/// A binary and an HTTP listener on ephemeral ports, both to route "r".
+pub const LISTENERS: &str = r#"
 [[listener]]
 name = "binary"
 protocol = "binary"
@@ -174,10 +169,10 @@ protocol = "http"
 bind = "127.0.0.1:0"
 route = "r"
 auth = "none"
+"#;
 
-{route}
-"#
-    );
+pub async fn start_broker_with(route: &str, server: &str) -> Broker {
+    let toml = format!("[server]\nshutdown_grace = \"10s\"\n{server}\n{LISTENERS}\n{route}\n");
     start_broker_toml(&toml).await
 }
 
@@ -352,4 +347,54 @@ impl CountingRelay {
     pub fn open(&self) -> usize {
         self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
+}
+
+/// How a test client reaches a broker or server.
+pub fn client_cfg(transport: Transport, addr: SocketAddr, sasl: UpstreamSasl) -> UpstreamConfig {
+    UpstreamConfig {
+        transport,
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        sasl,
+        http_path: "cliservice".into(),
+        token: None,
+        token_env: None,
+        token_rotation: false,
+        connect_timeout: Duration::from_secs(5),
+        read_timeout: Duration::from_secs(60),
+    }
+}
+
+pub const EMU_AK: &str = "testAccessKeyId";
+pub const EMU_SECRET: &str = "testAccessKeySecret";
+pub const EMU_WS: &str = "w-1234567890abcdef";
+pub const EMU_KB: &str = "kb-0123456789abcdef0123456789abcdef";
+
+/// The management-API emulator in this process, and optionally its token
+/// gateway in front of an HTTP HiveServer2.
+pub struct Emu {
+    pub api: SocketAddr,
+    pub gateway: SocketAddr,
+    pub emu: std::sync::Arc<kyuubi_broker::emulator::Emulator>,
+}
+
+pub async fn start_emulator(gateway_upstream: Option<SocketAddr>) -> Emu {
+    use kyuubi_broker::emulator::{serve_api, serve_gateway, Emulator, EmulatorConfig};
+    let emu = Emulator::new(EmulatorConfig {
+        access_key_id: EMU_AK.into(),
+        access_key_secret: kyuubi_broker::secret::Secret::new(EMU_SECRET),
+        region: "cn-hangzhou".into(),
+        workspace: EMU_WS.into(),
+        kyuubi_service: EMU_KB.into(),
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = l.local_addr().unwrap();
+    tokio::spawn(serve_api(l, emu.clone(), std::future::pending()));
+    let g = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = g.local_addr().unwrap();
+    if let Some(up) = gateway_upstream {
+        let uri = format!("http://{up}/cliservice").parse().unwrap();
+        tokio::spawn(serve_gateway(g, emu.clone(), uri, std::future::pending()));
+    }
+    Emu { api, gateway, emu }
 }
