@@ -133,6 +133,17 @@ async fn misbehaving_upstream(how: Misbehave) -> SocketAddr {
     addr
 }
 
+/// What a binary client's OpenSession gets from a broker in front of a
+/// misbehaving upstream.
+async fn open_session_error(how: Misbehave, upstream_extra: &str) -> String {
+    let up = misbehaving_upstream(how).await;
+    let b = start_broker(&route_toml("binary", up, upstream_extra)).await;
+    let mut c = binary_client(&b).await;
+    let msg = status_error(c.open_session().await.unwrap_err());
+    b.shutdown().await;
+    msg
+}
+
 fn status_error(e: ClientError) -> String {
     match e {
         ClientError::Status(TStatusCode::ERROR_STATUS, msg) => msg,
@@ -179,17 +190,13 @@ async fn unreachable_upstream_gives_http_client_502_with_a_text_body() {
 
 #[tokio::test]
 async fn silent_upstream_hits_the_connect_timeout_not_a_hang() {
-    let up = misbehaving_upstream(Misbehave::Silent).await;
-    let b = start_broker(&route_toml("binary", up, "connect_timeout = \"1s\"")).await;
-    let mut c = binary_client(&b).await;
     let t0 = Instant::now();
-    let msg = status_error(c.open_session().await.unwrap_err());
+    let msg = open_session_error(Misbehave::Silent, "connect_timeout = \"1s\"").await;
     assert!(
         msg.contains("timed out after 1.0s connecting to upstream"),
         "{msg}"
     );
     assert!(t0.elapsed() < Duration::from_secs(5));
-    b.shutdown().await;
 }
 
 #[tokio::test]
@@ -213,38 +220,26 @@ async fn stalled_upstream_reply_gives_504_to_http_clients_and_tstatus_to_binary(
 
 #[tokio::test]
 async fn garbage_from_upstream_is_reported_as_a_malformed_reply() {
-    let up = misbehaving_upstream(Misbehave::SaslThenGarbage).await;
-    let b = start_broker(&route_toml("binary", up, "")).await;
-    let mut c = binary_client(&b).await;
-    let msg = status_error(c.open_session().await.unwrap_err());
+    let msg = open_session_error(Misbehave::SaslThenGarbage, "").await;
     assert!(msg.contains("sent a malformed reply"), "{msg}");
-    b.shutdown().await;
 }
 
 #[tokio::test]
 async fn reply_to_another_call_is_refused_and_not_relayed() {
-    let up = misbehaving_upstream(Misbehave::SaslThenWrongSeqid).await;
-    let b = start_broker(&route_toml("binary", up, "")).await;
-    let mut c = binary_client(&b).await;
-    let msg = status_error(c.open_session().await.unwrap_err());
+    let msg = open_session_error(Misbehave::SaslThenWrongSeqid, "").await;
     assert!(
         msg.contains("reply OpenSession #999 does not answer OpenSession #1"),
         "{msg}"
     );
-    b.shutdown().await;
 }
 
 #[tokio::test]
 async fn upstream_refusing_credentials_is_reported_with_its_reason() {
-    let up = misbehaving_upstream(Misbehave::SaslReject).await;
-    let b = start_broker(&route_toml("binary", up, "")).await;
-    let mut c = binary_client(&b).await;
-    let msg = status_error(c.open_session().await.unwrap_err());
+    let msg = open_session_error(Misbehave::SaslReject, "").await;
     assert!(
         msg.contains("refused the broker's credentials: Error validating the login"),
         "{msg}"
     );
-    b.shutdown().await;
 }
 
 #[tokio::test]
