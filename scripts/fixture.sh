@@ -12,6 +12,10 @@
 #   scripts/fixture.sh stop NAME|all           stop by PID
 #   scripts/fixture.sh status
 #   scripts/fixture.sh env                     prints KB_PYTHON / KB_SPARK_HOME exports
+#   scripts/fixture.sh ldap-start | ldap-stop  OpenLDAP (slapd) on ldap://127.0.0.1:3890,
+#                                              base dc=example,dc=com, users alice/alice-pw,
+#                                              bob/bob-pw, group cn=hive-users,ou=groups
+#   scripts/fixture.sh start NAME --auth ldap  a Spark Thrift Server checking passwords there
 #
 # Environment: KB_FIXTURE_DIR (state, default /tmp/kyuubi-broker-fixture),
 # KB_CACHE_DIR (venv + shim, default ~/.cache/kyuubi-broker),
@@ -93,9 +97,10 @@ port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
 cmd_start() {
   local name=${1:?usage: start NAME [--mode binary|http] [--port N]}; shift
-  local mode=binary port=""
+  local mode=binary port="" auth=none
   while [ $# -gt 0 ]; do
     case "$1" in
+      --auth) auth=${2:?}; shift 2 ;;
       --mode) mode=${2:?}; shift 2 ;;
       --port) port=${2:?}; shift 2 ;;
       *) die "unknown option $1" ;;
@@ -107,7 +112,8 @@ cmd_start() {
   # one start at a time per instance, so parallel test binaries can share it
   exec 9>"$dir/lock"
   flock 9
-  local sig="mode=$mode port=$port"
+  case "$auth" in none|ldap) ;; *) die "--auth none|ldap" ;; esac
+  local sig="mode=$mode port=$port auth=$auth"
   if [ -f "$dir/pid" ] && alive "$(cat "$dir/pid")"; then
     if [ "$(cat "$dir/signature" 2>/dev/null)" = "$sig" ] && port_open "$port"; then
       echo "$HOST:$port"; return 0
@@ -120,11 +126,18 @@ cmd_start() {
   local sh; sh=$(spark_home)
   rm -rf "$dir/tmp"; mkdir -p "$dir/tmp"
   local hive=(--hiveconf "hive.server2.thrift.bind.host=$HOST"
-    --hiveconf hive.server2.authentication=NONE
     --hiveconf "hive.exec.local.scratchdir=$dir/tmp/scratch"
     --hiveconf "hive.exec.scratchdir=$dir/tmp/hdfs-scratch"
     --hiveconf "hive.downloaded.resources.dir=$dir/tmp/resources"
     --hiveconf "hive.server2.logging.operation.log.location=$dir/tmp/oplogs")
+  if [ "$auth" = ldap ]; then
+    # Spark reads LDAP settings from a fresh HiveConf, so they must be --hiveconf
+    hive+=(--hiveconf hive.server2.authentication=LDAP
+      --hiveconf "hive.server2.authentication.ldap.url=ldap://$HOST:$LDAP_PORT"
+      --hiveconf "hive.server2.authentication.ldap.baseDN=ou=people,$LDAP_SUFFIX")
+  else
+    hive+=(--hiveconf hive.server2.authentication=NONE)
+  fi
   if [ "$mode" = http ]; then
     hive+=(--hiveconf hive.server2.transport.mode=http --hiveconf "hive.server2.thrift.http.port=$port"
       --hiveconf hive.server2.thrift.http.path=cliservice)
@@ -183,7 +196,8 @@ cmd_stop() {
   local name=${1:?usage: stop NAME|all}
   if [ "$name" = all ]; then
     [ -d "$FIXTURE_DIR" ] || return 0
-    for d in "$FIXTURE_DIR"/*/; do [ -d "$d" ] && stop_one "$(basename "$d")"; done
+    for d in "$FIXTURE_DIR"/*/; do [ -d "$d" ] && [ "$(basename "$d")" != ldap ] && stop_one "$(basename "$d")"; done
+    cmd_ldap_stop
   else
     stop_one "$name"
   fi
@@ -202,8 +216,106 @@ cmd_env() {
   echo "export KB_SPARK_HOME=$(spark_home)"
 }
 
+# ------------------------------------------------------------------ LDAP ---
+
+LDAP_DIR="$FIXTURE_DIR/ldap"
+LDAP_PORT=${KB_LDAP_PORT:-3890}
+LDAP_SUFFIX="dc=example,dc=com"
+
+ldap_install() {
+  if [ -x /usr/sbin/slapd ] && command -v slappasswd >/dev/null && command -v ldapwhoami >/dev/null; then
+    return 0
+  fi
+  log "installing slapd and ldap-utils (no system database is created)"
+  echo 'slapd slapd/no_configuration boolean true' | debconf-set-selections
+  apt-cache show slapd >/dev/null 2>&1 || apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -q --no-install-recommends slapd ldap-utils >&2
+}
+
+ldap_config() {
+  cat >"$LDAP_DIR/slapd.conf" <<CONF
+include         /etc/ldap/schema/core.schema
+include         /etc/ldap/schema/cosine.schema
+include         /etc/ldap/schema/inetorgperson.schema
+include         /etc/ldap/schema/nis.schema
+pidfile         $LDAP_DIR/slapd.pid
+modulepath      /usr/lib/ldap
+moduleload      back_mdb
+database        mdb
+maxsize         67108864
+suffix          "$LDAP_SUFFIX"
+rootdn          "cn=admin,$LDAP_SUFFIX"
+rootpw          $(slappasswd -s admin-pw)
+directory       $LDAP_DIR/data
+index           objectClass,uid,member eq
+access to attrs=userPassword
+        by self write
+        by anonymous auth
+        by * none
+access to *
+        by * read
+CONF
+  local n=10001 u
+  {
+    printf 'dn: %s\nobjectClass: top\nobjectClass: dcObject\nobjectClass: organization\no: Example\ndc: example\n\n' "$LDAP_SUFFIX"
+    printf 'dn: ou=people,%s\nobjectClass: organizationalUnit\nou: people\n\n' "$LDAP_SUFFIX"
+    printf 'dn: ou=groups,%s\nobjectClass: organizationalUnit\nou: groups\n\n' "$LDAP_SUFFIX"
+    for u in alice bob; do
+      printf 'dn: uid=%s,ou=people,%s\nobjectClass: inetOrgPerson\nobjectClass: posixAccount\nuid: %s\ncn: %s\nsn: %s\nuidNumber: %s\ngidNumber: 10000\nhomeDirectory: /home/%s\nuserPassword: %s\n\n' \
+        "$u" "$LDAP_SUFFIX" "$u" "$u" "$u" "$n" "$u" "$(slappasswd -s "$u-pw")"
+      n=$((n + 1))
+    done
+    printf 'dn: cn=hive-users,ou=groups,%s\nobjectClass: groupOfNames\ncn: hive-users\nmember: uid=alice,ou=people,%s\nmember: uid=bob,ou=people,%s\n\n' \
+      "$LDAP_SUFFIX" "$LDAP_SUFFIX" "$LDAP_SUFFIX"
+  } >"$LDAP_DIR/fixture.ldif"
+}
+
+cmd_ldap_start() {
+  ldap_install
+  mkdir -p "$LDAP_DIR/data"
+  exec 9>"$LDAP_DIR/lock"
+  flock 9
+  if [ -f "$LDAP_DIR/pid" ] && kill -0 "$(cat "$LDAP_DIR/pid")" 2>/dev/null; then
+    echo "ldap://$HOST:$LDAP_PORT"
+    return 0
+  fi
+  port_open "$LDAP_PORT" && die "port $HOST:$LDAP_PORT is in use by another process"
+  if [ ! -f "$LDAP_DIR/data/data.mdb" ]; then
+    ldap_config
+    /usr/sbin/slapd -T add -f "$LDAP_DIR/slapd.conf" -l "$LDAP_DIR/fixture.ldif" >"$LDAP_DIR/slapadd.log" 2>&1 ||
+      { cat "$LDAP_DIR/slapadd.log" >&2; die "slapadd failed"; }
+  fi
+  (
+    exec 9>&-
+    exec nohup /usr/sbin/slapd -d 0 -h "ldap://$HOST:$LDAP_PORT/" -f "$LDAP_DIR/slapd.conf"
+  ) >"$LDAP_DIR/slapd.log" 2>&1 </dev/null &
+  echo $! >"$LDAP_DIR/pid"
+  for _ in $(seq 1 100); do
+    if ldapwhoami -x -H "ldap://$HOST:$LDAP_PORT" >/dev/null 2>&1; then
+      echo "ldap://$HOST:$LDAP_PORT"
+      return 0
+    fi
+    kill -0 "$(cat "$LDAP_DIR/pid")" 2>/dev/null || { cat "$LDAP_DIR/slapd.log" >&2; die "slapd exited"; }
+    sleep 0.1
+  done
+  die "slapd not ready after 10 s"
+}
+
+cmd_ldap_stop() {
+  [ -f "$LDAP_DIR/pid" ] || return 0
+  local pid
+  pid=$(cat "$LDAP_DIR/pid")
+  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q slapd; then
+    kill "$pid"
+    log "stopped slapd (pid $pid)"
+  fi
+  rm -f "$LDAP_DIR/pid"
+}
+
 case "${1:-}" in
   install) shift; cmd_install ;;
+  ldap-start) cmd_ldap_start ;;
+  ldap-stop) cmd_ldap_stop ;;
   start) shift; cmd_start "$@" ;;
   stop) shift; cmd_stop "$@" ;;
   status) cmd_status ;;

@@ -139,8 +139,58 @@ pub enum Transport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientAuth {
-    /// Any user name is accepted as the identity; loopback listeners only.
+    /// Any user name is accepted as the identity: loopback listeners only,
+    /// and only with `allow_any_user = true`.
     None,
+    /// Bind against an LDAP server (`[listener.ldap]`).
+    Ldap,
+    /// A local users file of argon2 hashes (`users_file`).
+    Static,
+}
+
+/// LDAP options, as Kyuubi names them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapConfig {
+    /// One or more space-separated URLs, e.g. `ldap://127.0.0.1:3890`.
+    pub url: String,
+    /// Colon-separated DN patterns; `%s` is the user name.
+    #[serde(default)]
+    pub user_dn_pattern: Option<String>,
+    /// With `guid_key`: users are `<guid_key>=<user>,<base_dn>`; with
+    /// `bind_dn`: the search base.
+    #[serde(default)]
+    pub base_dn: Option<String>,
+    #[serde(default = "default_guid_key")]
+    pub guid_key: String,
+    /// Search for the user's DN as this account, then bind as the user.
+    #[serde(default)]
+    pub bind_dn: Option<String>,
+    #[serde(default)]
+    pub bind_password: Option<Secret>,
+    #[serde(default)]
+    pub bind_password_env: Option<String>,
+    /// Extra filter ANDed into the user search, e.g. `(objectClass=inetOrgPerson)`.
+    #[serde(default)]
+    pub user_filter: Option<String>,
+    /// The user must be a member of this group.
+    #[serde(default)]
+    pub group_dn: Option<String>,
+    #[serde(default = "default_member_attribute")]
+    pub group_member_attribute: String,
+    /// How long a successful check is remembered.
+    #[serde(default = "default_cache_ttl", with = "duration")]
+    pub cache_ttl: Duration,
+}
+
+fn default_guid_key() -> String {
+    "uid".into()
+}
+fn default_member_attribute() -> String {
+    "member".into()
+}
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +201,14 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     pub route: String,
     pub auth: ClientAuth,
+    /// Required with `auth = "none"`: say that any user name is trusted.
+    #[serde(default)]
+    pub allow_any_user: bool,
+    #[serde(default)]
+    pub ldap: Option<LdapConfig>,
+    /// `auth = "static"`: lines of `name:<argon2 PHC hash>`.
+    #[serde(default)]
+    pub users_file: Option<std::path::PathBuf>,
     /// Binary only: also accept raw (NOSASL) Thrift, detected by its first byte.
     #[serde(default = "yes")]
     pub allow_nosasl: bool,
@@ -503,6 +561,7 @@ mod tests {
         bind = "127.0.0.1:10009"
         route = "sts"
         auth = "none"
+        allow_any_user = true
 
         [routes.sts.upstream]
         transport = "binary"

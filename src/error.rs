@@ -73,6 +73,11 @@ pub enum RpcError {
     UnknownHandle(&'static str),
     #[error("kyuubi-broker is shutting down; reconnect shortly")]
     ShuttingDown,
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    /// The client is known but may not use this resource.
+    #[error("user {user} has no account mapping on computing resource {resource}")]
+    NoMapping { user: String, resource: String },
 }
 
 impl From<WireError> for RpcError {
@@ -88,6 +93,8 @@ impl RpcError {
             RpcError::BadRequest(_) => "bad_request",
             RpcError::UnknownHandle(_) => "unknown_handle",
             RpcError::ShuttingDown => "shutting_down",
+            RpcError::Auth(_) => "unauthenticated",
+            RpcError::NoMapping { .. } => "no_mapping",
         }
     }
 
@@ -98,14 +105,15 @@ impl RpcError {
             // 08S01: communication link failure, as JDBC drivers expect
             RpcError::Upstream(_) | RpcError::ShuttingDown => (ReplyStatus::Error, "08S01"),
             RpcError::BadRequest(_) => (ReplyStatus::Error, "HY000"),
+            // 28000: invalid authorization specification
+            RpcError::Auth(_) | RpcError::NoMapping { .. } => (ReplyStatus::Error, "28000"),
         };
-        error_reply(
-            method,
-            seqid,
-            status,
-            state,
-            &format!("kyuubi-broker: {self}"),
-        )
+        // the mapping refusal is quoted exactly, without a prefix
+        let text = match self {
+            RpcError::NoMapping { .. } => self.to_string(),
+            _ => format!("kyuubi-broker: {self}"),
+        };
+        error_reply(method, seqid, status, state, &text)
     }
 
     /// For HTTP clients: transport-level failures become an HTTP status with
@@ -115,7 +123,11 @@ impl RpcError {
             RpcError::Upstream(e) => Some(e.http_status()),
             RpcError::ShuttingDown => Some(StatusCode::SERVICE_UNAVAILABLE),
             RpcError::BadRequest(_) => Some(StatusCode::BAD_REQUEST),
-            RpcError::UnknownHandle(_) => None,
+            RpcError::Auth(crate::auth::AuthError::Unavailable(_)) => {
+                Some(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            RpcError::Auth(_) => Some(StatusCode::UNAUTHORIZED),
+            RpcError::UnknownHandle(_) | RpcError::NoMapping { .. } => None,
         }
     }
 }

@@ -109,12 +109,23 @@ pub async fn run(
             warn!(listener = %bound.name, "no [[listener]] of this name; socket ignored");
             continue;
         };
-        let lc = Arc::new(lc.clone());
+        let auth = match auth::Authenticator::from_config(lc) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(listener = %lc.name, "listener not started: {e}");
+                continue;
+            }
+        };
+        let l = listen::Listener {
+            config: lc.clone(),
+            auth,
+        };
         let addr: Option<SocketAddr> = bound.tcp.local_addr().ok();
         let sh = shared.clone();
-        match lc.protocol {
+        match l.config.protocol {
             Transport::Binary => {
-                info!(listener = %lc.name, addr = ?addr, route = %lc.route, "binary listener up");
+                let lc = Arc::new(l);
+                info!(listener = %lc.config.name, addr = ?addr, route = %lc.config.route, "binary listener up");
                 accept_loops.spawn(listen::accept_loop(
                     bound.tcp,
                     shared.clone(),
@@ -125,7 +136,7 @@ pub async fn run(
             }
             Transport::Http => {
                 info!(listener = %lc.name, addr = ?addr, path = %lc.http_path, route = %lc.route, "HTTP listener up");
-                let hl = listen::http::HttpListener::new(lc);
+                let hl = listen::http::HttpListener::new(l);
                 accept_loops.spawn(listen::accept_loop(
                     bound.tcp,
                     shared.clone(),

@@ -275,20 +275,11 @@ impl Broker {
         msg: Bytes,
         upstream_time: &mut Duration,
     ) -> Result<Bytes, RpcError> {
-        let info = tcli::read_open_session(&msg)?;
-        let identity = match &conn.identity {
-            Some(id) => id.clone(),
-            // NOSASL clients name themselves in the request.
-            None => ClientIdentity {
-                user: info
-                    .username
-                    .clone()
-                    .filter(|u| !u.is_empty())
-                    .unwrap_or_else(|| "anonymous".into()),
-                password: Secret::new(info.password.clone().unwrap_or_default()),
-                addr: conn.peer,
-            },
-        };
+        // listeners authenticate before OpenSession reaches here
+        let identity = conn
+            .identity
+            .clone()
+            .ok_or_else(|| RpcError::BadRequest("OpenSession before authentication".into()))?;
         let route = conn.route.clone();
         let cred = upstream_credential(&route, &identity);
         let target = &route.target;

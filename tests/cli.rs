@@ -29,7 +29,7 @@ fn check_config_names_the_bad_key_and_exits_64() {
     let f = dir.path().join("bad.toml");
     std::fs::write(
         &f,
-        "[[listener]]\nname = \"b\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:1\"\nroute = \"missing\"\nauth = \"none\"\n\n\
+        "[[listener]]\nname = \"b\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:1\"\nroute = \"missing\"\nauth = \"none\"\nallow_any_user = true\n\n\
          [routes.r.upstream]\ntransport = \"binary\"\nhost = \"h\"\nport = 1\n",
     )
     .unwrap();
@@ -52,7 +52,7 @@ fn serve_stops_cleanly_on_sigterm() {
     let f = dir.path().join("c.toml");
     std::fs::write(
         &f,
-        "[[listener]]\nname = \"b\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:0\"\nroute = \"r\"\nauth = \"none\"\n\n\
+        "[[listener]]\nname = \"b\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:0\"\nroute = \"r\"\nauth = \"none\"\nallow_any_user = true\n\n\
          [routes.r.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = 9\n",
     )
     .unwrap();

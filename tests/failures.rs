@@ -578,6 +578,7 @@ protocol = "binary"
 bind = "127.0.0.1:0"
 route = "healthy"
 auth = "none"
+allow_any_user = true
 
 {}
 [routes.healthy.upstream]

@@ -9,10 +9,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
 
-use super::Shared;
-use crate::auth::authenticate;
-use crate::config::ListenerConfig;
+use super::{Listener, Shared};
+use crate::error::RpcError;
 use crate::session::{Call, ClientConn, ClientIdentity, ClientKind};
+use crate::tcli::Scope;
 use crate::wire::io::{FrameError, Framing, MessageIo};
 use crate::wire::sasl::{self, SaslError, ServerHandshake, ServerStep};
 use crate::wire::thrift::peek_header;
@@ -24,11 +24,11 @@ const THRIFT_STRICT: u8 = 0x80;
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    listener: Arc<ListenerConfig>,
+    listener: Arc<Listener>,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
 ) {
-    let span = tracing::info_span!("conn", listener = %listener.name, %peer);
+    let span = tracing::info_span!("conn", listener = %listener.config.name, %peer);
     connection(stream, peer, listener, shared)
         .instrument(span)
         .await;
@@ -38,10 +38,10 @@ pub async fn serve(
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
-    listener: Arc<ListenerConfig>,
+    listener: Arc<Listener>,
     shared: Arc<Shared>,
 ) {
-    let Some(route) = shared.broker.route(&listener.route) else {
+    let Some(route) = shared.broker.route(&listener.config.route) else {
         return;
     };
     let mut io = MessageIo::new(stream, shared.server.max_message_bytes);
@@ -95,6 +95,16 @@ async fn connection(
                 break;
             }
         };
+        // NOSASL clients name themselves in OpenSession: check them there
+        if conn.identity.is_none() && call.scope == Scope::OpenSession {
+            if let Err(e) = nosasl_login(&mut conn, &msg, &listener, peer).await {
+                let reply = e.to_thrift_reply(call.wire_name(), call.seqid);
+                if io.write_message(framing, &reply).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        }
         let reply = match shared.broker.forward(&mut conn, &call, msg).await {
             Ok(r) => r,
             Err(e) => e.to_thrift_reply(call.wire_name(), call.seqid).into(),
@@ -112,11 +122,12 @@ async fn connection(
 async fn handshake(
     io: &mut MessageIo,
     peer: SocketAddr,
-    listener: &ListenerConfig,
+    listener: &Listener,
 ) -> Result<(Framing, Option<ClientIdentity>), FrameError> {
+    let allow_nosasl = listener.config.allow_nosasl;
     match io.peek_byte().await? {
         SASL_START => {}
-        THRIFT_STRICT if listener.allow_nosasl => return Ok((Framing::Bare, None)),
+        THRIFT_STRICT if allow_nosasl => return Ok((Framing::Bare, None)),
         THRIFT_STRICT => {
             return Err(FrameError::Malformed(
                 "NOSASL client on a listener with allow_nosasl = false".into(),
@@ -157,7 +168,11 @@ async fn handshake(
             }
         };
         let user = creds.user.clone();
-        return match authenticate(listener.auth, &creds.user, creds.password, peer).await {
+        return match listener
+            .auth
+            .authenticate(&creds.user, creds.password, peer)
+            .await
+        {
             Ok(identity) => {
                 io.write_sasl(sasl::Status::Complete, b"").await?;
                 info!(%user, "client authenticated (SASL PLAIN)");
@@ -171,4 +186,21 @@ async fn handshake(
             }
         };
     }
+}
+
+/// Authenticates a NOSASL client by the user name and password in its
+/// OpenSession request.
+async fn nosasl_login(
+    conn: &mut ClientConn,
+    msg: &[u8],
+    listener: &Listener,
+    peer: SocketAddr,
+) -> Result<(), RpcError> {
+    let info = crate::tcli::read_open_session(msg)?;
+    let user = info.username.unwrap_or_default();
+    let password = crate::secret::Secret::new(info.password.unwrap_or_default());
+    let id = listener.auth.authenticate(&user, password, peer).await?;
+    info!(user = %id.user, "client authenticated (NOSASL OpenSession)");
+    conn.identity = Some(id);
+    Ok(())
 }

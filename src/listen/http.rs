@@ -20,22 +20,23 @@ use tracing::{debug, warn};
 
 use super::cookie::CookieJar;
 use super::Shared;
-use crate::auth::authenticate;
 use crate::config::ListenerConfig;
 use crate::secret::Secret;
 use crate::session::{Call, ClientConn, ClientIdentity, ClientKind};
 
 /// Per-listener state shared by its connections.
 pub struct HttpListener {
-    pub config: Arc<ListenerConfig>,
+    pub config: ListenerConfig,
+    auth: crate::auth::Authenticator,
     cookies: CookieJar,
 }
 
 impl HttpListener {
-    pub fn new(config: Arc<ListenerConfig>) -> Arc<HttpListener> {
+    pub fn new(l: super::Listener) -> Arc<HttpListener> {
         Arc::new(HttpListener {
-            cookies: CookieJar::new(config.cookie_max_age),
-            config,
+            cookies: CookieJar::new(l.config.cookie_max_age),
+            config: l.config,
+            auth: l.auth,
         })
     }
 }
@@ -232,7 +233,7 @@ async fn authenticate_request(
     }
     match basic_credentials(req) {
         Ok(Some((user, password))) => {
-            match authenticate(listener.config.auth, &user, password, peer).await {
+            match listener.auth.authenticate(&user, password, peer).await {
                 Ok(id) => {
                     let cookie = listener.cookies.issue(id.clone()).await;
                     Ok((id, Some(cookie)))

@@ -16,8 +16,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
-use crate::config::ServerConfig;
+use crate::auth::Authenticator;
+use crate::config::{ListenerConfig, ServerConfig};
 use crate::session::Broker;
+
+/// One configured listener and the authenticator it uses.
+pub struct Listener {
+    pub config: ListenerConfig,
+    pub auth: Authenticator,
+}
 
 /// What every connection task needs.
 pub struct Shared {

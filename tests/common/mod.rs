@@ -162,6 +162,7 @@ protocol = "binary"
 bind = "127.0.0.1:0"
 route = "r"
 auth = "none"
+allow_any_user = true
 
 [[listener]]
 name = "http"
@@ -169,6 +170,7 @@ protocol = "http"
 bind = "127.0.0.1:0"
 route = "r"
 auth = "none"
+allow_any_user = true
 "#;
 
 pub async fn start_broker_with(route: &str, server: &str) -> Broker {

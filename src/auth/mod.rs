@@ -1,0 +1,176 @@
+//! Client authentication at the broker: turns presented credentials into a
+//! [`ClientIdentity`]. Each listener builds one [`Authenticator`]; every
+//! transport calls [`Authenticator::authenticate`].
+
+mod ldap;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::Argon2;
+
+use crate::config::{ClientAuth, ListenerConfig};
+use crate::secret::Secret;
+use crate::session::ClientIdentity;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// One message for every refusal, so a caller cannot tell a wrong
+    /// password from an unknown user.
+    #[error("authentication failed for user '{0}'")]
+    Refused(String),
+    /// The authentication service itself failed (not the user's fault).
+    #[error("authentication service unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub enum Authenticator {
+    /// Any user name is accepted (loopback listeners with an explicit flag).
+    AnyUser,
+    Ldap(ldap::LdapAuth),
+    /// name → argon2 PHC hash.
+    Static(Vec<(String, String)>),
+}
+
+/// A well-formed argon2id string nobody knows a password for: unknown users
+/// are checked against it, so they take as long as known ones.
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$JuCaNUGxr9dcrAa7j9Ou9OcmJ3D+HvdfB1ak1tuPHHk";
+
+impl Authenticator {
+    pub fn from_config(l: &ListenerConfig) -> Result<Authenticator, String> {
+        Ok(match l.auth {
+            ClientAuth::None => Authenticator::AnyUser,
+            ClientAuth::Ldap => Authenticator::Ldap(ldap::LdapAuth::new(
+                l.ldap
+                    .clone()
+                    .ok_or("auth = \"ldap\" needs a [listener.ldap] table")?,
+            )),
+            ClientAuth::Static => Authenticator::Static(load_users(
+                l.users_file
+                    .as_deref()
+                    .ok_or("auth = \"static\" needs users_file")?,
+            )?),
+        })
+    }
+
+    pub async fn authenticate(
+        &self,
+        user: &str,
+        password: Secret,
+        addr: SocketAddr,
+    ) -> Result<ClientIdentity, AuthError> {
+        if user.is_empty() {
+            return Err(AuthError::Refused(String::new()));
+        }
+        match self {
+            Authenticator::AnyUser => {}
+            Authenticator::Ldap(l) => l.verify(user, &password).await?,
+            Authenticator::Static(users) => {
+                let hash = users
+                    .iter()
+                    .find(|(u, _)| u == user)
+                    .map(|(_, h)| h.as_str());
+                let parsed = PasswordHash::new(hash.unwrap_or(DUMMY_HASH))
+                    .map_err(|_| AuthError::Refused(user.into()))?;
+                let ok = Argon2::default()
+                    .verify_password(password.expose().as_bytes(), &parsed)
+                    .is_ok();
+                if !ok || hash.is_none() {
+                    return Err(AuthError::Refused(user.to_string()));
+                }
+            }
+        }
+        Ok(ClientIdentity {
+            user: user.to_string(),
+            password,
+            addr,
+        })
+    }
+}
+
+/// `name:$argon2id$...` per line; `#` starts a comment.
+pub fn load_users(path: &Path) -> Result<Vec<(String, String)>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("users_file {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |why: &str| format!("users_file {}:{}: {why}", path.display(), i + 1);
+        let (name, hash) = line
+            .split_once(':')
+            .ok_or_else(|| bad("expected name:hash"))?;
+        PasswordHash::new(hash).map_err(|_| {
+            bad("not an argon2 PHC hash (make one with `kyuubi-broker hash-password`)")
+        })?;
+        out.push((name.to_string(), hash.to_string()));
+    }
+    Ok(out)
+}
+
+/// An argon2id PHC hash of `password`, for users files.
+pub fn hash_password(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 with default parameters")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr() -> SocketAddr {
+        "127.0.0.1:1".parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn static_users_check_argon2_hashes_with_one_error_for_all_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("users");
+        std::fs::write(
+            &f,
+            format!("# users\nalice:{}\n", hash_password("alice-pw")),
+        )
+        .unwrap();
+        let a = Authenticator::Static(load_users(&f).unwrap());
+        assert_eq!(
+            a.authenticate("alice", Secret::new("alice-pw"), addr())
+                .await
+                .unwrap()
+                .user,
+            "alice"
+        );
+        let wrong = a
+            .authenticate("alice", Secret::new("nope"), addr())
+            .await
+            .unwrap_err()
+            .to_string();
+        let unknown = a
+            .authenticate("mallory", Secret::new("nope"), addr())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(wrong.replace("alice", "X"), unknown.replace("mallory", "X"));
+    }
+
+    #[test]
+    fn a_bad_users_file_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("users");
+        std::fs::write(&f, "alice:plaintext\n").unwrap();
+        let e = load_users(&f).unwrap_err();
+        assert!(e.contains(":1:") && e.contains("argon2"), "{e}");
+    }
+
+    #[test]
+    fn dummy_hash_is_a_valid_phc_string() {
+        assert!(PasswordHash::new(DUMMY_HASH).is_ok());
+    }
+}
