@@ -28,7 +28,7 @@ pub enum AuthError {
 pub enum Authenticator {
     /// Any user name is accepted (loopback listeners with an explicit flag).
     AnyUser,
-    Ldap(ldap::LdapAuth),
+    Ldap(Box<ldap::LdapAuth>),
     /// name → argon2 PHC hash.
     Static(Vec<(String, String)>),
 }
@@ -42,11 +42,11 @@ impl Authenticator {
     pub fn from_config(l: &ListenerConfig) -> Result<Authenticator, String> {
         Ok(match l.auth {
             ClientAuth::None => Authenticator::AnyUser,
-            ClientAuth::Ldap => Authenticator::Ldap(ldap::LdapAuth::new(
+            ClientAuth::Ldap => Authenticator::Ldap(Box::new(ldap::LdapAuth::new(
                 l.ldap
                     .clone()
                     .ok_or("auth = \"ldap\" needs a [listener.ldap] table")?,
-            )),
+            ))),
             ClientAuth::Static => Authenticator::Static(load_users(
                 l.users_file
                     .as_deref()
