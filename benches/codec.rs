@@ -92,7 +92,10 @@ fn bench(c: &mut Criterion) {
     let os = open_session();
     let edit = OpenSessionEdit {
         credentials: Some(("etl".into(), "secret".into())),
-        conf: vec![("kyuubi.client.ipAddress".into(), "10.0.0.7".into())],
+        configuration: Some(vec![
+            ("use:database".into(), "default".into()),
+            ("kyuubi.client.ipAddress".into(), "10.0.0.7".into()),
+        ]),
     };
     c.bench_function("open_session_rewrite", |b| {
         b.iter(|| rewrite_open_session(black_box(&os), &edit).unwrap().len())

@@ -51,7 +51,8 @@ impl Hs2Client {
             user: user.to_string(),
             password: Secret::new(password),
         };
-        let link = Link::open(&target, &cred, &HttpPool::new(cfg.connect_timeout)).await?;
+        let local = std::net::IpAddr::from([127, 0, 0, 1]);
+        let link = Link::open(&target, &cred, &HttpPool::new(cfg.connect_timeout), local).await?;
         let nosasl = cfg.transport == Transport::Binary && cfg.sasl == UpstreamSasl::Nosasl;
         Ok(Hs2Client {
             link,

@@ -220,12 +220,90 @@ pub struct ListenerConfig {
     pub cookie_max_age: Duration,
 }
 
+/// A computing resource: where its clients go, as whom, with which session
+/// settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub upstream: UpstreamConfig,
+    /// Used when there is no `mapping`.
     #[serde(default)]
     pub credentials: CredentialsConfig,
+    /// Who each client user is upstream; unmapped users are refused.
+    #[serde(default)]
+    pub mapping: Option<MappingConfig>,
+    #[serde(default)]
+    pub session: SessionPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MappingType {
+    /// The upstream user is a name (the client's own, or a configured one).
+    System,
+    /// The upstream user is an LDAP account with its password.
+    Ldap,
+}
+
+/// How a system-mapped name reaches the upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Carry {
+    /// As the upstream SASL PLAIN / HTTP Basic user (password: the route's
+    /// static credential, else the client's own).
+    #[default]
+    User,
+    /// As `kyuubi.session.proxy.user` and `hive.server2.proxy.user`, while the
+    /// broker authenticates with the route's `credentials`.
+    ProxyUser,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    #[serde(rename = "type")]
+    pub kind: MappingType,
+    #[serde(default)]
+    pub carry: Carry,
+    /// System: client user → upstream user.
+    #[serde(default)]
+    pub users: BTreeMap<String, String>,
+    /// System: users not listed keep their own name (instead of being refused).
+    #[serde(default)]
+    pub same_name_for_unlisted: bool,
+    /// LDAP: client user → LDAP account.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, LdapAccount>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapAccount {
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+/// Session settings sent upstream in OpenSession.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionPolicy {
+    /// Sent unless the client sets the key itself: the engine version, the
+    /// resource queue, ... under the keys your gateway reads.
+    #[serde(default)]
+    pub defaults: BTreeMap<String, String>,
+    /// Global Spark properties.
+    #[serde(default)]
+    pub spark_conf: BTreeMap<String, String>,
+    /// On a conflict, `spark_conf` wins over the client's own setting.
+    #[serde(default)]
+    pub global_takes_precedence: bool,
+    /// Let clients ask for another user (`hive.server2.proxy.user`,
+    /// `kyuubi.session.proxy.user`, `doAs`); otherwise those are stripped.
+    #[serde(default)]
+    pub allow_impersonation: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -444,6 +522,49 @@ impl Config {
                         format!("{key}.upstream.token"),
                         "must be non-empty and only letters and digits (it goes into a URL path)",
                         "check the token value",
+                    ));
+                }
+            }
+            if let Some(m) = &mut r.mapping {
+                for (client, acct) in m.accounts.iter_mut() {
+                    if let Some(var) = acct.password_env.clone() {
+                        acct.password = Some(read_env(
+                            &var,
+                            &format!("{key}.mapping.accounts.{client}.password_env"),
+                        )?);
+                    }
+                    if acct.password.is_none() {
+                        return Err(invalid(
+                            format!("{key}.mapping.accounts.{client}"),
+                            "has no password",
+                            "set password_env (or password)",
+                        ));
+                    }
+                }
+                let ldap = m.kind == MappingType::Ldap;
+                if ldap
+                    && (!m.users.is_empty() || m.same_name_for_unlisted || m.carry != Carry::User)
+                {
+                    return Err(invalid(
+                        format!("{key}.mapping"),
+                        "type = \"ldap\" takes accounts only",
+                        "move users/same_name_for_unlisted/carry to a system mapping",
+                    ));
+                }
+                if !ldap && !m.accounts.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.mapping.accounts"),
+                        "accounts belong to type = \"ldap\"",
+                        "use users",
+                    ));
+                }
+                if m.carry == Carry::ProxyUser
+                    && !matches!(r.credentials, CredentialsConfig::Static { .. })
+                {
+                    return Err(invalid(
+                        format!("{key}.mapping.carry"),
+                        "proxy_user needs the broker's own upstream identity",
+                        "set [routes.<name>.credentials] mode = \"static\"",
                     ));
                 }
             }

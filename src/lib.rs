@@ -35,6 +35,7 @@ pub mod connstr;
 pub mod emulator;
 pub mod error;
 pub mod listen;
+pub mod mapping;
 pub mod secret;
 pub mod session;
 pub mod tcli;

@@ -13,18 +13,24 @@ use moka::future::Cache;
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::{Config, CredentialsConfig, Transport, UpstreamSasl};
+use crate::config::{
+    Config, CredentialsConfig, MappingConfig, SessionPolicy, Transport, UpstreamSasl,
+};
 use crate::error::{RpcError, UpstreamError};
+use crate::mapping::{self, UpstreamIdentity};
 use crate::secret::Secret;
 use crate::tcli::{self, Guid, OpenSessionEdit, Scope};
-use crate::upstream::{Credential, HttpPool, Link, Target};
+use crate::upstream::{HttpPool, Link, Target};
 use crate::wire::thrift::{peek_header, MessageType, Writer};
 
-/// A configured route: the upstream and the identity used there.
+/// A configured route (computing resource): the upstream, the identity
+/// used there, and its session settings.
 pub struct Route {
     pub name: String,
     pub target: Arc<Target>,
     credentials: CredentialsConfig,
+    mapping: Option<MappingConfig>,
+    policy: SessionPolicy,
     pool: HttpPool,
 }
 
@@ -36,18 +42,17 @@ pub struct ClientIdentity {
     pub addr: SocketAddr,
 }
 
-/// Chooses the identity presented upstream for a client.
-pub fn upstream_credential(route: &Route, client: &ClientIdentity) -> Credential {
-    match &route.credentials {
-        CredentialsConfig::Passthrough => Credential {
-            user: client.user.clone(),
-            password: client.password.clone(),
-        },
-        CredentialsConfig::Static { user, password, .. } => Credential {
-            user: user.clone(),
-            password: password.clone().unwrap_or_default(),
-        },
-    }
+/// Chooses the identity presented upstream for a client: the one place.
+pub fn upstream_credential(
+    route: &Route,
+    client: &ClientIdentity,
+) -> Result<UpstreamIdentity, RpcError> {
+    mapping::upstream_identity(
+        &route.name,
+        &route.credentials,
+        route.mapping.as_ref(),
+        client,
+    )
 }
 
 /// A parsed call: enough to route it and to answer it on failure.
@@ -118,6 +123,8 @@ pub struct ClientConn {
     link: Option<Link>,
     /// Binary clients: sessions opened on this connection (guid, secret).
     sessions: Vec<(Guid, Vec<u8>)>,
+    /// HTTP clients: a `doAs` query parameter (an impersonation request).
+    pub do_as: Option<String>,
 }
 
 impl ClientConn {
@@ -134,6 +141,7 @@ impl ClientConn {
             peer,
             link: None,
             sessions: Vec::new(),
+            do_as: None,
         }
     }
 }
@@ -172,6 +180,8 @@ impl Broker {
                     pool: HttpPool::new(target.connect_timeout),
                     target,
                     credentials: r.credentials.clone(),
+                    mapping: r.mapping.clone(),
+                    policy: r.session.clone(),
                 };
                 (name.clone(), Arc::new(route))
             })
@@ -281,13 +291,28 @@ impl Broker {
             .clone()
             .ok_or_else(|| RpcError::BadRequest("OpenSession before authentication".into()))?;
         let route = conn.route.clone();
-        let cred = upstream_credential(&route, &identity);
+        let up = upstream_credential(&route, &identity)?;
+        let cred = up.credential;
         let target = &route.target;
+        let info = tcli::read_open_session(&msg)?;
+        let mut client_conf = info.configuration;
+        if let Some(d) = &conn.do_as {
+            client_conf.push((mapping::IMPERSONATION_KEYS[1].to_string(), d.clone()));
+        }
+        let mut forced = up.forced;
+        forced.push((
+            mapping::CLIENT_IP_KEY.to_string(),
+            identity.addr.ip().to_string(),
+        ));
+        let (conf, stripped) = mapping::session_conf(&route.policy, &client_conf, &forced);
+        for key in stripped {
+            warn!(user = %identity.user, %key, peer = %identity.addr, "stripped a client-supplied setting: possible spoofing attempt");
+        }
         let edit = OpenSessionEdit {
             credentials: (target.transport == Transport::Binary
                 && target.sasl == UpstreamSasl::Nosasl)
                 .then(|| (cred.user.clone(), cred.password.expose().to_string())),
-            conf: Vec::new(),
+            configuration: Some(conf),
         };
         let msg = Bytes::from(tcli::rewrite_open_session(&msg, &edit)?);
 
@@ -299,7 +324,7 @@ impl Broker {
             Some(l) => l,
             None => {
                 let t0 = Instant::now();
-                let l = Link::open(target, &cred, &route.pool).await;
+                let l = Link::open(target, &cred, &route.pool, identity.addr.ip()).await;
                 *upstream_time += t0.elapsed();
                 l?
             }

@@ -169,6 +169,12 @@ async fn handle(
         );
     }
 
+    let do_as = req.uri().query().and_then(|q| {
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| k.eq_ignore_ascii_case("doAs"))
+            .map(|(_, v)| v.to_string())
+    });
     let (identity, set_cookie) = match authenticate_request(&req, peer, listener).await {
         Ok(v) => v,
         Err(resp) => return resp,
@@ -206,6 +212,7 @@ async fn handle(
         return text(StatusCode::INTERNAL_SERVER_ERROR, "route missing");
     };
     let mut conn = ClientConn::new(ClientKind::Http, route, Some(identity), peer);
+    conn.do_as = do_as;
     let mut resp = match shared.broker.forward(&mut conn, &call, body).await {
         Ok(reply) => thrift(reply),
         Err(e) => match e.http_status() {

@@ -127,8 +127,8 @@ pub fn reply_session_handle(
 pub struct OpenSessionEdit {
     /// TOpenSessionReq.username / password (NOSASL upstreams read them).
     pub credentials: Option<(String, String)>,
-    /// Entries added to (or replacing) TOpenSessionReq.configuration.
-    pub conf: Vec<(String, String)>,
+    /// Replaces TOpenSessionReq.configuration as a whole.
+    pub configuration: Option<Vec<(String, String)>>,
 }
 
 /// What a client put in its OpenSession request.
@@ -181,7 +181,7 @@ fn read_string_map(r: &mut Reader<'_>) -> Result<Vec<(String, String)>, WireErro
 /// Rewrites an OpenSession request. Only TOpenSessionReq fields 2, 3 and 4 are
 /// decoded and re-encoded; everything else is copied as it came.
 pub fn rewrite_open_session(msg: &[u8], edit: &OpenSessionEdit) -> Result<Vec<u8>, WireError> {
-    if edit.credentials.is_none() && edit.conf.is_empty() {
+    if edit.credentials.is_none() && edit.configuration.is_none() {
         return Ok(msg.to_vec());
     }
     let h = peek_header(msg)?;
@@ -194,7 +194,6 @@ pub fn rewrite_open_session(msg: &[u8], edit: &OpenSessionEdit) -> Result<Vec<u8
     let mut w = Writer {
         buf: msg[..req_start].to_vec(),
     };
-    let mut conf: Vec<(String, String)> = Vec::new();
     loop {
         let field_start = r.pos();
         let Some((t, id)) = r.field_begin()? else {
@@ -202,7 +201,7 @@ pub fn rewrite_open_session(msg: &[u8], edit: &OpenSessionEdit) -> Result<Vec<u8
         };
         match (id, t) {
             (2 | 3, _) if edit.credentials.is_some() => r.skip(t)?,
-            (4, ttype::MAP) => conf = read_string_map(&mut r)?,
+            (4, _) if edit.configuration.is_some() => r.skip(t)?,
             _ => {
                 r.skip(t)?;
                 w.buf.extend_from_slice(&msg[field_start..r.pos()]);
@@ -215,15 +214,9 @@ pub fn rewrite_open_session(msg: &[u8], edit: &OpenSessionEdit) -> Result<Vec<u8
         w.field(ttype::STRING, 3);
         w.string(password);
     }
-    for (k, v) in &edit.conf {
-        match conf.iter_mut().find(|(ck, _)| ck == k) {
-            Some(e) => e.1 = v.clone(),
-            None => conf.push((k.clone(), v.clone())),
-        }
-    }
-    if !conf.is_empty() {
+    if let Some(conf) = &edit.configuration {
         w.field(ttype::MAP, 4);
-        w.string_map(&conf);
+        w.string_map(conf);
     }
     w.stop();
     // the rest of the args struct after field 1 (normally just its STOP)
@@ -345,11 +338,15 @@ mod tests {
     }
 
     #[test]
-    fn rewrite_sets_credentials_and_merges_conf_keeping_vendor_fields() {
+    fn rewrite_sets_credentials_and_replaces_conf_keeping_vendor_fields() {
         let msg = open_session_msg(true);
         let edit = OpenSessionEdit {
             credentials: Some(("etl".into(), "pw".into())),
-            conf: vec![("k".into(), "broker".into()), ("new".into(), "1".into())],
+            configuration: Some(vec![
+                ("use:database".into(), "default".into()),
+                ("k".into(), "broker".into()),
+                ("new".into(), "1".into()),
+            ]),
         };
         let out = rewrite_open_session(&msg, &edit).unwrap();
         let req = decode_req(&out);

@@ -44,6 +44,7 @@ pub struct HttpChannel {
     pool: HttpPool,
     authority: String,
     basic: HeaderValue,
+    client_ip: HeaderValue,
     cookie: std::sync::Mutex<Option<HeaderValue>>,
 }
 
@@ -52,6 +53,7 @@ impl HttpChannel {
         target: Arc<Target>,
         cred: &Credential,
         pool: &HttpPool,
+        client_ip: std::net::IpAddr,
     ) -> Result<HttpChannel, UpstreamError> {
         let authority = format!("{}:{}", target.host, target.port);
         let raw = format!("{}:{}", cred.user, cred.password.expose());
@@ -69,6 +71,8 @@ impl HttpChannel {
             pool: pool.clone(),
             authority,
             basic,
+            client_ip: HeaderValue::from_str(&client_ip.to_string())
+                .expect("an IP is a valid header"),
             cookie: std::sync::Mutex::new(None),
         })
     }
@@ -89,7 +93,9 @@ impl HttpChannel {
                 USER_AGENT,
                 concat!("kyuubi-broker/", env!("CARGO_PKG_VERSION")),
             )
-            .header(AUTHORIZATION, self.basic.clone());
+            .header(AUTHORIZATION, self.basic.clone())
+            .header("x-real-ip", self.client_ip.clone())
+            .header("x-forwarded-for", self.client_ip.clone());
         if let Some(c) = self
             .cookie
             .lock()

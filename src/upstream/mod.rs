@@ -132,10 +132,12 @@ pub enum Link {
 
 impl Link {
     /// Connects (binary: TCP + SASL) or prepares (HTTP) a link as `cred`.
+    /// `client_ip` is passed on to HTTP upstreams as X-Real-IP / X-Forwarded-For.
     pub async fn open(
         target: &Arc<Target>,
         cred: &Credential,
         pool: &HttpPool,
+        client_ip: std::net::IpAddr,
     ) -> Result<Link, UpstreamError> {
         match target.transport {
             Transport::Binary => Ok(Link::Binary(Arc::new(Mutex::new(
@@ -145,6 +147,7 @@ impl Link {
                 target.clone(),
                 cred,
                 pool,
+                client_ip,
             )?))),
         }
     }
