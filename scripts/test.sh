@@ -7,14 +7,18 @@ cd "$(dirname "$0")/.."
 t0=$SECONDS
 
 scripts/fixture.sh install
-# the two shared upstreams, started in parallel (about 20 s each)
+scripts/fixture.sh ldap-start >/dev/null
+# the shared upstreams, started in parallel (about 20 s each)
 scripts/fixture.sh start sts-binary --mode binary --port 10000 >/dev/null &
 b=$!
 scripts/fixture.sh start sts-http --mode http --port 10001 >/dev/null &
 h=$!
+scripts/fixture.sh start sts-ldap --mode binary --port 10003 --auth ldap >/dev/null &
+l=$!
 trap 'scripts/fixture.sh stop all' EXIT
 wait $b
 wait $h
+wait $l
 echo "[test] fixture ready after $((SECONDS - t0)) s"
 
 cargo test --all-targets "$@"

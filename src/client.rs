@@ -28,8 +28,9 @@ pub enum ClientError {
     Thrift(#[from] thrift::Error),
     #[error("server exception: {0}")]
     Application(String),
+    /// An error TStatus: code, message and SQLSTATE.
     #[error("{0:?}: {1}")]
-    Status(TStatusCode, String),
+    Status(TStatusCode, String, Option<String>),
 }
 
 pub struct Hs2Client {
@@ -111,11 +112,24 @@ impl Hs2Client {
     }
 
     pub async fn open_session(&mut self) -> Result<TSessionHandle, ClientError> {
+        self.open_session_with(&[]).await
+    }
+
+    /// Opens a session with these OpenSession configuration entries.
+    pub async fn open_session_with(
+        &mut self,
+        conf: &[(&str, &str)],
+    ) -> Result<TSessionHandle, ClientError> {
+        let configuration = (!conf.is_empty()).then(|| {
+            conf.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        });
         let req = TOpenSessionReq {
             client_protocol: TProtocolVersion::HIVE_CLI_SERVICE_PROTOCOL_V10,
             username: self.nosasl_identity.as_ref().map(|(u, _)| u.clone()),
             password: self.nosasl_identity.as_ref().map(|(_, p)| p.clone()),
-            configuration: None,
+            configuration,
         };
         let resp: TOpenSessionResp = self.call("OpenSession", &req).await?;
         check(&resp.status)?;
@@ -180,6 +194,7 @@ pub fn check(status: &TStatus) -> Result<(), ClientError> {
         code => Err(ClientError::Status(
             code,
             status.error_message.clone().unwrap_or_default(),
+            status.sql_state.clone(),
         )),
     }
 }

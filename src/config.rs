@@ -446,15 +446,63 @@ impl Config {
                     ),
                 ));
             }
-            if l.auth == ClientAuth::None && !l.bind.ip().is_loopback() {
-                return Err(invalid(
-                    format!("{key}.auth"),
-                    format!(
-                        "'none' trusts any user name, but {} is not a loopback address",
-                        l.bind
-                    ),
-                    "bind this listener to 127.0.0.1 or ::1",
-                ));
+            match l.auth {
+                ClientAuth::None if !l.bind.ip().is_loopback() => {
+                    return Err(invalid(
+                        format!("{key}.auth"),
+                        format!(
+                            "'none' trusts any user name, but {} is not a loopback address",
+                            l.bind
+                        ),
+                        "bind this listener to 127.0.0.1 or ::1, or use ldap or static",
+                    ))
+                }
+                ClientAuth::None if !l.allow_any_user => {
+                    return Err(invalid(
+                        format!("{key}.auth"),
+                        "'none' trusts any user name the client sends",
+                        "add allow_any_user = true to this listener to accept that",
+                    ))
+                }
+                ClientAuth::Ldap => {
+                    let Some(ld) = l.ldap.as_mut() else {
+                        return Err(invalid(
+                            format!("{key}.ldap"),
+                            "auth = \"ldap\" but no [listener.ldap] table",
+                            "add url and user_dn_pattern (or base_dn, or bind_dn + base_dn)",
+                        ));
+                    };
+                    if ld.user_dn_pattern.is_none() && ld.base_dn.is_none() {
+                        return Err(invalid(
+                            format!("{key}.ldap"),
+                            "no way to find a user's DN",
+                            "set user_dn_pattern, or base_dn (with guid_key, or with bind_dn to search)",
+                        ));
+                    }
+                    if let Some(var) = ld.bind_password_env.clone() {
+                        ld.bind_password =
+                            Some(read_env(&var, &format!("{key}.ldap.bind_password_env"))?);
+                    }
+                    if ld.bind_dn.is_some() && ld.base_dn.is_none() {
+                        return Err(invalid(
+                            format!("{key}.ldap.base_dn"),
+                            "bind_dn needs a search base",
+                            "set base_dn",
+                        ));
+                    }
+                }
+                ClientAuth::Static => {
+                    let Some(f) = &l.users_file else {
+                        return Err(invalid(
+                            format!("{key}.users_file"),
+                            "auth = \"static\" but no users_file",
+                            "point users_file at lines of name:<argon2 hash>",
+                        ));
+                    };
+                    crate::auth::load_users(f)
+                        .map_err(|e| invalid(format!("{key}.users_file"), e, "fix the file"))?;
+                }
+                ClientAuth::None => {}
             }
             l.http_path = normalize_path(&l.http_path);
             if l.protocol == Transport::Http && l.http_path.is_empty() {
@@ -740,6 +788,41 @@ mod tests {
         assert!(
             e.contains("KB_TEST_SURELY_UNSET_VAR") && e.contains("password_env"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn auth_none_needs_the_explicit_flag() {
+        let e = err_of(&MINIMAL.replace("        allow_any_user = true\n", ""));
+        assert!(
+            e.contains("listener[0].auth") && e.contains("allow_any_user = true"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ldap_auth_needs_a_way_to_find_users() {
+        let t = MINIMAL.replace(
+            "        auth = \"none\"\n        allow_any_user = true\n",
+            "        auth = \"ldap\"\n        [listener.ldap]\n        url = \"ldap://127.0.0.1:3890\"\n",
+        );
+        assert!(err_of(&t).contains("user_dn_pattern"), "{}", err_of(&t));
+    }
+
+    #[test]
+    fn proxy_user_mapping_needs_the_brokers_own_credentials() {
+        let t =
+            format!("{MINIMAL}\n[routes.sts.mapping]\ntype = \"system\"\ncarry = \"proxy_user\"\n");
+        assert!(err_of(&t).contains("routes.sts.mapping.carry"));
+    }
+
+    #[test]
+    fn token_rotation_needs_a_tokens_section_and_an_http_upstream() {
+        let t = MINIMAL.replace("port = 10000", "port = 10000\ntoken_rotation = true");
+        assert!(
+            err_of(&t).contains("routes.sts.upstream.token_rotation"),
+            "{}",
+            err_of(&t)
         );
     }
 

@@ -120,12 +120,14 @@ pub fn session_conf(
             conf.push((k.clone(), v.clone()));
         }
     }
+    // sent as `set:hiveconf:<key>`, the form JDBC's `?key=value` produces:
+    // Spark Thrift Server ignores a bare `spark.*` key, Kyuubi takes both
     for (k, v) in &policy.spark_conf {
         if policy.global_takes_precedence {
             conf.retain(|(ck, _)| base_key(ck) != k);
-            conf.push((k.clone(), v.clone()));
+            conf.push((format!("{HIVECONF}{k}"), v.clone()));
         } else if !has(&conf, k) {
-            conf.push((k.clone(), v.clone()));
+            conf.push((format!("{HIVECONF}{k}"), v.clone()));
         }
     }
     for (k, v) in forced {

@@ -146,7 +146,7 @@ async fn open_session_error(how: Misbehave, upstream_extra: &str) -> String {
 
 fn status_error(e: ClientError) -> String {
     match e {
-        ClientError::Status(TStatusCode::ERROR_STATUS, msg) => msg,
+        ClientError::Status(TStatusCode::ERROR_STATUS, msg, _) => msg,
         other => panic!("expected a TStatus ERROR, got {other:?}"),
     }
 }

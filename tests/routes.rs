@@ -35,7 +35,7 @@ async fn current_user(c: &mut Hs2Client) -> String {
 async fn session_alive(c: &mut Hs2Client, h: &TSessionHandle) -> bool {
     match c.execute(h, "select 1").await {
         Ok(_) => true,
-        Err(ClientError::Status(_, msg)) if msg.contains("Invalid SessionHandle") => false,
+        Err(ClientError::Status(_, msg, _)) if msg.contains("Invalid SessionHandle") => false,
         Err(e) => panic!("unexpected error: {e}"),
     }
 }

@@ -1,0 +1,360 @@
+//! Client authentication and account mapping against real parts: slapd
+//! (the fixture's OpenLDAP), a Spark Thrift Server with auth NONE, and one
+//! with LDAP authentication; clients are impyla and the broker's own.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use kyuubi_broker::client::{ClientError, Hs2Client};
+use kyuubi_broker::config::{Transport, UpstreamSasl};
+use kyuubi_broker::tcli::gen::{TColumn, TStatusCode};
+use serde_json::json;
+
+const LDAP_URL: &str = "ldap://127.0.0.1:3890";
+
+async fn ldap() {
+    tokio::task::spawn_blocking(|| {
+        let out = std::process::Command::new(root().join("scripts/fixture.sh"))
+            .arg("ldap-start")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "slapd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// The Spark Thrift Server that checks passwords against the fixture LDAP.
+async fn sts_ldap() -> SocketAddr {
+    ldap().await;
+    tokio::task::spawn_blocking(|| {
+        let out = std::process::Command::new(root().join("scripts/fixture.sh"))
+            .args([
+                "start", "sts-ldap", "--mode", "binary", "--port", "10003", "--auth", "ldap",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// A broker whose listeners authenticate against the fixture LDAP.
+async fn ldap_broker(ldap_table: &str, route: &str) -> Broker {
+    ldap().await;
+    let listeners = LISTENERS
+        .replace("auth = \"none\"\nallow_any_user = true", "auth = \"ldap\"")
+        .replace(
+            "route = \"r\"\nauth = \"ldap\"",
+            &format!("route = \"r\"\nauth = \"ldap\"\n[listener.ldap]\nurl = \"{LDAP_URL}\"\n{ldap_table}"),
+        );
+    start_broker_toml(&format!("{listeners}\n{route}")).await
+}
+
+const PATTERN: &str = "user_dn_pattern = \"uid=%s,ou=people,dc=example,dc=com\"";
+
+async fn client(
+    addr: SocketAddr,
+    t: Transport,
+    user: &str,
+    pw: &str,
+) -> Result<Hs2Client, ClientError> {
+    Hs2Client::connect(&client_cfg(t, addr, UpstreamSasl::Plain), user, pw).await
+}
+
+async fn scalar(
+    c: &mut Hs2Client,
+    conf: &[(&str, &str)],
+    sql: &str,
+    col: usize,
+) -> Result<String, ClientError> {
+    let s = c.open_session_with(conf).await?;
+    let op = c.execute(&s, sql).await?;
+    let rows = c.fetch(&op, 1).await?;
+    c.close_session(s).await?;
+    match &rows.results.unwrap().columns.unwrap()[col] {
+        TColumn::StringVal(v) => Ok(v.values[0].clone()),
+        other => panic!("unexpected column {other:?}"),
+    }
+}
+
+async fn current_user(
+    addr: SocketAddr,
+    t: Transport,
+    user: &str,
+    pw: &str,
+) -> Result<String, ClientError> {
+    let mut c = client(addr, t, user, pw).await?;
+    scalar(&mut c, &[], "select current_user()", 0).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ldap_client_auth_accepts_alice_and_refuses_wrong_passwords_alike() {
+    let b = ldap_broker(PATTERN, &route_toml("binary", sts_binary().await, "")).await;
+    for t in [Transport::Binary, Transport::Http] {
+        let addr = if t == Transport::Http {
+            b.http
+        } else {
+            b.binary
+        };
+        assert_eq!(
+            current_user(addr, t, "alice", "alice-pw").await.unwrap(),
+            "alice",
+            "{t:?}"
+        );
+        let wrong = current_user(addr, t, "alice", "nope")
+            .await
+            .unwrap_err()
+            .to_string();
+        let unknown = current_user(addr, t, "mallory", "nope")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            wrong.contains("authentication failed for user 'alice'") || wrong.contains("401"),
+            "{t:?}: {wrong}"
+        );
+        assert_eq!(
+            wrong.replace("alice", "X"),
+            unknown.replace("mallory", "X"),
+            "{t:?}: one message for both"
+        );
+    }
+    // a real client: impyla over both transports
+    for mode in ["binary", "http"] {
+        let port = if mode == "http" {
+            b.http.port()
+        } else {
+            b.binary.port()
+        };
+        let ok = py_client_args(
+            "impyla",
+            mode,
+            port,
+            "fetch",
+            Some("3"),
+            &["--user", "alice", "--password", "alice-pw"],
+        )
+        .await;
+        assert_eq!(ok["rows"], json!(3));
+    }
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ldap_search_as_bind_dn_with_a_group_requirement() {
+    let table = "base_dn = \"ou=people,dc=example,dc=com\"\nbind_dn = \"cn=admin,dc=example,dc=com\"\nbind_password = \"admin-pw\"\ngroup_dn = \"cn=hive-users,ou=groups,dc=example,dc=com\"";
+    let b = ldap_broker(table, &route_toml("binary", sts_binary().await, "")).await;
+    assert_eq!(
+        current_user(b.binary, Transport::Binary, "bob", "bob-pw")
+            .await
+            .unwrap(),
+        "bob"
+    );
+    assert!(current_user(b.binary, Transport::Binary, "bob", "alice-pw")
+        .await
+        .is_err());
+    b.shutdown().await;
+    // a group nobody is in refuses everyone
+    let strict = table.replace("cn=hive-users,ou=groups", "cn=nobody,ou=groups");
+    let b = ldap_broker(&strict, &route_toml("binary", sts_binary().await, "")).await;
+    assert!(current_user(b.binary, Transport::Binary, "bob", "bob-pw")
+        .await
+        .is_err());
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_mapping_gives_alice_and_bob_their_mapped_upstream_users() {
+    let route = format!(
+        "{}\n[routes.r.mapping]\ntype = \"system\"\nusers = {{ alice = \"etl_alice\", bob = \"etl_bob\" }}\n",
+        route_toml("binary", sts_binary().await, "")
+    );
+    let b = ldap_broker(PATTERN, &route).await;
+    assert_eq!(
+        current_user(b.binary, Transport::Binary, "alice", "alice-pw")
+            .await
+            .unwrap(),
+        "etl_alice"
+    );
+    assert_eq!(
+        current_user(b.http, Transport::Http, "bob", "bob-pw")
+            .await
+            .unwrap(),
+        "etl_bob"
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmapped_user_is_refused_with_the_exact_message_and_sqlstate_28000() {
+    let route = format!(
+        "{}\n[routes.r.mapping]\ntype = \"system\"\nusers = {{ alice = \"etl_alice\" }}\n",
+        route_toml("binary", sts_binary().await, "")
+    );
+    let b = ldap_broker(PATTERN, &route).await;
+    for (t, addr) in [(Transport::Binary, b.binary), (Transport::Http, b.http)] {
+        let mut c = client(addr, t, "bob", "bob-pw").await.unwrap();
+        match c.open_session().await {
+            Err(ClientError::Status(TStatusCode::ERROR_STATUS, msg, state)) => {
+                assert_eq!(
+                    msg,
+                    "user bob has no account mapping on computing resource r"
+                );
+                assert_eq!(state.as_deref(), Some("28000"));
+            }
+            other => panic!("{t:?}: expected the refusal, got {other:?}"),
+        }
+    }
+    // what a real client shows: impyla fails to open the session with it
+    let out = tokio::process::Command::new(python())
+        .arg(root().join("tests/clients/hs2_client.py"))
+        .args([
+            "--client",
+            "impyla",
+            "--mode",
+            "binary",
+            "--port",
+            &b.binary.port().to_string(),
+        ])
+        .args(["--user", "bob", "--password", "bob-pw", "error"])
+        .output()
+        .await
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("HiveServer2Error: user bob has no account mapping on computing resource r"),
+        "{shown}"
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openldap_mapping_sends_the_mapped_account_to_an_ldap_protected_server() {
+    let sts = sts_ldap().await;
+    let route = format!(
+        "{}\n[routes.r.mapping]\ntype = \"ldap\"\n[routes.r.mapping.accounts.alice]\nuser = \"bob\"\npassword = \"bob-pw\"\n",
+        route_toml("binary", sts, "")
+    );
+    let b = ldap_broker(PATTERN, &route).await;
+    for (t, addr) in [(Transport::Binary, b.binary), (Transport::Http, b.http)] {
+        assert_eq!(
+            current_user(addr, t, "alice", "alice-pw").await.unwrap(),
+            "bob",
+            "{t:?}"
+        );
+    }
+    b.shutdown().await;
+    // a wrong mapped password is the upstream's refusal, named clearly
+    let bad = route.replace("password = \"bob-pw\"", "password = \"stale\"");
+    let b = ldap_broker(PATTERN, &bad).await;
+    let err = current_user(b.binary, Transport::Binary, "alice", "alice-pw")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("refused the broker's credentials"), "{err}");
+    assert!(!err.contains("stale"), "no secret in the error: {err}");
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoofed_proxy_user_is_stripped() {
+    let spoof = [("hive.server2.proxy.user", "admin")];
+    let b = ldap_broker(PATTERN, &route_toml("binary", sts_binary().await, "")).await;
+    let mut c = client(b.binary, Transport::Binary, "alice", "alice-pw")
+        .await
+        .unwrap();
+    assert_eq!(
+        scalar(&mut c, &spoof, "select current_user()", 0)
+            .await
+            .unwrap(),
+        "alice"
+    );
+    b.shutdown().await;
+    // when impersonation is allowed the server acts on the key: the check above can fail
+    let allowed = format!(
+        "{}\n[routes.r.session]\nallow_impersonation = true\n",
+        route_toml("binary", sts_binary().await, "")
+    );
+    let b = ldap_broker(PATTERN, &allowed).await;
+    let mut c = client(b.binary, Transport::Binary, "alice", "alice-pw")
+        .await
+        .unwrap();
+    let r = scalar(&mut c, &spoof, "select current_user()", 0).await;
+    assert!(
+        !matches!(&r, Ok(u) if u == "alice"),
+        "the server saw the proxy user: {r:?}"
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_spark_conf_precedence_reaches_the_server() {
+    let sts = sts_binary().await;
+    let client_says = [("set:hiveconf:spark.sql.shuffle.partitions", "3")];
+    for (global_wins, expect) in [(true, "7"), (false, "3")] {
+        let route = format!(
+            "{}\n[routes.r.session]\nspark_conf = {{ \"spark.sql.shuffle.partitions\" = \"7\" }}\nglobal_takes_precedence = {global_wins}\n",
+            route_toml("binary", sts, "")
+        );
+        let b = ldap_broker(PATTERN, &route).await;
+        let mut c = client(b.binary, Transport::Binary, "alice", "alice-pw")
+            .await
+            .unwrap();
+        let v = scalar(&mut c, &client_says, "set spark.sql.shuffle.partitions", 1)
+            .await
+            .unwrap();
+        assert_eq!(v, expect, "global_takes_precedence = {global_wins}");
+        let v = scalar(&mut c, &[], "set spark.sql.shuffle.partitions", 1)
+            .await
+            .unwrap();
+        assert_eq!(v, "7", "without a client value the global one applies");
+        b.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_users_file_authenticates_with_argon2() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    std::fs::write(
+        &users,
+        format!("carol:{}\n", kyuubi_broker::auth::hash_password("carol-pw")),
+    )
+    .unwrap();
+    let listeners = LISTENERS.replace(
+        "auth = \"none\"\nallow_any_user = true",
+        &format!("auth = \"static\"\nusers_file = \"{}\"", users.display()),
+    );
+    let b = start_broker_toml(&format!(
+        "{listeners}\n{}",
+        route_toml("binary", sts_binary().await, "")
+    ))
+    .await;
+    assert_eq!(
+        current_user(b.binary, Transport::Binary, "carol", "carol-pw")
+            .await
+            .unwrap(),
+        "carol"
+    );
+    assert!(current_user(b.http, Transport::Http, "carol", "wrong")
+        .await
+        .is_err());
+    b.shutdown().await;
+}
