@@ -38,6 +38,8 @@ enum Command {
     Token(commands::token::TokenArgs),
     /// Print a JDBC connection string.
     Connstr(commands::connstr::ConnstrArgs),
+    /// Read a password on stdin and print its argon2 hash for a users file.
+    HashPassword,
 }
 
 fn init_logs(format: LogFormat) {
@@ -74,6 +76,20 @@ fn main() -> ExitCode {
         Command::Emulate(a) => commands::emulate::run(a, shutdown_signal()),
         Command::Token(a) => commands::token::run(a),
         Command::Connstr(a) => commands::connstr::run(a),
+        Command::HashPassword => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err()
+                || line.trim_end_matches(['\r', '\n']).is_empty()
+            {
+                eprintln!("type the password on standard input");
+                return ExitCode::from(64);
+            }
+            println!(
+                "{}",
+                kyuubi_broker::auth::hash_password(line.trim_end_matches(['\r', '\n']))
+            );
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(c) => {
                 println!(

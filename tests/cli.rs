@@ -89,3 +89,23 @@ fn serve_stops_cleanly_on_sigterm() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
 }
+
+#[test]
+fn hash_password_output_is_accepted_in_a_users_file() {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap();
+    assert!(hash.starts_with("$argon2id$") && !hash.contains("s3cret"));
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("users");
+    std::fs::write(&f, format!("alice:{hash}")).unwrap();
+    assert_eq!(kyuubi_broker::auth::load_users(&f).unwrap()[0].0, "alice");
+}
