@@ -57,6 +57,20 @@ use crate::config::{Config, Transport};
 use crate::listen::Shared;
 use crate::session::Broker;
 
+/// Resolves on SIGTERM or SIGINT. The handlers are registered when this is
+/// called (inside a runtime), not when the future is first polled.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+}
+
 /// A listener socket already bound for the `[[listener]]` of this name.
 pub struct BoundListener {
     pub name: String,

@@ -54,26 +54,11 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     match cli.command {
-        Command::Emulate(a) => commands::emulate::run(a, shutdown_signal()),
+        Command::Emulate(a) => commands::emulate::run(a),
         Command::Token(a) => commands::token::run(a),
         Command::Connstr(a) => commands::connstr::run(a),
         Command::HashPassword => {
@@ -115,6 +100,9 @@ fn main() -> ExitCode {
             };
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             rt.block_on(async move {
+                // registered before any listener is up, so an early SIGTERM
+                // still shuts down gracefully
+                let shutdown = kyuubi_broker::shutdown_signal();
                 let listeners = match kyuubi_broker::bind_all(&cfg).await {
                     Ok(l) => l,
                     Err(e) => {
@@ -122,7 +110,7 @@ fn main() -> ExitCode {
                         return ExitCode::from(1);
                     }
                 };
-                kyuubi_broker::run(cfg, listeners, shutdown_signal()).await;
+                kyuubi_broker::run(cfg, listeners, shutdown).await;
                 ExitCode::SUCCESS
             })
         }

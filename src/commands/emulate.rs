@@ -32,10 +32,7 @@ fn is_hex_id(s: &str, prefix: &str, len: usize) -> bool {
         .is_some_and(|h| h.len() == len && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-pub fn run(
-    a: EmulateArgs,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> ExitCode {
+pub fn run(a: EmulateArgs) -> ExitCode {
     use crate::emulator::{serve_api, serve_gateway, Emulator, EmulatorConfig};
     if !is_hex_id(&a.workspace, "w-", 16) || !is_hex_id(&a.kyuubi_service, "kb-", 32) {
         eprintln!("--workspace must be w-<16 hex> and --kyuubi-service kb-<32 hex>");
@@ -60,6 +57,7 @@ pub fn run(
     rt.block_on(async move {
         let stop = tokio_util::sync::CancellationToken::new();
         let trigger = stop.clone();
+        let shutdown = crate::shutdown_signal();
         tokio::spawn(async move {
             shutdown.await;
             trigger.cancel();
