@@ -297,7 +297,8 @@ impl Broker {
         let info = tcli::read_open_session(&msg)?;
         let mut client_conf = info.configuration;
         if let Some(d) = &conn.do_as {
-            client_conf.push((mapping::IMPERSONATION_KEYS[1].to_string(), d.clone()));
+            // the key both HiveServer2 and Kyuubi read
+            client_conf.push((mapping::IMPERSONATION_KEYS[0].to_string(), d.clone()));
         }
         let mut forced = up.forced;
         forced.push((

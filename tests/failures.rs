@@ -506,6 +506,48 @@ async fn http_auth_cookie_replaces_credentials_on_later_calls() {
 }
 
 #[tokio::test]
+async fn an_http_doas_parameter_is_stripped_unless_impersonation_is_allowed() {
+    use kyuubi_broker::tcli::gen::TColumn;
+    let sts = sts_binary().await;
+    let user_with_doas = |b: &Broker| {
+        let mut cfg = client_cfg(Transport::Http, b.http, UpstreamSasl::Plain);
+        cfg.http_path = "cliservice?doAs=admin".into();
+        async move {
+            let mut c = Hs2Client::connect(&cfg, "alice", "pw").await.unwrap();
+            let s = c.open_session().await.unwrap();
+            let op = c.execute(&s, "select current_user()").await.unwrap();
+            match &c
+                .fetch(&op, 1)
+                .await
+                .unwrap()
+                .results
+                .unwrap()
+                .columns
+                .unwrap()[0]
+            {
+                TColumn::StringVal(v) => v.values[0].clone(),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let b = start_broker(&route_toml("binary", sts, "")).await;
+    assert_eq!(user_with_doas(&b).await, "alice", "doAs stripped");
+    b.shutdown().await;
+    // allowed: the server acts on it, so the check above can fail
+    let allowed = format!(
+        "{}\n[routes.r.session]\nallow_impersonation = true\n",
+        route_toml("binary", sts, "")
+    );
+    let b = start_broker(&allowed).await;
+    assert_eq!(
+        user_with_doas(&b).await,
+        "admin",
+        "doAs passed on as hive.server2.proxy.user"
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test]
 async fn another_users_session_handle_is_refused_over_http() {
     let sts = sts_binary().await;
     let b = start_broker(&route_toml("binary", sts, "")).await;
