@@ -151,11 +151,10 @@ async fn broker_client_manages_tokens_and_services() {
         .await
         .unwrap()
         .is_empty());
-    assert!(!c
-        .list_release_versions("cn-hangzhou")
-        .await
-        .unwrap()
-        .is_empty());
+    let before = emu.snapshot().requests;
+    let versions = c.list_release_versions("cn-hangzhou").await.unwrap();
+    assert_eq!(versions.len(), 3, "both pages followed: {versions:?}");
+    assert_eq!(emu.snapshot().requests - before, 2);
     assert_eq!(
         c.list_kyuubi_services(&r).await.unwrap()[0].kyuubi_service_id,
         KB

@@ -331,19 +331,38 @@ impl ApiClient {
         })
     }
 
-    pub async fn list_workspaces(&self, region: &str) -> Result<Vec<Workspace>, ApiError> {
+    /// Follows `nextToken` until the last page; `items` names the list field.
+    async fn paged<T: DeserializeOwned>(
+        &self,
+        page: impl Fn(Option<&str>) -> Result<ApiRequest, Refused>,
+        items: &str,
+    ) -> Result<Vec<T>, ApiError> {
         let mut out = Vec::new();
         let mut next: Option<String> = None;
         loop {
-            let page: Page<Workspace> = self
-                .send_as(request::list_workspaces(region, next.as_deref()))
-                .await?;
-            out.extend(page.workspaces.unwrap_or_default());
-            match page.next_token.filter(|t| !t.is_empty()) {
-                Some(t) => next = Some(t),
+            let req = page(next.as_deref())?;
+            let mut v = self.send(&req).await?;
+            if let Some(list) = v.get_mut(items).map(serde_json::Value::take) {
+                let list: Vec<T> = serde_json::from_value(list).map_err(|e| ApiError::Decode {
+                    action: req.action(),
+                    detail: e.to_string(),
+                })?;
+                out.extend(list);
+            }
+            match v
+                .get("nextToken")
+                .and_then(|t| t.as_str())
+                .filter(|t| !t.is_empty())
+            {
+                Some(t) => next = Some(t.to_string()),
                 None => return Ok(out),
             }
         }
+    }
+
+    pub async fn list_workspaces(&self, region: &str) -> Result<Vec<Workspace>, ApiError> {
+        self.paged(|next| request::list_workspaces(region, next), "workspaces")
+            .await
     }
 
     pub async fn get_workspace(
@@ -372,18 +391,11 @@ impl ApiClient {
         &self,
         region: &str,
     ) -> Result<Vec<serde_json::Value>, ApiError> {
-        let mut out = Vec::new();
-        let mut next: Option<String> = None;
-        loop {
-            let page: ReleasePage = self
-                .send_as(request::list_release_versions(region, next.as_deref()))
-                .await?;
-            out.extend(page.release_versions.unwrap_or_default());
-            match page.next_token.filter(|t| !t.is_empty()) {
-                Some(t) => next = Some(t),
-                None => return Ok(out),
-            }
-        }
+        self.paged(
+            |next| request::list_release_versions(region, next),
+            "releaseVersions",
+        )
+        .await
     }
 
     pub async fn list_kyuubi_services(
@@ -529,24 +541,6 @@ struct Tokens {
 struct KyuubiServices {
     #[serde(default)]
     kyuubi_services: Option<Vec<KyuubiService>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Page<T> {
-    #[serde(default = "Option::default")]
-    workspaces: Option<Vec<T>>,
-    #[serde(default)]
-    next_token: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ReleasePage {
-    #[serde(default)]
-    release_versions: Option<Vec<serde_json::Value>>,
-    #[serde(default)]
-    next_token: Option<String>,
 }
 
 #[derive(Deserialize)]

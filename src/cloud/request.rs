@@ -196,16 +196,19 @@ impl std::fmt::Debug for TokenBody {
     }
 }
 
-pub fn list_workspaces(region: &str, next_token: Option<&str>) -> Result<ApiRequest, Refused> {
+/// `regionId`, and `nextToken` when following pages.
+fn page_q(region: &str, next_token: Option<&str>) -> Vec<(String, String)> {
     let mut q = region_q(region);
-    if let Some(t) = next_token {
-        q.push(("nextToken".into(), t.into()));
-    }
+    q.extend(next_token.map(|t| ("nextToken".to_string(), t.to_string())));
+    q
+}
+
+pub fn list_workspaces(region: &str, next_token: Option<&str>) -> Result<ApiRequest, Refused> {
     build(
         "ListWorkspaces",
         Method::Get,
         &["api", "v1", "workspaces"],
-        q,
+        page_q(region, next_token),
         None,
     )
 }
@@ -234,15 +237,11 @@ pub fn list_release_versions(
     region: &str,
     next_token: Option<&str>,
 ) -> Result<ApiRequest, Refused> {
-    let mut q = region_q(region);
-    if let Some(t) = next_token {
-        q.push(("nextToken".into(), t.into()));
-    }
     build(
         "ListReleaseVersions",
         Method::Get,
         &["api", "v1", "releaseVersions"],
-        q,
+        page_q(region, next_token),
         None,
     )
 }

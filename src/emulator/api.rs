@@ -363,7 +363,8 @@ async fn handle(req: Request<Incoming>, emu: &Emulator) -> Reply {
         );
     };
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let r = route(emu, &parts.method, action, &segs, &body, &rid);
+    let query = query_pairs(parts.uri.query()).unwrap_or_default();
+    let r = route(emu, &parts.method, action, &segs, &query, &body, &rid);
     info!(method = %parts.method, path = %parts.uri.path(), action, status = r.status().as_u16(), "emulator");
     r
 }
@@ -457,6 +458,7 @@ fn route(
     method: &Method,
     action: &str,
     segs: &[&str],
+    query: &[(String, String)],
     body: &[u8],
     rid: &str,
 ) -> Reply {
@@ -509,7 +511,21 @@ fn route(
             reply(StatusCode::OK, rid, json!({"requestId": rid, "queues": [{"queueName": "root_queue", "queueStatus": "RUNNING"}], "totalCount": 1}))
         }),
         (&Method::GET, ["api", "v1", "releaseVersions"]) => expect("ListReleaseVersions").unwrap_or_else(|| {
-            reply(StatusCode::OK, rid, json!({"requestId": rid, "releaseVersions": [{"releaseVersion": "esr-4.3.0 (Spark 3.5.2, Scala 2.12)", "state": "ONLINE"}], "totalCount": 1}))
+            // paged like the service: maxResults (here 2 by default) and nextToken
+            let all = ["esr-4.3.0", "esr-3.3.0", "esr-2.7.0"];
+            let param = |k: &str| query.iter().find(|(qk, _)| qk == k).and_then(|(_, v)| v.parse::<usize>().ok());
+            let start = param("nextToken").unwrap_or(0).min(all.len());
+            let end = (start + param("maxResults").unwrap_or(2).max(1)).min(all.len());
+            let page: Vec<Value> = all[start..end]
+                .iter()
+                .map(|v| json!({"releaseVersion": format!("{v} (Spark 3.5.2, Scala 2.12)"), "state": "ONLINE"}))
+                .collect();
+            let next = if end < all.len() { json!(end.to_string()) } else { json!("") };
+            reply(
+                StatusCode::OK,
+                rid,
+                json!({"requestId": rid, "releaseVersions": page, "nextToken": next, "totalCount": all.len()}),
+            )
         }),
         (&Method::GET, ["api", "v1", "kyuubi", ws]) => expect("ListKyuubiServices").unwrap_or_else(|| {
             if *ws != cfg.workspace {
