@@ -156,7 +156,11 @@ fn local(a: &ConnstrArgs) -> ExitCode {
             spec.http_path = Some(l.http_path.clone());
         }
         match build(&spec, false) {
-            Ok(url) => println!("{url}"),
+            Ok(url) => {
+                // the listener decides the computing resource; say which
+                eprintln!("listener {} -> computing resource {}", l.name, l.route);
+                println!("{url}");
+            }
             Err(e) => return fail(e),
         }
     }
