@@ -250,26 +250,8 @@ impl Parsed {
 }
 
 fn decode(s: &str) -> Result<String, ConnError> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok());
-            let v = hex
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| ConnError::Parse(format!("bad percent-encoding in '{s}'")))?;
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out)
-        .map_err(|_| ConnError::Parse(format!("'{s}' is not UTF-8 after decoding")))
+    crate::percent::decode(s, false)
+        .ok_or_else(|| ConnError::Parse(format!("bad percent-encoding in '{s}'")))
 }
 
 /// Hive's `([^;]*)=([^;]*)[;]?`: each `;`-token splits at its last `=`;

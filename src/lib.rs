@@ -36,6 +36,7 @@ pub mod emulator;
 pub mod error;
 pub mod listen;
 pub mod mapping;
+pub mod percent;
 pub mod secret;
 pub mod session;
 pub mod tcli;

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::sign::percent_encode;
+use crate::percent;
 
 pub const PRODUCT: &str = "emr-serverless-spark";
 pub const VERSION: &str = "2023-08-08";
@@ -85,7 +85,7 @@ fn build(
     // each segment is encoded whole (fixed words are unchanged by it)
     let path: String = segments
         .iter()
-        .map(|s| format!("/{}", percent_encode(s)))
+        .map(|s| format!("/{}", percent::encode(s)))
         .collect();
     refuse_forbidden(action, method, &path)?;
     Ok(ApiRequest {
@@ -111,8 +111,8 @@ pub fn refuse_forbidden(action: &str, method: Method, path: &str) -> Result<(), 
     if action.eq_ignore_ascii_case("DeleteWorkspace") {
         return Err(refused("kyuubi-broker never deletes workspaces"));
     }
-    let decoded =
-        percent_decode(path).ok_or_else(|| refused("path is not valid percent-encoding"))?;
+    let decoded = percent::decode(path, false)
+        .ok_or_else(|| refused("path is not valid percent-encoding"))?;
     let segments: Vec<&str> = decoded.split('/').filter(|s| !s.is_empty()).collect();
     if segments.iter().any(|s| *s == "." || *s == "..") {
         return Err(refused("path contains '.' or '..' segments"));
@@ -128,23 +128,6 @@ pub fn refuse_forbidden(action: &str, method: Method, path: &str) -> Result<(), 
         ));
     }
     Ok(())
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {

@@ -3,6 +3,8 @@
 //! test below).
 
 use hmac::{Hmac, Mac};
+
+use crate::percent;
 use sha2::{Digest, Sha256};
 
 pub const ALGORITHM: &str = "ACS3-HMAC-SHA256";
@@ -41,26 +43,12 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex(&Sha256::digest(data))
 }
 
-/// RFC 3986 encoding: only `A-Z a-z 0-9 - _ . ~` stay as they are; every
-/// other UTF-8 byte becomes `%XX` (uppercase).
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// Sorted by name (byte order), `name=enc(value)`, joined by `&`.
 pub fn canonical_query(query: &[(String, String)]) -> String {
     let mut q: Vec<&(String, String)> = query.iter().collect();
     q.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()).then(a.1.cmp(&b.1)));
     q.iter()
-        .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
+        .map(|(k, v)| format!("{}={}", percent::encode(k), percent::encode(v)))
         .collect::<Vec<_>>()
         .join("&")
 }

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::{mask, now_ms, valid_token_value, Emulator, Faults, Token};
 use crate::cloud::request::VERSION;
 use crate::cloud::sign::{self, SignInput};
+use crate::percent;
 use crate::secret::Secret;
 
 type Reply = Response<Full<Bytes>>;
@@ -95,37 +96,13 @@ fn ok(rid: &str, data: Option<Value>) -> Reply {
     }
 }
 
-fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' if plus_is_space => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 /// Query pairs with decoded values. `+` means space here, as the official
 /// Python SDK sends it (it signs `%20`).
 fn query_pairs(q: Option<&str>) -> Option<Vec<(String, String)>> {
     let mut out = Vec::new();
     for part in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
-        out.push((percent_decode(k, true)?, percent_decode(v, true)?));
+        out.push((percent::decode(k, true)?, percent::decode(v, true)?));
     }
     Some(out)
 }
@@ -352,7 +329,7 @@ async fn handle(req: Request<Incoming>, emu: &Emulator) -> Reply {
         .path()
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| percent_decode(s, false))
+        .map(|s| percent::decode(s, false))
         .collect();
     let Some(segs) = segs else {
         return product_error(
