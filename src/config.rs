@@ -656,18 +656,14 @@ impl Config {
                     "e.g. min_interval = \"1h\", max_interval = \"3d\"",
                 ));
             }
-            let hex_id = |v: &str, p: &str, n: usize| {
-                v.strip_prefix(p)
-                    .is_some_and(|h| h.len() == n && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            };
-            if !hex_id(&t.workspace, "w-", 16) {
+            if !crate::cloud::request::is_workspace_id(&t.workspace) {
                 return Err(invalid(
                     "tokens.workspace",
                     format!("'{}' is not a workspace id", t.workspace),
                     "use w-<16 hex>",
                 ));
             }
-            if !hex_id(&t.kyuubi_service, "kb-", 32) {
+            if !crate::cloud::request::is_kyuubi_service_id(&t.kyuubi_service) {
                 return Err(invalid(
                     "tokens.kyuubi_service",
                     format!("'{}' is not a Kyuubi service id", t.kyuubi_service),

@@ -134,6 +134,21 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("plain structs serialise")
 }
 
+fn hex_id(s: &str, prefix: &str, len: usize) -> bool {
+    s.strip_prefix(prefix)
+        .is_some_and(|h| h.len() == len && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// `w-<16 hex>`
+pub fn is_workspace_id(s: &str) -> bool {
+    hex_id(s, "w-", 16)
+}
+
+/// `kb-<32 hex>`
+pub fn is_kyuubi_service_id(s: &str) -> bool {
+    hex_id(s, "kb-", 32)
+}
+
 /// Where a workspace's Kyuubi service lives.
 #[derive(Debug, Clone)]
 pub struct KyuubiRef {
@@ -251,38 +266,27 @@ pub fn get_kyuubi_service(r: &KyuubiRef) -> Result<ApiRequest, Refused> {
     )
 }
 
-pub fn start_kyuubi_service(r: &KyuubiRef) -> Result<ApiRequest, Refused> {
+/// StartKyuubiService / StopKyuubiService: `POST .../{kb}/start|stop`, no body.
+fn kyuubi_service_verb(
+    r: &KyuubiRef,
+    action: &'static str,
+    verb: &str,
+) -> Result<ApiRequest, Refused> {
     build(
-        "StartKyuubiService",
+        action,
         Method::Post,
-        &[
-            "api",
-            "v1",
-            "kyuubi",
-            &r.workspace,
-            &r.kyuubi_service,
-            "start",
-        ],
+        &["api", "v1", "kyuubi", &r.workspace, &r.kyuubi_service, verb],
         region_q(&r.region),
         None,
     )
 }
 
+pub fn start_kyuubi_service(r: &KyuubiRef) -> Result<ApiRequest, Refused> {
+    kyuubi_service_verb(r, "StartKyuubiService", "start")
+}
+
 pub fn stop_kyuubi_service(r: &KyuubiRef) -> Result<ApiRequest, Refused> {
-    build(
-        "StopKyuubiService",
-        Method::Post,
-        &[
-            "api",
-            "v1",
-            "kyuubi",
-            &r.workspace,
-            &r.kyuubi_service,
-            "stop",
-        ],
-        region_q(&r.region),
-        None,
-    )
+    kyuubi_service_verb(r, "StopKyuubiService", "stop")
 }
 
 fn token_path<'a>(r: &'a KyuubiRef, token_id: Option<&'a str>) -> Vec<&'a str> {

@@ -27,14 +27,10 @@ pub struct EmulateArgs {
     pub gateway_upstream: Option<String>,
 }
 
-fn is_hex_id(s: &str, prefix: &str, len: usize) -> bool {
-    s.strip_prefix(prefix)
-        .is_some_and(|h| h.len() == len && h.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
 pub fn run(a: EmulateArgs) -> ExitCode {
+    use crate::cloud::request::{is_kyuubi_service_id, is_workspace_id};
     use crate::emulator::{serve_api, serve_gateway, Emulator, EmulatorConfig};
-    if !is_hex_id(&a.workspace, "w-", 16) || !is_hex_id(&a.kyuubi_service, "kb-", 32) {
+    if !is_workspace_id(&a.workspace) || !is_kyuubi_service_id(&a.kyuubi_service) {
         eprintln!("--workspace must be w-<16 hex> and --kyuubi-service kb-<32 hex>");
         return ExitCode::from(64);
     }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
 pub use api::serve_api;
 pub use gateway::serve_gateway;
@@ -164,7 +165,7 @@ impl Emulator {
         let hit = s
             .tokens
             .values_mut()
-            .find(|t| Secret::new(t.value.clone()).ct_eq(value));
+            .find(|t| bool::from(t.value.as_bytes().ct_eq(value.as_bytes())));
         match hit {
             Some(t) if t.expire_ms.is_none_or(|e| e > now) => {
                 t.last_used_ms = Some(now);

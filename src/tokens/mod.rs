@@ -112,14 +112,6 @@ impl Lifecycle {
         &self.state
     }
 
-    pub fn api(&self) -> &ApiClient {
-        &self.api
-    }
-
-    pub fn kref(&self) -> &KyuubiRef {
-        &self.kref
-    }
-
     fn save(&self) -> Result<(), TokenError> {
         Ok(self.state.save(&self.state_path)?)
     }
