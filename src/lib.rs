@@ -132,9 +132,14 @@ pub async fn run(
                 continue;
             }
         };
+        let Some(route) = shared.broker.route(&lc.route) else {
+            warn!(listener = %lc.name, route = %lc.route, "listener not started: no such route");
+            continue;
+        };
         let l = listen::Listener {
             config: lc.clone(),
             auth,
+            route,
         };
         let addr: Option<SocketAddr> = bound.tcp.local_addr().ok();
         let sh = shared.clone();

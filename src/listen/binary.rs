@@ -41,9 +41,6 @@ async fn connection(
     listener: Arc<Listener>,
     shared: Arc<Shared>,
 ) {
-    let Some(route) = shared.broker.route(&listener.config.route) else {
-        return;
-    };
     let mut io = MessageIo::new(stream, shared.server.max_message_bytes);
     let handshake = timeout(
         shared.server.handshake_timeout,
@@ -66,7 +63,7 @@ async fn connection(
             return;
         }
     };
-    let mut conn = ClientConn::new(ClientKind::Binary, route, identity, peer);
+    let mut conn = ClientConn::new(ClientKind::Binary, listener.route.clone(), identity, peer);
     loop {
         let msg = tokio::select! {
             biased;

@@ -28,6 +28,7 @@ use crate::session::{Call, ClientConn, ClientIdentity, ClientKind};
 pub struct HttpListener {
     pub config: ListenerConfig,
     auth: crate::auth::Authenticator,
+    route: Arc<crate::session::Route>,
     cookies: CookieJar,
 }
 
@@ -37,6 +38,7 @@ impl HttpListener {
             cookies: CookieJar::new(l.config.cookie_max_age),
             config: l.config,
             auth: l.auth,
+            route: l.route,
         })
     }
 }
@@ -208,10 +210,12 @@ async fn handle(
             return text(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
-    let Some(route) = shared.broker.route(&cfg.route) else {
-        return text(StatusCode::INTERNAL_SERVER_ERROR, "route missing");
-    };
-    let mut conn = ClientConn::new(ClientKind::Http, route, Some(identity), peer);
+    let mut conn = ClientConn::new(
+        ClientKind::Http,
+        listener.route.clone(),
+        Some(identity),
+        peer,
+    );
     conn.do_as = do_as;
     let mut resp = match shared.broker.forward(&mut conn, &call, body).await {
         Ok(reply) => thrift(reply),

@@ -18,12 +18,14 @@ use tracing::{error, warn};
 
 use crate::auth::Authenticator;
 use crate::config::{ListenerConfig, ServerConfig};
-use crate::session::Broker;
+use crate::session::{Broker, Route};
 
 /// One configured listener and the authenticator it uses.
 pub struct Listener {
     pub config: ListenerConfig,
     pub auth: Authenticator,
+    /// The computing resource this listener's clients reach.
+    pub route: Arc<Route>,
 }
 
 /// What every connection task needs.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE, USER_AGENT};
-use http::{HeaderValue, Request, StatusCode, Uri};
+use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -42,7 +42,6 @@ impl HttpPool {
 pub struct HttpChannel {
     target: Arc<Target>,
     pool: HttpPool,
-    authority: String,
     basic: HeaderValue,
     client_ip: HeaderValue,
     cookie: std::sync::Mutex<Option<HeaderValue>>,
@@ -55,7 +54,6 @@ impl HttpChannel {
         pool: &HttpPool,
         client_ip: std::net::IpAddr,
     ) -> Result<HttpChannel, UpstreamError> {
-        let authority = format!("{}:{}", target.host, target.port);
         let raw = format!("{}:{}", cred.user, cred.password.expose());
         let mut basic = HeaderValue::from_str(&format!(
             "Basic {}",
@@ -69,7 +67,6 @@ impl HttpChannel {
         Ok(HttpChannel {
             target,
             pool: pool.clone(),
-            authority,
             basic,
             client_ip: HeaderValue::from_str(&client_ip.to_string())
                 .expect("an IP is a valid header"),
@@ -79,14 +76,7 @@ impl HttpChannel {
 
     pub async fn call(&self, msg: Bytes) -> Result<Bytes, UpstreamError> {
         let t = &self.target;
-        // built per request: a rotated token applies from the next call on
-        let uri: Uri = format!("http://{}{}", self.authority, t.http_path())
-            .parse()
-            .map_err(|_| UpstreamError::Protocol {
-                upstream: t.display.clone(),
-                detail: "host or http_path do not form a valid URL".into(),
-            })?;
-        let mut req = Request::post(uri)
+        let mut req = Request::post(t.http_uri()?)
             .header(CONTENT_TYPE, "application/x-thrift")
             .header(ACCEPT, "application/x-thrift")
             .header(

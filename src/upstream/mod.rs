@@ -27,6 +27,8 @@ pub struct Target {
     /// HTTP path without the token, e.g. `/cliservice`.
     http_base: String,
     token: TokenSource,
+    /// The parsed URI when the path never changes (no rotating token).
+    fixed_uri: Option<::http::Uri>,
     /// For logs and client-facing errors: the token is masked.
     pub display: String,
     pub connect_timeout: Duration,
@@ -72,31 +74,44 @@ impl Target {
             ),
             Transport::Http => format!("upstream http://{}:{}{}", u.host, u.port, shown_path),
         };
-        Target {
+        let mut t = Target {
             transport: u.transport,
             host: u.host.clone(),
             port: u.port,
             sasl: u.sasl,
             http_base: format!("/{}", u.http_path),
             token,
+            fixed_uri: None,
             display,
             connect_timeout: u.connect_timeout,
             read_timeout: u.read_timeout,
             max_message_bytes,
+        };
+        if !matches!(t.token, TokenSource::Live(_)) {
+            t.fixed_uri = t.http_uri().ok();
         }
+        t
     }
 
-    /// The HTTP path for a request now, token included (never log it).
-    fn http_path(&self) -> String {
-        let token = match &self.token {
-            TokenSource::None => return self.http_base.clone(),
-            TokenSource::Static(t) => t.clone(),
-            TokenSource::Live(rx) => match rx.borrow().clone() {
-                Some(t) => t,
-                None => return self.http_base.clone(),
+    /// The URI for a request now, token included (never log it). Parsed
+    /// once for a fixed path; built per request only for a rotating token,
+    /// so a new token applies from the next call on.
+    pub(crate) fn http_uri(&self) -> Result<::http::Uri, UpstreamError> {
+        let path = match (&self.token, &self.fixed_uri) {
+            (_, Some(u)) => return Ok(u.clone()),
+            (TokenSource::Live(rx), _) => match rx.borrow().as_ref() {
+                Some(t) => format!("{}/token/{}", self.http_base, t.expose()),
+                None => self.http_base.clone(),
             },
+            (TokenSource::None, _) => self.http_base.clone(),
+            (TokenSource::Static(t), _) => format!("{}/token/{}", self.http_base, t.expose()),
         };
-        format!("{}/token/{}", self.http_base, token.expose())
+        format!("http://{}:{}{path}", self.host, self.port)
+            .parse()
+            .map_err(|_| UpstreamError::Protocol {
+                upstream: self.display.clone(),
+                detail: "host or http_path do not form a valid URL".into(),
+            })
     }
 
     fn io_err(&self, e: std::io::Error) -> UpstreamError {
