@@ -14,50 +14,9 @@ use serde_json::json;
 
 const LDAP_URL: &str = "ldap://127.0.0.1:3890";
 
-async fn ldap() {
-    tokio::task::spawn_blocking(|| {
-        let out = std::process::Command::new(root().join("scripts/fixture.sh"))
-            .arg("ldap-start")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "slapd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    })
-    .await
-    .unwrap();
-}
-
-/// The Spark Thrift Server that checks passwords against the fixture LDAP.
-async fn sts_ldap() -> SocketAddr {
-    ldap().await;
-    tokio::task::spawn_blocking(|| {
-        let out = std::process::Command::new(root().join("scripts/fixture.sh"))
-            .args([
-                "start", "sts-ldap", "--mode", "binary", "--port", "10003", "--auth", "ldap",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
-
 /// A broker whose listeners authenticate against the fixture LDAP.
 async fn ldap_broker(ldap_table: &str, route: &str) -> Broker {
-    ldap().await;
+    ldap_server().await;
     let listeners = LISTENERS
         .replace("auth = \"none\"\nallow_any_user = true", "auth = \"ldap\"")
         .replace(

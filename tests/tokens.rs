@@ -206,13 +206,14 @@ async fn twenty_rotations_under_load_fail_no_query_and_leave_no_old_token() {
     assert!(token_works(e.gateway, &st.active.unwrap().value).await);
 }
 
-fn broker_cmd(
+/// Runs `kyuubi-broker token ARGS` against the emulator at `api`.
+async fn broker_cmd(
     args: &[&str],
     api: SocketAddr,
     state: &Path,
     failpoint: Option<&str>,
 ) -> std::process::Output {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kyuubi-broker"));
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_kyuubi-broker"));
     c.arg("token")
         .args(args)
         .args([
@@ -232,7 +233,7 @@ fn broker_cmd(
         Some(f) => c.env("KYUUBI_BROKER_FAILPOINT", f),
         None => c.env_remove("KYUUBI_BROKER_FAILPOINT"),
     };
-    c.output().unwrap()
+    c.output().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,18 +249,16 @@ async fn a_crash_at_any_rotation_step_converges_with_no_orphan_and_a_working_tok
         let e = emulator(Some(sts)).await;
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("tokens.json");
-        let (api, st) = (e.api, state.clone());
-        let run = move |args: &'static [&'static str], fp: Option<&'static str>| {
-            let st = st.clone();
-            tokio::task::spawn_blocking(move || broker_cmd(args, api, &st, fp))
+        let run = |args: &'static [&'static str], fp: Option<&'static str>| {
+            broker_cmd(args, e.api, &state, fp)
         };
-        let out = run(&["create"], None).await.unwrap();
+        let out = run(&["create"], None).await;
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let crashed = run(&["rotate", "--grace", "0s"], Some(step)).await.unwrap();
+        let crashed = run(&["rotate", "--grace", "0s"], Some(step)).await;
         assert!(
             !crashed.status.success(),
             "{step}: the failpoint must stop the process"
@@ -274,7 +273,7 @@ async fn a_crash_at_any_rotation_step_converges_with_no_orphan_and_a_working_tok
         );
 
         // restart: reconcile, then a normal rotation
-        let out = run(&["rotate", "--grace", "0s"], None).await.unwrap();
+        let out = run(&["rotate", "--grace", "0s"], None).await;
         assert!(
             out.status.success(),
             "{step}: {}",
@@ -405,18 +404,10 @@ async fn revoke_without_confirmation_changes_nothing() {
     let e = emulator(None).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("t.json");
-    let (api, st) = (e.api, state.clone());
-    let out = tokio::task::spawn_blocking(move || broker_cmd(&["create"], api, &st, None))
-        .await
-        .unwrap();
+    let api = e.api;
+    let out = broker_cmd(&["create"], api, &state, None).await;
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let st = state.clone();
-    let idc = id.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        broker_cmd(&["revoke", &idc, "--force"], api, &st, None)
-    })
-    .await
-    .unwrap();
+    let out = broker_cmd(&["revoke", &id, "--force"], api, &state, None).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -424,20 +415,10 @@ async fn revoke_without_confirmation_changes_nothing() {
         "{err}"
     );
     assert_eq!(e.emu.snapshot().tokens.len(), 1, "nothing was deleted");
-    let st = state.clone();
-    let idc = id.clone();
-    let out =
-        tokio::task::spawn_blocking(move || broker_cmd(&["revoke", &idc, "--yes"], api, &st, None))
-            .await
-            .unwrap();
+    let out = broker_cmd(&["revoke", &id, "--yes"], api, &state, None).await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("without --force"));
     assert_eq!(e.emu.snapshot().tokens.len(), 1);
-    let st = state.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        broker_cmd(&["revoke", &id, "--yes", "--force"], api, &st, None)
-    })
-    .await
-    .unwrap();
+    let out = broker_cmd(&["revoke", &id, "--yes", "--force"], api, &state, None).await;
     assert!(
         out.status.success(),
         "{}",

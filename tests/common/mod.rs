@@ -44,31 +44,60 @@ pub fn spark_home() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// Runs `scripts/fixture.sh ARGS` and returns its stdout; panics with its
+/// stderr on failure. Blocking.
+pub fn fixture(args: &[&str]) -> String {
+    let out = Command::new(root().join("scripts/fixture.sh"))
+        .args(args)
+        .output()
+        .expect("run scripts/fixture.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fixture.sh {}:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// Starts (or finds running) a named Spark Thrift Server and returns its
 /// address. Blocking: call it from `spawn_blocking` or before the runtime.
 pub fn sts(name: &str, mode: &str, port: u16) -> SocketAddr {
+    sts_auth(name, mode, port, "none")
+}
+
+/// As [`sts`], with the server's own authentication (`none` or `ldap`).
+pub fn sts_auth(name: &str, mode: &str, port: u16, auth: &str) -> SocketAddr {
     static STARTED: OnceLock<Mutex<HashMap<String, SocketAddr>>> = OnceLock::new();
     let started = STARTED.get_or_init(Default::default);
     let mut map = started.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(a) = map.get(name) {
         return *a;
     }
-    let out = Command::new(root().join("scripts/fixture.sh"))
-        .args(["start", name, "--mode", mode, "--port", &port.to_string()])
-        .output()
-        .expect("run scripts/fixture.sh");
-    assert!(
-        out.status.success(),
-        "could not start Spark Thrift Server '{name}':\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let addr: SocketAddr = String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let port = port.to_string();
+    let addr: SocketAddr = fixture(&[
+        "start", name, "--mode", mode, "--port", &port, "--auth", auth,
+    ])
+    .parse()
+    .unwrap();
     map.insert(name.to_string(), addr);
     addr
+}
+
+/// The fixture's OpenLDAP (slapd) on ldap://127.0.0.1:3890.
+pub async fn ldap_server() {
+    tokio::task::spawn_blocking(|| fixture(&["ldap-start"]))
+        .await
+        .unwrap();
+}
+
+/// A Spark Thrift Server checking passwords against the fixture LDAP
+/// (127.0.0.1:10003).
+pub async fn sts_ldap() -> SocketAddr {
+    ldap_server().await;
+    tokio::task::spawn_blocking(|| sts_auth("sts-ldap", "binary", 10003, "ldap"))
+        .await
+        .unwrap()
 }
 
 /// The shared binary Spark Thrift Server (127.0.0.1:10000).
@@ -86,9 +115,7 @@ pub async fn sts_http() -> SocketAddr {
 }
 
 pub fn stop_sts(name: &str) {
-    let _ = Command::new(root().join("scripts/fixture.sh"))
-        .args(["stop", name])
-        .status();
+    fixture(&["stop", name]);
 }
 
 /// A broker running in this process.
