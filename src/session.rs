@@ -118,7 +118,6 @@ pub struct ClientConn {
     pub route: Arc<Route>,
     /// `None` for a NOSASL client until its OpenSession names the user.
     pub identity: Option<ClientIdentity>,
-    pub peer: SocketAddr,
     /// Binary clients: the connection's upstream link, opened at OpenSession.
     link: Option<Link>,
     /// Binary clients: sessions opened on this connection (guid, secret).
@@ -128,17 +127,11 @@ pub struct ClientConn {
 }
 
 impl ClientConn {
-    pub fn new(
-        kind: ClientKind,
-        route: Arc<Route>,
-        identity: Option<ClientIdentity>,
-        peer: SocketAddr,
-    ) -> Self {
+    pub fn new(kind: ClientKind, route: Arc<Route>, identity: Option<ClientIdentity>) -> Self {
         ClientConn {
             kind,
             route,
             identity,
-            peer,
             link: None,
             sessions: Vec::new(),
             do_as: None,

@@ -63,7 +63,7 @@ async fn connection(
             return;
         }
     };
-    let mut conn = ClientConn::new(ClientKind::Binary, listener.route.clone(), identity, peer);
+    let mut conn = ClientConn::new(ClientKind::Binary, listener.route.clone(), identity);
     loop {
         let msg = tokio::select! {
             biased;

@@ -210,12 +210,7 @@ async fn handle(
             return text(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
-    let mut conn = ClientConn::new(
-        ClientKind::Http,
-        listener.route.clone(),
-        Some(identity),
-        peer,
-    );
+    let mut conn = ClientConn::new(ClientKind::Http, listener.route.clone(), Some(identity));
     conn.do_as = do_as;
     let mut resp = match shared.broker.forward(&mut conn, &call, body).await {
         Ok(reply) => thrift(reply),
