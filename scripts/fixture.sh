@@ -16,6 +16,10 @@
 #                                              base dc=example,dc=com, users alice/alice-pw,
 #                                              bob/bob-pw, group cn=hive-users,ou=groups
 #   scripts/fixture.sh start NAME --auth ldap  a Spark Thrift Server checking passwords there
+#   scripts/fixture.sh kdc-start | kdc-stop    MIT KDC, realm EXAMPLE.COM on 127.0.0.1:8800,
+#                                              state + keytabs in /tmp/hs2-kdc (users alice,
+#                                              bob, carol; services hive/, HTTP/, kyuubi/localhost)
+#   scripts/fixture.sh start NAME --auth kerberos  a Spark Thrift Server as hive/localhost
 #
 # Environment: KB_FIXTURE_DIR (state, default /tmp/kyuubi-broker-fixture),
 # KB_CACHE_DIR (venv + shim, default ~/.cache/kyuubi-broker),
@@ -112,7 +116,7 @@ cmd_start() {
   # one start at a time per instance, so parallel test binaries can share it
   exec 9>"$dir/lock"
   flock 9
-  case "$auth" in none|ldap) ;; *) die "--auth none|ldap" ;; esac
+  case "$auth" in none|ldap|kerberos) ;; *) die "--auth none|ldap|kerberos" ;; esac
   local sig="mode=$mode port=$port auth=$auth"
   if [ -f "$dir/pid" ] && alive "$(cat "$dir/pid")"; then
     if [ "$(cat "$dir/signature" 2>/dev/null)" = "$sig" ] && port_open "$port"; then
@@ -135,8 +139,20 @@ cmd_start() {
     hive+=(--hiveconf hive.server2.authentication=LDAP
       --hiveconf "hive.server2.authentication.ldap.url=ldap://$HOST:$LDAP_PORT"
       --hiveconf "hive.server2.authentication.ldap.baseDN=ou=people,$LDAP_SUFFIX")
+  elif [ "$auth" = kerberos ]; then
+    [ -f "$KDC_DIR/hive-localhost.keytab" ] || die "no KDC state in $KDC_DIR; run: $0 kdc-start"
+    hive+=(--hiveconf hive.server2.authentication=KERBEROS
+      --hiveconf "hive.server2.authentication.kerberos.principal=hive/localhost@$REALM"
+      --hiveconf "hive.server2.authentication.kerberos.keytab=$KDC_DIR/hive-localhost.keytab")
   else
     hive+=(--hiveconf hive.server2.authentication=NONE)
+  fi
+  local java_opts="-Dderby.system.home=$dir -Djava.io.tmpdir=$dir/tmp"
+  local extra=()
+  if [ "$auth" = kerberos ]; then
+    # Hadoop UGI must be in Kerberos mode too, or the keytab login is skipped
+    java_opts="$java_opts -Djava.security.krb5.conf=$KDC_DIR/krb5.conf"
+    extra=(--conf spark.hadoop.hadoop.security.authentication=kerberos)
   fi
   if [ "$mode" = http ]; then
     hive+=(--hiveconf hive.server2.transport.mode=http --hiveconf "hive.server2.thrift.http.port=$port"
@@ -155,9 +171,8 @@ cmd_start() {
       --conf spark.ui.enabled=false --conf "spark.driver.bindAddress=$HOST" --conf "spark.driver.host=$HOST" \
       --conf "spark.local.dir=$dir/tmp" --conf "spark.sql.warehouse.dir=$dir/warehouse" \
       --conf "spark.hadoop.javax.jdo.option.ConnectionURL=jdbc:derby:;databaseName=$dir/metastore_db;create=true" \
-      --conf spark.sql.shuffle.partitions=2 \
-      --conf "spark.driver.extraJavaOptions=-Dderby.system.home=$dir -Djava.io.tmpdir=$dir/tmp" \
-      spark-internal "${hive[@]}"
+      --conf spark.sql.shuffle.partitions=2 --conf "spark.driver.extraJavaOptions=$java_opts" \
+      ${extra[@]+"${extra[@]}"} spark-internal "${hive[@]}"
   ) >"$dir/server.log" 2>&1 </dev/null &
   local pid=$!
   echo "$pid" >"$dir/pid"
@@ -198,6 +213,7 @@ cmd_stop() {
     [ -d "$FIXTURE_DIR" ] || return 0
     for d in "$FIXTURE_DIR"/*/; do [ -d "$d" ] && [ "$(basename "$d")" != ldap ] && stop_one "$(basename "$d")"; done
     cmd_ldap_stop
+    cmd_kdc_stop
   else
     stop_one "$name"
   fi
@@ -312,7 +328,140 @@ cmd_ldap_stop() {
   rm -f "$LDAP_DIR/pid"
 }
 
+# ------------------------------------------------------------------- KDC ---
+# Nothing under /etc is read: MIT tools get KRB5_CONFIG / KRB5_KDC_PROFILE,
+# Java gets -Djava.security.krb5.conf.
+
+KDC_DIR=${KB_KDC_DIR:-/tmp/hs2-kdc}
+KDC_PORT=${KB_KDC_PORT:-8800}
+REALM=EXAMPLE.COM
+
+kdc_install() {
+  if [ -x /usr/sbin/krb5kdc ] && [ -x /usr/sbin/kadmin.local ] && command -v kinit >/dev/null; then
+    return 0
+  fi
+  log "installing krb5-kdc krb5-admin-server krb5-user (no system service is started)"
+  printf '%s\n' \
+    "krb5-config krb5-config/default_realm string $REALM" \
+    "krb5-config krb5-config/kerberos_servers string $HOST" \
+    "krb5-config krb5-config/admin_server string $HOST" \
+    "krb5-config krb5-config/add_servers boolean false" \
+    "krb5-admin-server krb5-admin-server/kadmind boolean false" \
+    "krb5-kdc krb5-kdc/debconf boolean false" | debconf-set-selections
+  apt-cache show krb5-kdc >/dev/null 2>&1 || apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -q --no-install-recommends \
+    krb5-kdc krb5-admin-server krb5-user >&2
+}
+
+kdc_realm() {
+  mkdir -p "$KDC_DIR"
+  printf '%s\n' \
+    "[libdefaults]" \
+    "  default_realm = $REALM" \
+    "  dns_lookup_realm = false" \
+    "  dns_lookup_kdc = false" \
+    "  dns_canonicalize_hostname = false" \
+    "  rdns = false" \
+    "  udp_preference_limit = 1" \
+    "  ticket_lifetime = 24h" \
+    "  renew_lifetime = 7d" \
+    "  default_tkt_enctypes = aes256-cts-hmac-sha1-96 aes128-cts-hmac-sha1-96" \
+    "  default_tgs_enctypes = aes256-cts-hmac-sha1-96 aes128-cts-hmac-sha1-96" \
+    "  permitted_enctypes = aes256-cts-hmac-sha1-96 aes128-cts-hmac-sha1-96" \
+    "[realms]" \
+    "  $REALM = {" \
+    "    kdc = $HOST:$KDC_PORT" \
+    "  }" \
+    "[domain_realm]" \
+    "  localhost = $REALM" \
+    "  127.0.0.1 = $REALM" >"$KDC_DIR/krb5.conf"
+  printf '%s\n' \
+    "[kdcdefaults]" \
+    "  kdc_listen = $HOST:$KDC_PORT" \
+    "  kdc_tcp_listen = $HOST:$KDC_PORT" \
+    "[realms]" \
+    "  $REALM = {" \
+    "    database_name = $KDC_DIR/principal" \
+    "    key_stash_file = $KDC_DIR/stash" \
+    "    acl_file = $KDC_DIR/kadm5.acl" \
+    "    max_life = 24h" \
+    "    max_renewable_life = 7d" \
+    "    supported_enctypes = aes256-cts-hmac-sha1-96:normal aes128-cts-hmac-sha1-96:normal" \
+    "    default_principal_flags = +preauth" \
+    "  }" \
+    "[logging]" \
+    "  kdc = FILE:$KDC_DIR/krb5kdc.log" >"$KDC_DIR/kdc.conf"
+  : >"$KDC_DIR/kadm5.acl"
+  kdb5_util create -s -r "$REALM" -P "kb-master-$RANDOM$RANDOM" >"$KDC_DIR/setup.log" 2>&1 ||
+    { cat "$KDC_DIR/setup.log" >&2; die "kdb5_util create failed"; }
+  local u sp
+  for u in alice bob; do
+    # -norandkey keeps the password usable alongside the keytab
+    kadmin.local -q "addprinc -pw $u-pw $u@$REALM" >>"$KDC_DIR/setup.log" 2>&1
+    kadmin.local -q "ktadd -norandkey -k $KDC_DIR/$u.keytab $u@$REALM" >>"$KDC_DIR/setup.log" 2>&1
+  done
+  # carol's tickets live 60 s: the broker's ticket refresh is tested with her
+  kadmin.local -q "addprinc -maxlife 60s -pw carol-pw carol@$REALM" >>"$KDC_DIR/setup.log" 2>&1
+  kadmin.local -q "ktadd -norandkey -k $KDC_DIR/carol.keytab carol@$REALM" >>"$KDC_DIR/setup.log" 2>&1
+  for sp in hive/localhost HTTP/localhost kyuubi/localhost; do
+    kadmin.local -q "addprinc -randkey $sp@$REALM" >>"$KDC_DIR/setup.log" 2>&1
+    kadmin.local -q "ktadd -k $KDC_DIR/${sp//\//-}.keytab $sp@$REALM" >>"$KDC_DIR/setup.log" 2>&1
+  done
+  chmod 600 "$KDC_DIR"/*.keytab
+}
+
+kdc_alive() {
+  [ -f "$KDC_DIR/krb5kdc.pid" ] || return 1
+  local pid
+  pid=$(cat "$KDC_DIR/krb5kdc.pid")
+  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q krb5kdc
+}
+
+cmd_kdc_start() {
+  kdc_install
+  mkdir -p "$KDC_DIR"
+  exec 9>"$KDC_DIR/lock"
+  flock 9
+  export KRB5_CONFIG="$KDC_DIR/krb5.conf" KRB5_KDC_PROFILE="$KDC_DIR/kdc.conf"
+  if kdc_alive; then
+    echo "$KDC_DIR/krb5.conf"
+    return 0
+  fi
+  if [ ! -f "$KDC_DIR/principal" ] || [ ! -f "$KDC_DIR/carol.keytab" ]; then
+    find "$KDC_DIR" -mindepth 1 -maxdepth 1 ! -name lock -exec rm -rf {} +
+    kdc_realm
+  fi
+  port_open "$KDC_PORT" && die "port $HOST:$KDC_PORT is in use by another process"
+  (
+    exec 9>&-
+    exec nohup /usr/sbin/krb5kdc -n -r "$REALM"
+  ) >"$KDC_DIR/krb5kdc.out" 2>&1 </dev/null &
+  echo $! >"$KDC_DIR/krb5kdc.pid"
+  for _ in $(seq 1 100); do
+    # ready means it issues tickets, not just that the port is open
+    if port_open "$KDC_PORT" &&
+      KRB5CCNAME="MEMORY:selftest" kinit -k -t "$KDC_DIR/alice.keytab" "alice@$REALM" 2>/dev/null; then
+      echo "$KDC_DIR/krb5.conf"
+      return 0
+    fi
+    kdc_alive || { cat "$KDC_DIR/krb5kdc.out" >&2; die "krb5kdc exited"; }
+    sleep 0.1
+  done
+  die "krb5kdc not ready after 10 s"
+}
+
+cmd_kdc_stop() {
+  kdc_alive || { rm -f "$KDC_DIR/krb5kdc.pid"; return 0; }
+  local pid
+  pid=$(cat "$KDC_DIR/krb5kdc.pid")
+  kill "$pid"
+  log "stopped krb5kdc (pid $pid)"
+  rm -f "$KDC_DIR/krb5kdc.pid"
+}
+
 case "${1:-}" in
+  kdc-start) cmd_kdc_start ;;
+  kdc-stop) cmd_kdc_stop ;;
   install) shift; cmd_install ;;
   ldap-start) cmd_ldap_start ;;
   ldap-stop) cmd_ldap_stop ;;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs the fixture (Spark Thrift Server 4.0.1 from
-# the pyspark package, PyHive, impyla, beeline), starts the shared servers,
-# runs every cargo test against them, and stops what it started.
+# the pyspark package, PyHive, impyla, beeline, slapd, an MIT KDC), starts
+# the shared servers, runs every cargo test against them, and stops what it
+# started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
@@ -16,9 +17,16 @@ h=$!
 scripts/fixture.sh start sts-ldap --mode binary --port 10003 --auth ldap >/dev/null &
 l=$!
 trap 'scripts/fixture.sh stop all' EXIT
+scripts/fixture.sh kdc-start >/dev/null
+scripts/fixture.sh start sts-kerberos --mode binary --port 10005 --auth kerberos >/dev/null &
+kb=$!
+scripts/fixture.sh start sts-kerberos-http --mode http --port 10006 --auth kerberos >/dev/null &
+kh=$!
 wait $b
 wait $h
 wait $l
+wait $kb
+wait $kh
 echo "[test] fixture ready after $((SECONDS - t0)) s"
 
 cargo test --all-targets "$@"

@@ -51,6 +51,7 @@ impl Hs2Client {
         let cred = Credential {
             user: user.to_string(),
             password: Secret::new(password),
+            kerberos: None,
         };
         let local = std::net::IpAddr::from([127, 0, 0, 1]);
         let link = Link::open(&target, &cred, &HttpPool::new(cfg.connect_timeout), local).await?;

@@ -51,6 +51,10 @@ pub struct Config {
     /// Gateway token rotation through the management API.
     #[serde(default)]
     pub tokens: Option<TokensConfig>,
+    /// The one krb5.conf every Kerberos listener and resource agreed on
+    /// (MIT krb5 reads one per process); set by validation.
+    #[serde(skip)]
+    pub krb5_conf: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +150,28 @@ pub enum ClientAuth {
     Ldap,
     /// A local users file of argon2 hashes (`users_file`).
     Static,
+    /// SASL GSSAPI (binary) / SPNEGO (HTTP) with the broker's keytab
+    /// (`[listener.kerberos]`).
+    Kerberos,
+}
+
+/// The broker as a Kerberos service for its clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KerberosListenerConfig {
+    pub keytab: std::path::PathBuf,
+    /// e.g. `kyuubi/localhost@EXAMPLE.COM`; unset accepts any key in the keytab.
+    #[serde(default)]
+    pub principal: Option<String>,
+    /// Binary only: the SASL QOP levels offered.
+    #[serde(default = "default_qop")]
+    pub qop: Vec<crate::kerberos::Qop>,
+    #[serde(default)]
+    pub krb5_conf: Option<std::path::PathBuf>,
+}
+
+fn default_qop() -> Vec<crate::kerberos::Qop> {
+    vec![crate::kerberos::Qop::Auth]
 }
 
 /// LDAP options, as Kyuubi names them.
@@ -206,6 +232,8 @@ pub struct ListenerConfig {
     pub allow_any_user: bool,
     #[serde(default)]
     pub ldap: Option<LdapConfig>,
+    #[serde(default)]
+    pub kerberos: Option<KerberosListenerConfig>,
     /// `auth = "static"`: lines of `name:<argon2 PHC hash>`.
     #[serde(default)]
     pub users_file: Option<std::path::PathBuf>,
@@ -243,6 +271,8 @@ pub enum MappingType {
     System,
     /// The upstream user is an LDAP account with its password.
     Ldap,
+    /// The upstream user is a Kerberos principal with its keytab.
+    Kerberos,
 }
 
 /// How a system-mapped name reaches the upstream.
@@ -271,19 +301,29 @@ pub struct MappingConfig {
     /// System: users not listed keep their own name (instead of being refused).
     #[serde(default)]
     pub same_name_for_unlisted: bool,
-    /// LDAP: client user → LDAP account.
+    /// LDAP / Kerberos: client user → account.
     #[serde(default)]
-    pub accounts: BTreeMap<String, LdapAccount>,
+    pub accounts: BTreeMap<String, Account>,
+    /// Kerberos: the krb5.conf for this resource.
+    #[serde(default)]
+    pub krb5_conf: Option<std::path::PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// An upstream account: `user` + `password` (LDAP) or `principal` +
+/// `keytab` (Kerberos).
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LdapAccount {
+pub struct Account {
+    #[serde(default)]
     pub user: String,
     #[serde(default)]
     pub password: Option<Secret>,
     #[serde(default)]
     pub password_env: Option<String>,
+    #[serde(default)]
+    pub principal: String,
+    #[serde(default)]
+    pub keytab: Option<std::path::PathBuf>,
 }
 
 /// Session settings sent upstream in OpenSession.
@@ -332,6 +372,14 @@ pub struct UpstreamConfig {
     /// Longest wait for one RPC's reply.
     #[serde(default = "default_read_timeout", with = "duration")]
     pub read_timeout: Duration,
+    /// The upstream's Kerberos service principal, e.g. `hive/_HOST@REALM`
+    /// (`_HOST` = `host`). When set, the broker authenticates with GSSAPI
+    /// (binary) or SPNEGO (HTTP), as Hive JDBC does for `principal=`.
+    #[serde(default)]
+    pub principal: Option<String>,
+    /// Binary + Kerberos: the SASL QOP to ask for.
+    #[serde(default)]
+    pub qop: crate::kerberos::Qop,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -356,6 +404,12 @@ pub enum CredentialsConfig {
         password: Option<Secret>,
         #[serde(default)]
         password_env: Option<String>,
+    },
+    /// The broker's own Kerberos principal (for system mappings that carry
+    /// the user as a proxy user).
+    Kerberos {
+        principal: String,
+        keytab: std::path::PathBuf,
     },
 }
 
@@ -426,6 +480,8 @@ impl Config {
             ));
         }
         let mut names = std::collections::HashSet::new();
+        // (key, file) of every krb5.conf named; they must all agree
+        let mut krb5: Vec<(String, std::path::PathBuf)> = Vec::new();
         for (i, l) in self.listeners.iter_mut().enumerate() {
             let key = format!("listener[{i}]");
             if l.name.is_empty() || !names.insert(l.name.clone()) {
@@ -502,7 +558,34 @@ impl Config {
                     crate::auth::load_users(f)
                         .map_err(|e| invalid(format!("{key}.users_file"), e, "fix the file"))?;
                 }
+                ClientAuth::Kerberos => {
+                    let Some(k) = &l.kerberos else {
+                        return Err(invalid(
+                            format!("{key}.kerberos"),
+                            "auth = \"kerberos\" but no [listener.kerberos] table",
+                            "add keytab (and principal, e.g. \"kyuubi/localhost@EXAMPLE.COM\")",
+                        ));
+                    };
+                    readable(&k.keytab, &format!("{key}.kerberos.keytab"))?;
+                    if k.qop.is_empty() {
+                        return Err(invalid(
+                            format!("{key}.kerberos.qop"),
+                            "is empty",
+                            "offer at least [\"auth\"]",
+                        ));
+                    }
+                    if let Some(f) = &k.krb5_conf {
+                        krb5.push((format!("{key}.kerberos.krb5_conf"), f.clone()));
+                    }
+                }
                 ClientAuth::None => {}
+            }
+            if l.kerberos.is_some() && l.auth != ClientAuth::Kerberos {
+                return Err(invalid(
+                    format!("{key}.kerberos"),
+                    "is set but auth is not \"kerberos\"",
+                    "set auth = \"kerberos\" or remove the table",
+                ));
             }
             l.http_path = normalize_path(&l.http_path);
             if l.protocol == Transport::Http && l.http_path.is_empty() {
@@ -573,33 +656,116 @@ impl Config {
                     ));
                 }
             }
+            let kerberos_identity = matches!(r.credentials, CredentialsConfig::Kerberos { .. })
+                || r.mapping
+                    .as_ref()
+                    .is_some_and(|m| m.kind == MappingType::Kerberos);
+            match (&u.principal, kerberos_identity) {
+                (Some(_), _) if u.sasl == UpstreamSasl::Nosasl => {
+                    return Err(invalid(
+                        format!("{key}.upstream.principal"),
+                        "Kerberos needs SASL, but sasl = \"nosasl\"",
+                        "remove sasl or the principal",
+                    ))
+                }
+                (Some(_), false) => {
+                    return Err(invalid(
+                        format!("{key}.upstream.principal"),
+                        "a Kerberos upstream needs a Kerberos identity on the broker side",
+                        "add a mapping with type = \"kerberos\", or credentials with mode = \"kerberos\"",
+                    ))
+                }
+                (None, true) => {
+                    return Err(invalid(
+                        format!("{key}.upstream.principal"),
+                        "the identity is Kerberos but the upstream's service principal is not set",
+                        "set principal = \"hive/_HOST@YOUR.REALM\" (as in the JDBC URL)",
+                    ))
+                }
+                _ => {}
+            }
+            if let CredentialsConfig::Kerberos { principal, keytab } = &r.credentials {
+                if principal.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.credentials.principal"),
+                        "is empty",
+                        "set the broker's principal, e.g. kyuubi/localhost@EXAMPLE.COM",
+                    ));
+                }
+                readable(keytab, &format!("{key}.credentials.keytab"))?;
+            }
             if let Some(m) = &mut r.mapping {
+                let kind = m.kind;
                 for (client, acct) in m.accounts.iter_mut() {
+                    let akey = format!("{key}.mapping.accounts.{client}");
+                    if kind == MappingType::Kerberos {
+                        if acct.principal.is_empty()
+                            || !acct.user.is_empty()
+                            || acct.password.is_some()
+                            || acct.password_env.is_some()
+                        {
+                            return Err(invalid(
+                                akey,
+                                "a Kerberos account is a principal and a keytab",
+                                "set principal and keytab only",
+                            ));
+                        }
+                        let Some(kt) = &acct.keytab else {
+                            return Err(invalid(
+                                akey,
+                                "has no keytab",
+                                "set keytab = \"/path/to/user.keytab\"",
+                            ));
+                        };
+                        readable(kt, &format!("{akey}.keytab"))?;
+                        continue;
+                    }
+                    if !acct.principal.is_empty() || acct.keytab.is_some() {
+                        return Err(invalid(
+                            akey,
+                            "principal/keytab belong to type = \"kerberos\"",
+                            "use user and password_env for an LDAP account",
+                        ));
+                    }
+                    if acct.user.is_empty() {
+                        return Err(invalid(
+                            akey,
+                            "has no user",
+                            "set the LDAP account name as user",
+                        ));
+                    }
                     if let Some(var) = acct.password_env.clone() {
-                        acct.password = Some(read_env(
-                            &var,
-                            &format!("{key}.mapping.accounts.{client}.password_env"),
-                        )?);
+                        acct.password = Some(read_env(&var, &format!("{akey}.password_env"))?);
                     }
                     if acct.password.is_none() {
                         return Err(invalid(
-                            format!("{key}.mapping.accounts.{client}"),
+                            akey,
                             "has no password",
                             "set password_env (or password)",
                         ));
                     }
                 }
-                let ldap = m.kind == MappingType::Ldap;
-                if ldap
+                if let Some(f) = &m.krb5_conf {
+                    if kind != MappingType::Kerberos {
+                        return Err(invalid(
+                            format!("{key}.mapping.krb5_conf"),
+                            "belongs to type = \"kerberos\"",
+                            "remove it",
+                        ));
+                    }
+                    krb5.push((format!("{key}.mapping.krb5_conf"), f.clone()));
+                }
+                let accounts_only = m.kind != MappingType::System;
+                if accounts_only
                     && (!m.users.is_empty() || m.same_name_for_unlisted || m.carry != Carry::User)
                 {
                     return Err(invalid(
                         format!("{key}.mapping"),
-                        "type = \"ldap\" takes accounts only",
+                        "type = \"ldap\" and \"kerberos\" take accounts only",
                         "move users/same_name_for_unlisted/carry to a system mapping",
                     ));
                 }
-                if !ldap && !m.accounts.is_empty() {
+                if !accounts_only && !m.accounts.is_empty() {
                     return Err(invalid(
                         format!("{key}.mapping.accounts"),
                         "accounts belong to type = \"ldap\"",
@@ -607,12 +773,12 @@ impl Config {
                     ));
                 }
                 if m.carry == Carry::ProxyUser
-                    && !matches!(r.credentials, CredentialsConfig::Static { .. })
+                    && matches!(r.credentials, CredentialsConfig::Passthrough)
                 {
                     return Err(invalid(
                         format!("{key}.mapping.carry"),
                         "proxy_user needs the broker's own upstream identity",
-                        "set [routes.<name>.credentials] mode = \"static\"",
+                        "set [routes.<name>.credentials] mode = \"static\" (or \"kerberos\")",
                     ));
                 }
             }
@@ -640,6 +806,21 @@ impl Config {
                     *password = Some(read_env(&var, &format!("{key}.credentials.password_env"))?);
                 }
             }
+        }
+        if let Some((first_key, first)) = krb5.first() {
+            if let Some((k, f)) = krb5.iter().find(|(_, f)| f != first) {
+                return Err(invalid(
+                    k.as_str(),
+                    format!(
+                        "{} differs from {first_key} = {}; MIT Kerberos reads one krb5.conf per process",
+                        f.display(),
+                        first.display()
+                    ),
+                    "name the same file everywhere (merge the realms into it), or run one broker per krb5.conf",
+                ));
+            }
+            readable(first, first_key)?;
+            self.krb5_conf = Some(first.clone());
         }
         if let Some(t) = &self.tokens {
             if !(t.rotate_fraction > 0.0 && t.rotate_fraction <= 1.0) {
@@ -682,6 +863,18 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Keytabs and krb5.conf are read later by the GSS library, whose errors
+/// would not name the config key: check they can be opened now.
+fn readable(path: &Path, key: &str) -> Result<(), ConfigError> {
+    std::fs::File::open(path).map(drop).map_err(|e| {
+        invalid(
+            key,
+            format!("{} cannot be read: {e}", path.display()),
+            "point it at an existing file the broker's user can read",
+        )
+    })
 }
 
 fn read_env(var: &str, key: &str) -> Result<Secret, ConfigError> {
@@ -749,6 +942,79 @@ mod tests {
         assert_eq!(r.upstream.connect_timeout, Duration::from_secs(5));
         assert!(matches!(r.credentials, CredentialsConfig::Passthrough));
         assert!(c.listeners[0].allow_nosasl);
+    }
+
+    /// MINIMAL with a Kerberos mapping to a Kerberos upstream; the files
+    /// exist (they are only opened, not parsed, by validation).
+    fn kerberos_route(dir: &Path, principal: &str) -> String {
+        let f = |n: &str| {
+            let p = dir.join(n);
+            std::fs::write(&p, "x").unwrap();
+            p.display().to_string()
+        };
+        format!(
+            "{MINIMAL}{principal}\n[routes.sts.mapping]\ntype = \"kerberos\"\nkrb5_conf = \"{}\"\n\
+             [routes.sts.mapping.accounts.alice]\nprincipal = \"bob@R\"\nkeytab = \"{}\"\n",
+            f("krb5.conf"),
+            f("bob.keytab")
+        )
+    }
+
+    #[test]
+    fn kerberos_mapping_needs_the_upstream_principal_and_a_readable_keytab() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = kerberos_route(dir.path(), "principal = \"hive/_HOST@R\"");
+        let c = Config::from_toml(&ok, "t").unwrap();
+        assert_eq!(c.krb5_conf, Some(dir.path().join("krb5.conf")));
+        let e = err_of(&kerberos_route(dir.path(), ""));
+        assert!(e.contains("routes.sts.upstream.principal"), "{e}");
+        let e = err_of(&ok.replace("bob.keytab", "missing.keytab"));
+        assert!(
+            e.contains("routes.sts.mapping.accounts.alice.keytab") && e.contains("cannot be read"),
+            "{e}"
+        );
+        let e = err_of(&ok.replace("principal = \"bob@R\"", "user = \"bob\""));
+        assert!(e.contains("principal and a keytab"), "{e}");
+    }
+
+    #[test]
+    fn a_kerberos_upstream_without_a_kerberos_identity_is_refused() {
+        let e =
+            err_of(&MINIMAL.replace("port = 10000", "port = 10000\nprincipal = \"hive/_HOST@R\""));
+        assert!(
+            e.contains("routes.sts.upstream.principal") && e.contains("kerberos"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn two_different_krb5_conf_files_are_refused_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = kerberos_route(dir.path(), "principal = \"hive/_HOST@R\"");
+        let other = dir.path().join("other.conf");
+        std::fs::write(&other, "x").unwrap();
+        t = t.replace(
+            "auth = \"none\"\n        allow_any_user = true",
+            &format!(
+                "auth = \"kerberos\"\n[listener.kerberos]\nkeytab = \"{}\"\nkrb5_conf = \"{}\"",
+                dir.path().join("bob.keytab").display(),
+                other.display()
+            ),
+        );
+        let e = err_of(&t);
+        assert!(
+            e.contains("krb5_conf") && e.contains("one krb5.conf per process"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_kerberos_listener_needs_its_table() {
+        let e = err_of(&MINIMAL.replace(
+            "auth = \"none\"\n        allow_any_user = true",
+            "auth = \"kerberos\"",
+        ));
+        assert!(e.contains("listener[0].kerberos"), "{e}");
     }
 
     #[test]
@@ -845,7 +1111,16 @@ mod tests {
                 if p.is_dir() {
                     dirs.push(p);
                 } else if p.extension().is_some_and(|x| x == "toml") {
-                    Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                    let text = std::fs::read_to_string(&p).unwrap();
+                    let fixture_kdc = Path::new("/tmp/hs2-kdc/krb5.conf");
+                    if text.contains("/tmp/hs2-kdc/") && !fixture_kdc.exists() {
+                        // validation opens the fixture's keytabs: without the
+                        // KDC fixture, check that the file deserializes
+                        toml::from_str::<Config>(&text)
+                            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                    } else {
+                        Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                    }
                     seen += 1;
                 }
             }

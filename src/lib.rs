@@ -34,6 +34,7 @@ pub mod config;
 pub mod connstr;
 pub mod emulator;
 pub mod error;
+pub mod kerberos;
 pub mod listen;
 pub mod mapping;
 pub mod percent;

@@ -98,6 +98,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
+            if let Some(k) = &cfg.krb5_conf {
+                // MIT krb5 reads it once per process: set before any thread starts
+                std::env::set_var("KRB5_CONFIG", k);
+            }
             let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
             rt.block_on(async move {
                 // registered before any listener is up, so an early SIGTERM

@@ -1,8 +1,13 @@
 //! Who a client is upstream (account mapping) and which session settings
 //! go with it. Pure functions: the broker core calls them at OpenSession.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use crate::config::{Carry, CredentialsConfig, MappingConfig, MappingType, SessionPolicy};
 use crate::error::RpcError;
+use crate::kerberos::Initiator;
+use crate::secret::Secret;
 use crate::session::ClientIdentity;
 use crate::upstream::Credential;
 
@@ -20,6 +25,28 @@ pub struct UpstreamIdentity {
     pub forced: Vec<(String, String)>,
 }
 
+/// The broker's Kerberos identities, one per principal, built once per route.
+pub type Initiators = BTreeMap<String, Arc<Initiator>>;
+
+/// Every principal a route may use upstream (its mapping accounts and its
+/// own credentials), each with its own credential cache.
+pub fn initiators(credentials: &CredentialsConfig, mapping: Option<&MappingConfig>) -> Initiators {
+    let mut out = Initiators::new();
+    if let CredentialsConfig::Kerberos { principal, keytab } = credentials {
+        out.insert(
+            principal.clone(),
+            Arc::new(Initiator::new(principal, keytab)),
+        );
+    }
+    for a in mapping.map(|m| m.accounts.values()).into_iter().flatten() {
+        if let Some(kt) = &a.keytab {
+            out.entry(a.principal.clone())
+                .or_insert_with(|| Arc::new(Initiator::new(&a.principal, kt)));
+        }
+    }
+    out
+}
+
 /// Maps a client to its upstream identity on `resource`. Users without a
 /// mapping are refused; there is no fallback identity.
 pub fn upstream_identity(
@@ -27,21 +54,30 @@ pub fn upstream_identity(
     credentials: &CredentialsConfig,
     mapping: Option<&MappingConfig>,
     client: &ClientIdentity,
+    initiators: &Initiators,
 ) -> Result<UpstreamIdentity, RpcError> {
-    let static_cred = match credentials {
+    let kerberos = |principal: &str| Credential {
+        user: principal.to_string(),
+        password: Secret::default(),
+        kerberos: initiators.get(principal).cloned(),
+    };
+    let broker_cred = match credentials {
         CredentialsConfig::Static { user, password, .. } => Some(Credential {
             user: user.clone(),
             password: password.clone().unwrap_or_default(),
+            kerberos: None,
         }),
+        CredentialsConfig::Kerberos { principal, .. } => Some(kerberos(principal)),
         CredentialsConfig::Passthrough => None,
     };
     let own = || Credential {
         user: client.user.clone(),
         password: client.password.clone(),
+        kerberos: None,
     };
     let Some(m) = mapping else {
         return Ok(UpstreamIdentity {
-            credential: static_cred.unwrap_or_else(own),
+            credential: broker_cred.unwrap_or_else(own),
             forced: Vec::new(),
         });
     };
@@ -56,7 +92,15 @@ pub fn upstream_identity(
                 credential: Credential {
                     user: acct.user.clone(),
                     password: acct.password.clone().unwrap_or_default(),
+                    kerberos: None,
                 },
+                forced: Vec::new(),
+            })
+        }
+        MappingType::Kerberos => {
+            let acct = m.accounts.get(&client.user).ok_or_else(refuse)?;
+            Ok(UpstreamIdentity {
+                credential: kerberos(&acct.principal),
                 forced: Vec::new(),
             })
         }
@@ -70,14 +114,15 @@ pub fn upstream_identity(
                 Carry::User => Ok(UpstreamIdentity {
                     credential: Credential {
                         user: name,
-                        password: static_cred
+                        password: broker_cred
                             .map(|c| c.password)
                             .unwrap_or_else(|| client.password.clone()),
+                        kerberos: None,
                     },
                     forced: Vec::new(),
                 }),
                 Carry::ProxyUser => Ok(UpstreamIdentity {
-                    credential: static_cred.unwrap_or_else(own),
+                    credential: broker_cred.unwrap_or_else(own),
                     forced: IMPERSONATION_KEYS
                         .iter()
                         .map(|k| (k.to_string(), name.clone()))
@@ -140,9 +185,7 @@ pub fn session_conf(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LdapAccount;
-    use crate::secret::Secret;
-    use std::collections::BTreeMap;
+    use crate::config::Account;
 
     fn client(user: &str) -> ClientIdentity {
         ClientIdentity {
@@ -162,6 +205,7 @@ mod tests {
                 .collect(),
             same_name_for_unlisted: false,
             accounts: BTreeMap::new(),
+            krb5_conf: None,
         }
     }
 
@@ -179,6 +223,7 @@ mod tests {
             &CredentialsConfig::Passthrough,
             Some(&m),
             &client("bob"),
+            &Initiators::new(),
         )
         .unwrap_err();
         assert_eq!(
@@ -195,6 +240,7 @@ mod tests {
             &CredentialsConfig::Passthrough,
             Some(&m),
             &client("alice"),
+            &Initiators::new(),
         )
         .unwrap();
         assert_eq!(
@@ -207,7 +253,8 @@ mod tests {
             password_env: None,
         };
         let m = system(&[("alice", "etl_alice")], Carry::ProxyUser);
-        let u = upstream_identity("r", &broker, Some(&m), &client("alice")).unwrap();
+        let u = upstream_identity("r", &broker, Some(&m), &client("alice"), &Initiators::new())
+            .unwrap();
         assert_eq!(u.credential.user, "svc");
         assert_eq!(
             u.forced,
@@ -223,10 +270,10 @@ mod tests {
         let mut accounts = BTreeMap::new();
         accounts.insert(
             "alice".to_string(),
-            LdapAccount {
+            Account {
                 user: "bob".into(),
                 password: Some(Secret::new("bob-pw")),
-                password_env: None,
+                ..Account::default()
             },
         );
         let m = MappingConfig {
@@ -235,12 +282,14 @@ mod tests {
             users: BTreeMap::new(),
             same_name_for_unlisted: false,
             accounts,
+            krb5_conf: None,
         };
         let u = upstream_identity(
             "r",
             &CredentialsConfig::Passthrough,
             Some(&m),
             &client("alice"),
+            &Initiators::new(),
         )
         .unwrap();
         assert_eq!(
@@ -251,7 +300,8 @@ mod tests {
             "r",
             &CredentialsConfig::Passthrough,
             Some(&m),
-            &client("carol")
+            &client("carol"),
+            &Initiators::new()
         )
         .is_err());
     }

@@ -30,6 +30,8 @@ pub struct Route {
     pub target: Arc<Target>,
     credentials: CredentialsConfig,
     mapping: Option<MappingConfig>,
+    /// Kerberos principals this route authenticates as upstream.
+    initiators: mapping::Initiators,
     policy: SessionPolicy,
     pool: HttpPool,
 }
@@ -52,6 +54,7 @@ pub fn upstream_credential(
         &route.credentials,
         route.mapping.as_ref(),
         client,
+        &route.initiators,
     )
 }
 
@@ -172,6 +175,7 @@ impl Broker {
                     name: name.clone(),
                     pool: HttpPool::new(target.connect_timeout),
                     target,
+                    initiators: mapping::initiators(&r.credentials, r.mapping.as_ref()),
                     credentials: r.credentials.clone(),
                     mapping: r.mapping.clone(),
                     policy: r.session.clone(),

@@ -31,6 +31,8 @@ pub enum Authenticator {
     Ldap(Box<ldap::LdapAuth>),
     /// name → argon2 PHC hash.
     Static(Vec<(String, String)>),
+    /// GSSAPI / SPNEGO only; passwords are refused.
+    Kerberos(Box<crate::kerberos::Acceptor>),
 }
 
 /// A well-formed argon2id string nobody knows a password for: unknown users
@@ -52,7 +54,28 @@ impl Authenticator {
                     .as_deref()
                     .ok_or("auth = \"static\" needs users_file")?,
             )?),
+            ClientAuth::Kerberos => {
+                let k = l
+                    .kerberos
+                    .as_ref()
+                    .ok_or("auth = \"kerberos\" needs a [listener.kerberos] table")?;
+                let a = crate::kerberos::Acceptor::from_keytab(
+                    &k.keytab,
+                    k.principal.as_deref(),
+                    k.qop.clone(),
+                )
+                .map_err(|e| e.to_string())?;
+                Authenticator::Kerberos(Box::new(a))
+            }
         })
+    }
+
+    /// The acceptor, when this listener takes Kerberos.
+    pub fn kerberos(&self) -> Option<&crate::kerberos::Acceptor> {
+        match self {
+            Authenticator::Kerberos(a) => Some(a),
+            _ => None,
+        }
     }
 
     pub async fn authenticate(
@@ -65,6 +88,10 @@ impl Authenticator {
             return Err(AuthError::Refused(String::new()));
         }
         match self {
+            Authenticator::Kerberos(_) => {
+                // one answer whatever the password: do not reveal whether it was right
+                return Err(AuthError::Refused(user.to_string()));
+            }
             Authenticator::AnyUser => {}
             Authenticator::Ldap(l) => l.verify(user, &password).await?,
             Authenticator::Static(users) => {

@@ -145,11 +145,14 @@ fn local(a: &ConnstrArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     for l in &cfg.listeners {
+        // a Kerberos listener is reached with its service principal
+        let principal = l.kerberos.as_ref().and_then(|k| k.principal.clone());
         let mut spec = ConnSpec::new(
             l.bind.to_string(),
-            match &a.user {
-                Some(u) => Auth::User { name: u.clone() },
-                None => Auth::None,
+            match (principal, &a.user) {
+                (Some(p), _) => Auth::Kerberos { principal: p },
+                (None, Some(u)) => Auth::User { name: u.clone() },
+                (None, None) => Auth::None,
             },
         );
         if l.protocol == Transport::Http {

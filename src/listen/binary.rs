@@ -1,5 +1,6 @@
-//! Binary TCLIService listener: SASL PLAIN handshake (or NOSASL, recognised
-//! by its first byte), then one message at a time through the broker.
+//! Binary TCLIService listener: SASL PLAIN or GSSAPI handshake (or NOSASL,
+//! recognised by its first byte), then one message at a time through the
+//! broker.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -121,13 +122,14 @@ async fn handshake(
     peer: SocketAddr,
     listener: &Listener,
 ) -> Result<(Framing, Option<ClientIdentity>), FrameError> {
-    let allow_nosasl = listener.config.allow_nosasl;
+    let kerberos = listener.auth.kerberos();
+    let allow_nosasl = listener.config.allow_nosasl && kerberos.is_none();
     match io.peek_byte().await? {
         SASL_START => {}
         THRIFT_STRICT if allow_nosasl => return Ok((Framing::Bare, None)),
         THRIFT_STRICT => {
             return Err(FrameError::Malformed(
-                "NOSASL client on a listener with allow_nosasl = false".into(),
+                "NOSASL client on a listener that needs SASL (allow_nosasl = false or Kerberos)".into(),
             ))
         }
         b'G' | b'P' | b'H' => {
@@ -136,6 +138,9 @@ async fn handshake(
             ))
         }
         b => return Err(FrameError::Malformed(format!("not a HiveServer2 client (first byte {b:#04x})"))),
+    }
+    if let Some(acceptor) = kerberos {
+        return gssapi_handshake(io, peer, acceptor).await;
     }
     let mut hs = ServerHandshake::default();
     loop {
@@ -182,6 +187,76 @@ async fn handshake(
                 Err(FrameError::Malformed(e.to_string()))
             }
         };
+    }
+}
+
+async fn read_negotiation(io: &mut MessageIo) -> Result<sasl::Message, FrameError> {
+    match io.read_sasl().await {
+        Ok(m) if matches!(m.status, sasl::Status::Bad | sasl::Status::Error) => {
+            Err(FrameError::Malformed(format!(
+                "client gave up: {}",
+                String::from_utf8_lossy(&m.payload)
+            )))
+        }
+        Ok(m) => Ok(m),
+        Err(FrameError::Eof) => Err(FrameError::Truncated),
+        Err(e @ (FrameError::TooLarge { .. } | FrameError::Malformed(_))) => {
+            let _ = io
+                .write_sasl(sasl::Status::Error, e.to_string().as_bytes())
+                .await;
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// SASL GSSAPI (RFC 4752) with the listener's keytab; with QOP auth-int or
+/// auth-conf every later frame goes through the context's wrap/unwrap.
+async fn gssapi_handshake(
+    io: &mut MessageIo,
+    peer: SocketAddr,
+    acceptor: &crate::kerberos::Acceptor,
+) -> Result<(Framing, Option<ClientIdentity>), FrameError> {
+    let start = read_negotiation(io).await?;
+    if start.status != sasl::Status::Start || start.payload != b"GSSAPI" {
+        let why = format!(
+            "this listener takes Kerberos only (SASL GSSAPI, service {}); add ;principal=<that principal> to the JDBC URL",
+            acceptor.describe
+        );
+        let _ = io.write_sasl(sasl::Status::Bad, why.as_bytes()).await;
+        return Err(FrameError::Malformed(why));
+    }
+    let mut server = acceptor.sasl_server();
+    loop {
+        let msg = read_negotiation(io).await?;
+        match server.step(msg.payload).await {
+            Ok(crate::kerberos::ServerOut::Challenge(t)) => {
+                io.write_sasl(sasl::Status::Ok, &t).await?;
+            }
+            Ok(crate::kerberos::ServerOut::Done {
+                peer: who,
+                qop,
+                layer,
+            }) => {
+                io.write_sasl(sasl::Status::Complete, b"").await?;
+                io.set_layer(layer);
+                info!(principal = %who.principal, user = %who.user, qop = qop.as_str(), "client authenticated (SASL GSSAPI)");
+                return Ok((
+                    Framing::Sasl,
+                    Some(ClientIdentity {
+                        user: who.user,
+                        password: crate::secret::Secret::default(),
+                        addr: peer,
+                    }),
+                ));
+            }
+            Err(e) => {
+                let _ = io
+                    .write_sasl(sasl::Status::Bad, e.to_string().as_bytes())
+                    .await;
+                return Err(FrameError::Malformed(e.to_string()));
+            }
+        }
     }
 }
 

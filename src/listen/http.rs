@@ -177,7 +177,7 @@ async fn handle(
             .find(|(k, _)| k.eq_ignore_ascii_case("doAs"))
             .map(|(_, v)| v.to_string())
     });
-    let (identity, set_cookie) = match authenticate_request(&req, peer, listener).await {
+    let (identity, set_cookie, negotiate) = match authenticate_request(&req, peer, listener).await {
         Ok(v) => v,
         Err(resp) => return resp,
     };
@@ -224,25 +224,100 @@ async fn handle(
             resp.headers_mut().insert(SET_COOKIE, v);
         }
     }
+    if let Some(t) = negotiate {
+        // the mutual-authentication token of RFC 4559
+        let v = format!(
+            "Negotiate {}",
+            base64::engine::general_purpose::STANDARD.encode(t)
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&v) {
+            resp.headers_mut().insert(WWW_AUTHENTICATE, v);
+        }
+    }
     resp
 }
+
+/// A SPNEGO token from `Authorization: Negotiate <base64>`.
+fn negotiate_token(req: &Request<Incoming>) -> Result<Option<Vec<u8>>, &'static str> {
+    let Some(h) = req.headers().get(AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let h = h.to_str().map_err(|_| "malformed Authorization header")?;
+    let (scheme, value) = h.split_once(' ').ok_or("malformed Authorization header")?;
+    if !scheme.eq_ignore_ascii_case("negotiate") {
+        return Err("this listener takes Kerberos only (SPNEGO: Authorization: Negotiate)");
+    }
+    // Hive JDBC 2.x sends "Negotiate : <token>"; others wrap lines or drop padding
+    let value = value.trim_start().strip_prefix(':').unwrap_or(value);
+    let compact: String = value.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let compact = compact.trim_end_matches('=');
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(compact)
+        .map(Some)
+        .map_err(|_| "malformed Negotiate token")
+}
+
+fn negotiate_challenge(msg: &str) -> Response<Full<Bytes>> {
+    let mut r = text(
+        StatusCode::UNAUTHORIZED,
+        format!("Authentication Error: {msg}"),
+    );
+    r.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Negotiate"),
+    );
+    r
+}
+
+/// The identity, a cookie to set, and a SPNEGO reply token to return.
+type Authenticated = (ClientIdentity, Option<String>, Option<Vec<u8>>);
 
 async fn authenticate_request(
     req: &Request<Incoming>,
     peer: SocketAddr,
     listener: &HttpListener,
-) -> Result<(ClientIdentity, Option<String>), Response<Full<Bytes>>> {
+) -> Result<Authenticated, Response<Full<Bytes>>> {
     if let Some(c) = req.headers().get(COOKIE).and_then(|v| v.to_str().ok()) {
         if let Some(id) = listener.cookies.check(c).await {
-            return Ok((id, None));
+            return Ok((id, None, None));
         }
+    }
+    if let Some(acceptor) = listener.auth.kerberos() {
+        let token = match negotiate_token(req) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Err(negotiate_challenge(
+                    "Kerberos (SPNEGO) credentials required",
+                ))
+            }
+            Err(msg) => {
+                debug!(%peer, msg, "refused an Authorization header");
+                return Err(negotiate_challenge(msg));
+            }
+        };
+        return match acceptor.spnego(token).await {
+            Ok((who, reply)) => {
+                debug!(principal = %who.principal, user = %who.user, "client authenticated (SPNEGO)");
+                let id = ClientIdentity {
+                    user: who.user,
+                    password: Secret::default(),
+                    addr: peer,
+                };
+                let cookie = listener.cookies.issue(id.clone()).await;
+                Ok((id, Some(cookie), reply))
+            }
+            Err(e) => {
+                warn!(%peer, error = %e, "SPNEGO authentication failed");
+                Err(negotiate_challenge(&e.to_string()))
+            }
+        };
     }
     match basic_credentials(req) {
         Ok(Some((user, password))) => {
             match listener.auth.authenticate(&user, password, peer).await {
                 Ok(id) => {
                     let cookie = listener.cookies.issue(id.clone()).await;
-                    Ok((id, Some(cookie)))
+                    Ok((id, Some(cookie), None))
                 }
                 Err(e) => Err(unauthorized(&e.to_string())),
             }

@@ -44,8 +44,10 @@ impl BinaryConn {
                 framing,
                 broken: false,
             };
-            if framing == Framing::Sasl {
-                conn.sasl_plain(cred).await?;
+            match (&conn.target.service.clone(), framing) {
+                (Some(service), _) => conn.sasl_gssapi(service, cred).await?,
+                (None, Framing::Sasl) => conn.sasl_plain(cred).await?,
+                (None, Framing::Bare) => {}
             }
             Ok(conn)
         };
@@ -96,6 +98,78 @@ impl BinaryConn {
                     return Err(UpstreamError::Protocol {
                         upstream: self.target.display.clone(),
                         detail: "unexpected SASL START from the server".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// SASL GSSAPI as the credential's principal (RFC 4752), then the
+    /// negotiated QOP's security layer on every frame.
+    async fn sasl_gssapi(&mut self, service: &str, cred: &Credential) -> Result<(), UpstreamError> {
+        let upstream = self.target.display.clone();
+        let krb_err = |e: crate::kerberos::KerberosError| UpstreamError::AuthRejected {
+            upstream: upstream.clone(),
+            reason: e.to_string(),
+        };
+        let Some(init) = &cred.kerberos else {
+            return Err(UpstreamError::Protocol {
+                upstream: upstream.clone(),
+                detail: format!("{} has no Kerberos credentials", cred.user),
+            });
+        };
+        let (mut client, first) = init
+            .sasl_client(service.to_string(), self.target.qop)
+            .await
+            .map_err(krb_err)?;
+        let mut hello = sasl::encode(sasl::Status::Start, b"GSSAPI");
+        hello.extend(sasl::encode(sasl::Status::Ok, &first));
+        let Some(io) = self.io.as_mut() else {
+            return Err(self.closed());
+        };
+        let r = io.write_raw(&hello).await;
+        r.map_err(|e| self.err(e))?;
+        let mut layer = None;
+        let mut sent_final = false;
+        loop {
+            let Some(io) = self.io.as_mut() else {
+                return Err(self.closed());
+            };
+            let r = io.read_sasl().await;
+            let msg = r.map_err(|e| self.err(e))?;
+            match msg.status {
+                sasl::Status::Complete if sent_final => {
+                    if let Some(io) = self.io.as_mut() {
+                        io.set_layer(layer.take());
+                    }
+                    return Ok(());
+                }
+                sasl::Status::Ok | sasl::Status::Complete if !sent_final => {
+                    let out = client.step(msg.payload).await.map_err(krb_err)?;
+                    let (status, payload) = match out {
+                        crate::kerberos::ClientOut::Response(p) => (sasl::Status::Ok, p),
+                        crate::kerberos::ClientOut::Final { response, layer: l } => {
+                            layer = l;
+                            sent_final = true;
+                            (sasl::Status::Complete, response)
+                        }
+                    };
+                    let Some(io) = self.io.as_mut() else {
+                        return Err(self.closed());
+                    };
+                    let r = io.write_sasl(status, &payload).await;
+                    r.map_err(|e| self.err(e))?;
+                }
+                sasl::Status::Bad | sasl::Status::Error => {
+                    return Err(UpstreamError::AuthRejected {
+                        upstream,
+                        reason: String::from_utf8_lossy(&msg.payload).into_owned(),
+                    })
+                }
+                s => {
+                    return Err(UpstreamError::Protocol {
+                        upstream,
+                        detail: format!("unexpected SASL {s:?} during GSSAPI"),
                     })
                 }
             }

@@ -36,13 +36,20 @@ impl HttpPool {
     }
 }
 
-/// One identity's view of an HTTP upstream: its Basic header and the
-/// upstream's auth cookie, so the upstream need not re-check credentials on
-/// every call.
+/// How requests authenticate before the upstream's cookie exists.
+enum HttpAuth {
+    Basic(HeaderValue),
+    /// A fresh SPNEGO token per request for this service principal.
+    Negotiate(Arc<crate::kerberos::Initiator>, String),
+}
+
+/// One identity's view of an HTTP upstream: its Basic header (or SPNEGO
+/// principal) and the upstream's auth cookie, so the upstream need not
+/// re-check credentials on every call.
 pub struct HttpChannel {
     target: Arc<Target>,
     pool: HttpPool,
-    basic: HeaderValue,
+    auth: HttpAuth,
     client_ip: HeaderValue,
     cookie: std::sync::Mutex<Option<HeaderValue>>,
 }
@@ -54,27 +61,71 @@ impl HttpChannel {
         pool: &HttpPool,
         client_ip: std::net::IpAddr,
     ) -> Result<HttpChannel, UpstreamError> {
-        let raw = format!("{}:{}", cred.user, cred.password.expose());
-        let mut basic = HeaderValue::from_str(&format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(raw)
-        ))
-        .map_err(|_| UpstreamError::Protocol {
-            upstream: target.display.clone(),
-            detail: "credentials cannot be sent as an HTTP header".into(),
-        })?;
-        basic.set_sensitive(true);
+        let auth = match (&target.service, &cred.kerberos) {
+            (Some(service), Some(init)) => HttpAuth::Negotiate(init.clone(), service.clone()),
+            (Some(_), None) => {
+                return Err(UpstreamError::Protocol {
+                    upstream: target.display.clone(),
+                    detail: format!("{} has no Kerberos credentials", cred.user),
+                })
+            }
+            (None, _) => HttpAuth::Basic(basic_header(&target, cred)?),
+        };
         Ok(HttpChannel {
             target,
             pool: pool.clone(),
-            basic,
+            auth,
             client_ip: HeaderValue::from_str(&client_ip.to_string())
                 .expect("an IP is a valid header"),
             cookie: std::sync::Mutex::new(None),
         })
     }
 
+    fn cookie(&self) -> Option<HeaderValue> {
+        self.cookie
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub async fn call(&self, msg: Bytes) -> Result<Bytes, UpstreamError> {
+        match self.call_once(msg.clone()).await {
+            // The upstream's cookie expired: a 401 means nothing ran, so
+            // authenticate afresh and send the call once more.
+            Err(UpstreamError::AuthRejected { .. })
+                if matches!(self.auth, HttpAuth::Negotiate(..)) && self.cookie().is_some() =>
+            {
+                *self.cookie.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.call_once(msg).await
+            }
+            r => r,
+        }
+    }
+
+    async fn authorization(&self) -> Result<Option<HeaderValue>, UpstreamError> {
+        match &self.auth {
+            HttpAuth::Basic(h) => Ok(Some(h.clone())),
+            // Hive sends no Negotiate header while it holds the cookie
+            HttpAuth::Negotiate(..) if self.cookie().is_some() => Ok(None),
+            HttpAuth::Negotiate(init, service) => {
+                let tok = init.spnego_token(service.clone()).await.map_err(|e| {
+                    UpstreamError::AuthRejected {
+                        upstream: self.target.display.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                let mut h = HeaderValue::from_str(&format!(
+                    "Negotiate {}",
+                    base64::engine::general_purpose::STANDARD.encode(tok)
+                ))
+                .expect("base64 is a valid header");
+                h.set_sensitive(true);
+                Ok(Some(h))
+            }
+        }
+    }
+
+    async fn call_once(&self, msg: Bytes) -> Result<Bytes, UpstreamError> {
         let t = &self.target;
         let mut req = Request::post(t.http_uri()?)
             .header(CONTENT_TYPE, "application/x-thrift")
@@ -83,15 +134,12 @@ impl HttpChannel {
                 USER_AGENT,
                 concat!("kyuubi-broker/", env!("CARGO_PKG_VERSION")),
             )
-            .header(AUTHORIZATION, self.basic.clone())
             .header("x-real-ip", self.client_ip.clone())
             .header("x-forwarded-for", self.client_ip.clone());
-        if let Some(c) = self
-            .cookie
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
+        if let Some(a) = self.authorization().await? {
+            req = req.header(AUTHORIZATION, a);
+        }
+        if let Some(c) = self.cookie() {
             req = req.header(COOKIE, c);
         }
         let req = req
@@ -140,6 +188,20 @@ impl HttpChannel {
                 secs: t.read_timeout.as_secs_f64(),
             })?
     }
+}
+
+fn basic_header(target: &Target, cred: &Credential) -> Result<HeaderValue, UpstreamError> {
+    let raw = format!("{}:{}", cred.user, cred.password.expose());
+    let mut basic = HeaderValue::from_str(&format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    ))
+    .map_err(|_| UpstreamError::Protocol {
+        upstream: target.display.clone(),
+        detail: "credentials cannot be sent as an HTTP header".into(),
+    })?;
+    basic.set_sensitive(true);
+    Ok(basic)
 }
 
 fn classify(t: &Target, e: hyper_util::client::legacy::Error) -> UpstreamError {

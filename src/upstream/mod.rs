@@ -24,6 +24,9 @@ pub struct Target {
     pub host: String,
     pub port: u16,
     pub sasl: UpstreamSasl,
+    /// Kerberos service principal (`_HOST` resolved) and QOP, when set.
+    pub service: Option<String>,
+    pub qop: crate::kerberos::Qop,
     /// HTTP path without the token, e.g. `/cliservice`.
     http_base: String,
     token: TokenSource,
@@ -61,15 +64,19 @@ impl Target {
             TokenSource::None => format!("/{}", u.http_path),
             _ => format!("/{}/token/****", u.http_path),
         };
+        let service = u
+            .principal
+            .as_deref()
+            .map(|p| crate::kerberos::service_principal(p, &u.host));
         let display = match u.transport {
             Transport::Binary => format!(
                 "upstream {}:{} (binary, {})",
                 u.host,
                 u.port,
-                if u.sasl == UpstreamSasl::Plain {
-                    "SASL PLAIN"
-                } else {
-                    "NOSASL"
+                match (&service, u.sasl) {
+                    (Some(_), _) => "SASL GSSAPI",
+                    (None, UpstreamSasl::Plain) => "SASL PLAIN",
+                    (None, UpstreamSasl::Nosasl) => "NOSASL",
                 }
             ),
             Transport::Http => format!("upstream http://{}:{}{}", u.host, u.port, shown_path),
@@ -79,6 +86,8 @@ impl Target {
             host: u.host.clone(),
             port: u.port,
             sasl: u.sasl,
+            service,
+            qop: u.qop,
             http_base: format!("/{}", u.http_path),
             token,
             fixed_uri: None,
@@ -133,8 +142,11 @@ impl Target {
 /// The identity presented upstream.
 #[derive(Debug, Clone)]
 pub struct Credential {
+    /// The user name, or the principal for Kerberos.
     pub user: String,
     pub password: Secret,
+    /// Set for Kerberos identities: whose tickets authenticate upstream.
+    pub kerberos: Option<Arc<crate::kerberos::Initiator>>,
 }
 
 /// One channel to an upstream; cheap to clone and share between the HTTP

@@ -37,6 +37,12 @@ impl From<sasl::SaslError> for FrameError {
     }
 }
 
+/// Per-frame protection negotiated by SASL (GSSAPI QOP auth-int/auth-conf).
+pub trait SecurityLayer: Send {
+    fn wrap(&mut self, msg: &[u8]) -> Result<Vec<u8>, String>;
+    fn unwrap(&mut self, frame: &[u8]) -> Result<Vec<u8>, String>;
+}
+
 /// How messages are delimited on a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
@@ -51,6 +57,8 @@ pub struct MessageIo {
     writer: BufWriter<OwnedWriteHalf>,
     buf: BytesMut,
     max: usize,
+    /// Set after a SASL handshake with QOP above `auth`.
+    layer: Option<Box<dyn SecurityLayer>>,
 }
 
 impl MessageIo {
@@ -62,7 +70,13 @@ impl MessageIo {
             writer: BufWriter::with_capacity(64 * 1024, writer),
             buf: BytesMut::with_capacity(64 * 1024),
             max,
+            layer: None,
         }
+    }
+
+    /// From now on every SASL data frame is wrapped/unwrapped by `layer`.
+    pub fn set_layer(&mut self, layer: Option<Box<dyn SecurityLayer>>) {
+        self.layer = layer;
     }
 
     /// Reads more bytes; `at_boundary` says whether EOF here is clean.
@@ -107,7 +121,14 @@ impl MessageIo {
             if let Some(len) = sasl::data_frame_len(&self.buf, self.max)? {
                 if self.buf.len() >= 4 + len {
                     let _ = self.buf.split_to(4);
-                    return Ok(self.buf.split_to(len).freeze());
+                    let frame = self.buf.split_to(len).freeze();
+                    return match self.layer.as_mut() {
+                        None => Ok(frame),
+                        Some(l) => l
+                            .unwrap(&frame)
+                            .map(Bytes::from)
+                            .map_err(FrameError::Malformed),
+                    };
                 }
                 // grow in bounded steps: a declared length is not yet data
                 self.buf
@@ -135,6 +156,15 @@ impl MessageIo {
     }
 
     pub async fn write_message(&mut self, framing: Framing, msg: &[u8]) -> Result<(), FrameError> {
+        if let (Framing::Sasl, Some(l)) = (framing, self.layer.as_mut()) {
+            let wrapped = l.wrap(msg).map_err(FrameError::Malformed)?;
+            self.writer
+                .write_all(&(wrapped.len() as u32).to_be_bytes())
+                .await?;
+            self.writer.write_all(&wrapped).await?;
+            self.writer.flush().await?;
+            return Ok(());
+        }
         if framing == Framing::Sasl {
             self.writer
                 .write_all(&(msg.len() as u32).to_be_bytes())

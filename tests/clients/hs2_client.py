@@ -11,6 +11,7 @@ Scenarios:
   error            a failing statement; the server's message
   cancel           start a long query, cancel it, check the state, run another
   long             run a long query until it fails; how long that took
+  query SQL        run one statement; its rows (as strings)
 """
 import argparse
 import base64
@@ -187,6 +188,12 @@ def long(conn, args):
         return {"raised": True, "message": f"{type(e).__name__}: {e}", "seconds": time.time() - t0}
 
 
+def query(conn, args):
+    cur = conn.cursor()
+    cur.execute(args.arg)
+    return {"rows": [[None if v is None else str(v) for v in r] for r in cur.fetchall()]}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--client", choices=["impyla", "pyhive"], required=True)
@@ -195,7 +202,7 @@ def main():
     p.add_argument("--user", default="alice")
     p.add_argument("--password", default="alice-pw")
     p.add_argument("--timeout", type=int, default=0)
-    p.add_argument("scenario", choices=["workload", "fetch", "error", "cancel", "long"])
+    p.add_argument("scenario", choices=["workload", "fetch", "error", "cancel", "long", "query"])
     p.add_argument("arg", nargs="?")
     args = p.parse_args()
     if args.timeout == 0:

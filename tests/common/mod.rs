@@ -290,6 +290,17 @@ pub struct BeelineRun {
 
 /// Runs beeline (Hive JDBC 2.3.10) with a script file.
 pub async fn beeline(url: &str, user: &str, password: &str, script: &str) -> BeelineRun {
+    beeline_env(url, user, password, script, &[]).await
+}
+
+/// As [`beeline`], with extra environment (e.g. a Kerberos ticket cache).
+pub async fn beeline_env(
+    url: &str,
+    user: &str,
+    password: &str,
+    script: &str,
+    env: &[(&str, &str)],
+) -> BeelineRun {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("script.sql");
     std::fs::write(&file, script).unwrap();
@@ -309,6 +320,7 @@ pub async fn beeline(url: &str, user: &str, password: &str, script: &str) -> Bee
     .arg(&file)
     .env("LC_ALL", "C.UTF-8")
     .env("SPARK_HOME", &sh)
+    .envs(env.iter().copied())
     .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
         .await
@@ -391,6 +403,8 @@ pub fn client_cfg(transport: Transport, addr: SocketAddr, sasl: UpstreamSasl) ->
         token_rotation: false,
         connect_timeout: Duration::from_secs(5),
         read_timeout: Duration::from_secs(60),
+        principal: None,
+        qop: Default::default(),
     }
 }
 
