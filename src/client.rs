@@ -13,11 +13,7 @@ use thrift::protocol::{
 use crate::config::{Transport, UpstreamConfig, UpstreamSasl};
 use crate::error::UpstreamError;
 use crate::secret::Secret;
-use crate::tcli::gen::{
-    TCloseSessionReq, TCloseSessionResp, TExecuteStatementReq, TExecuteStatementResp,
-    TFetchOrientation, TFetchResultsReq, TFetchResultsResp, TOpenSessionReq, TOpenSessionResp,
-    TOperationHandle, TProtocolVersion, TSessionHandle, TStatus, TStatusCode,
-};
+use crate::tcli::gen::*;
 use crate::upstream::{Credential, HttpPool, Link, Target};
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +167,68 @@ impl Hs2Client {
         let resp: TFetchResultsResp = self.call("FetchResults", &req).await?;
         check(&resp.status)?;
         Ok(resp)
+    }
+
+    pub async fn close_operation(&mut self, op: TOperationHandle) -> Result<(), ClientError> {
+        let resp: TCloseOperationResp = self
+            .call(
+                "CloseOperation",
+                &TCloseOperationReq {
+                    operation_handle: op,
+                },
+            )
+            .await?;
+        check(&resp.status)
+    }
+
+    /// One small round trip: GetInfo(server name).
+    pub async fn get_info(&mut self, session: &TSessionHandle) -> Result<(), ClientError> {
+        let resp: TGetInfoResp = self
+            .call(
+                "GetInfo",
+                &TGetInfoReq {
+                    session_handle: session.clone(),
+                    info_type: TGetInfoType::CLI_SERVER_NAME,
+                },
+            )
+            .await?;
+        check(&resp.status)
+    }
+
+    /// GetTables for every table, returning the operation.
+    pub async fn get_tables(
+        &mut self,
+        session: &TSessionHandle,
+    ) -> Result<TOperationHandle, ClientError> {
+        let req = TGetTablesReq::new(
+            session.clone(),
+            None,
+            Some("%".to_string()),
+            Some("%".to_string()),
+            None,
+        );
+        let resp: TGetTablesResp = self.call("GetTables", &req).await?;
+        check(&resp.status)?;
+        resp.operation_handle
+            .ok_or_else(|| ClientError::Application("GetTables returned no handle".into()))
+    }
+
+    /// GetColumns for every column, returning the operation.
+    pub async fn get_columns(
+        &mut self,
+        session: &TSessionHandle,
+    ) -> Result<TOperationHandle, ClientError> {
+        let req = TGetColumnsReq::new(
+            session.clone(),
+            None,
+            Some("%".to_string()),
+            Some("%".to_string()),
+            Some("%".to_string()),
+        );
+        let resp: TGetColumnsResp = self.call("GetColumns", &req).await?;
+        check(&resp.status)?;
+        resp.operation_handle
+            .ok_or_else(|| ClientError::Application("GetColumns returned no handle".into()))
     }
 
     pub async fn close_session(&mut self, session: TSessionHandle) -> Result<(), ClientError> {

@@ -51,10 +51,28 @@ pub struct Config {
     /// Gateway token rotation through the management API.
     #[serde(default)]
     pub tokens: Option<TokensConfig>,
+    /// Metrics and status endpoints.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
     /// The one krb5.conf every Kerberos listener and resource agreed on
     /// (MIT krb5 reads one per process); set by validation.
     #[serde(skip)]
     pub krb5_conf: Option<std::path::PathBuf>,
+}
+
+/// The admin listener: /metrics, /healthz, /readyz, /status.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_bind")]
+    pub bind: SocketAddr,
+    /// Required to bind anywhere but loopback: /status names users and routes.
+    #[serde(default)]
+    pub allow_remote: bool,
+}
+
+fn default_admin_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 10019))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,6 +136,10 @@ pub struct ServerConfig {
     pub session_idle_timeout: Duration,
     /// Client connections served at once, over all listeners.
     pub max_connections: usize,
+    /// RPCs slower than this are logged at WARN with their statement
+    /// (truncated); "0s" turns the slow-RPC log off.
+    #[serde(with = "duration")]
+    pub slow_rpc_threshold: Duration,
 }
 
 impl Default for ServerConfig {
@@ -128,6 +150,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             session_idle_timeout: Duration::from_secs(6 * 3600),
             max_connections: 4096,
+            slow_rpc_threshold: Duration::from_secs(10),
         }
     }
 }
@@ -484,11 +507,11 @@ impl Config {
         let mut krb5: Vec<(String, std::path::PathBuf)> = Vec::new();
         for (i, l) in self.listeners.iter_mut().enumerate() {
             let key = format!("listener[{i}]");
-            if l.name.is_empty() || !names.insert(l.name.clone()) {
+            if l.name.is_empty() || l.name == "admin" || !names.insert(l.name.clone()) {
                 return Err(invalid(
                     format!("{key}.name"),
                     format!("'{}' is empty or used twice", l.name),
-                    "give every listener a unique name",
+                    "give every listener a unique name (\"admin\" is reserved for [admin])",
                 ));
             }
             if !self.routes.contains_key(&l.route) {
@@ -805,6 +828,15 @@ impl Config {
                     }
                     *password = Some(read_env(&var, &format!("{key}.credentials.password_env"))?);
                 }
+            }
+        }
+        if let Some(a) = &self.admin {
+            if !a.bind.ip().is_loopback() && !a.allow_remote {
+                return Err(invalid(
+                    "admin.bind",
+                    format!("{} is not a loopback address", a.bind),
+                    "bind 127.0.0.1:10019, or set allow_remote = true to expose metrics and status",
+                ));
             }
         }
         if let Some((first_key, first)) = krb5.first() {

@@ -26,6 +26,7 @@
 //!
 //! [`run`] wires it together and drains connections on shutdown.
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod cloud;
@@ -36,7 +37,9 @@ pub mod emulator;
 pub mod error;
 pub mod kerberos;
 pub mod listen;
+pub mod loadgen;
 pub mod mapping;
+pub mod metrics;
 pub mod percent;
 pub mod secret;
 pub mod session;
@@ -79,9 +82,24 @@ pub struct BoundListener {
     pub tcp: TcpListener,
 }
 
-/// Binds every configured listener.
+/// The name under which [`bind_all`] returns the admin listener's socket.
+pub const ADMIN: &str = "admin";
+
+/// Binds every configured listener, and the admin listener if configured.
 pub async fn bind_all(config: &Config) -> std::io::Result<Vec<BoundListener>> {
     let mut out = Vec::new();
+    if let Some(a) = &config.admin {
+        let tcp = TcpListener::bind(a.bind).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("admin listener cannot bind {}: {e}", a.bind),
+            )
+        })?;
+        out.push(BoundListener {
+            name: ADMIN.to_string(),
+            tcp,
+        });
+    }
     for l in &config.listeners {
         let tcp = TcpListener::bind(l.bind).await.map_err(|e| {
             std::io::Error::new(
@@ -121,7 +139,13 @@ pub async fn run(
         permits: Arc::new(Semaphore::new(config.server.max_connections)),
     });
     let accept_loops = TaskTracker::new();
+    let mut admin_socket = None;
+    let mut up = Vec::new();
     for bound in listeners {
+        if bound.name == ADMIN {
+            admin_socket = Some(bound.tcp);
+            continue;
+        }
         let Some(lc) = config.listeners.iter().find(|l| l.name == bound.name) else {
             warn!(listener = %bound.name, "no [[listener]] of this name; socket ignored");
             continue;
@@ -143,6 +167,13 @@ pub async fn run(
             route,
         };
         let addr: Option<SocketAddr> = bound.tcp.local_addr().ok();
+        up.push(admin::ListenerInfo {
+            name: lc.name.clone(),
+            protocol: format!("{:?}", lc.protocol).to_lowercase(),
+            addr: addr.map(|a| a.to_string()).unwrap_or_default(),
+            route: lc.route.clone(),
+            auth: format!("{:?}", lc.auth).to_lowercase(),
+        });
         let sh = shared.clone();
         match l.config.protocol {
             Transport::Binary => {
@@ -168,6 +199,16 @@ pub async fn run(
                 ));
             }
         }
+    }
+    if let Some(tcp) = admin_socket {
+        let state = Arc::new(admin::AdminState {
+            broker: shared.broker.clone(),
+            listeners: up,
+            configured: config.listeners.len(),
+            rotation: rotation.clone(),
+            started: std::time::Instant::now(),
+        });
+        accept_loops.spawn(admin::serve(tcp, state, shared.cancel.clone()));
     }
     shutdown.await;
     info!("shutting down: no new connections; waiting for in-flight RPCs");

@@ -40,6 +40,10 @@ enum Command {
     Connstr(commands::connstr::ConnstrArgs),
     /// Read a password on stdin and print its argon2 hash for a users file.
     HashPassword,
+    /// Print the per-method latency table of a running broker.
+    Stats(commands::stats::StatsArgs),
+    /// Load generator: drive one or more JDBC URLs and compare them.
+    Bench(commands::bench::BenchArgs),
 }
 
 fn init_logs(format: LogFormat) {
@@ -61,6 +65,8 @@ fn main() -> ExitCode {
         Command::Emulate(a) => commands::emulate::run(a),
         Command::Token(a) => commands::token::run(a),
         Command::Connstr(a) => commands::connstr::run(a),
+        Command::Stats(a) => commands::stats::run(a),
+        Command::Bench(a) => commands::bench::run(a),
         Command::HashPassword => {
             let mut line = String::new();
             if std::io::stdin().read_line(&mut line).is_err()

@@ -18,6 +18,7 @@ use crate::config::{
 };
 use crate::error::{RpcError, UpstreamError};
 use crate::mapping::{self, UpstreamIdentity};
+use crate::metrics::{Metrics, Observation};
 use crate::secret::Secret;
 use crate::tcli::{self, Guid, OpenSessionEdit, Scope};
 use crate::upstream::{HttpPool, Link, Target};
@@ -146,6 +147,7 @@ impl ClientConn {
 /// the same entry.
 struct Owned {
     link: Link,
+    route: String,
     user: String,
     /// The session handle's secret, needed to close it on shutdown.
     secret: Vec<u8>,
@@ -153,6 +155,9 @@ struct Owned {
 
 pub struct Broker {
     routes: HashMap<String, Arc<Route>>,
+    pub metrics: Arc<Metrics>,
+    /// RPCs at least this slow are logged (zero: never).
+    slow_rpc: Duration,
     /// HTTP clients are stateless per request; these route each handle to the
     /// link that created it.
     sessions: Cache<Guid, Arc<Owned>>,
@@ -184,14 +189,29 @@ impl Broker {
             })
             .collect();
         let idle = config.server.session_idle_timeout;
+        let metrics = Arc::new(Metrics::new());
+        let m = metrics.clone();
         Broker {
             routes,
-            sessions: Cache::builder().time_to_idle(idle).build(),
+            metrics,
+            slow_rpc: config.server.slow_rpc_threshold,
+            // every way out of the cache (CloseSession, idle expiry, shutdown) ends a session
+            sessions: Cache::builder()
+                .time_to_idle(idle)
+                .eviction_listener(move |_, v: Arc<Owned>, _| m.session_closed(&v.route, &v.user))
+                .build(),
             operations: Cache::builder()
                 .time_to_idle(idle)
                 .support_invalidation_closures()
                 .build(),
         }
+    }
+
+    /// Every route, by name.
+    pub fn routes(&self) -> impl Iterator<Item = Arc<Route>> {
+        let mut v: Vec<Arc<Route>> = self.routes.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v.into_iter()
     }
 
     pub fn route(&self, name: &str) -> Option<Arc<Route>> {
@@ -217,11 +237,45 @@ impl Broker {
         let started = Instant::now();
         let req_bytes = msg.len();
         let mut upstream_time = Duration::ZERO;
+        let statement =
+            (call.method == "ExecuteStatement" && !self.slow_rpc.is_zero()).then(|| msg.clone());
         let result = self
             .dispatch(conn, call, msg, &mut upstream_time)
             .instrument(span.clone())
             .await;
         let total = started.elapsed();
+        self.metrics.observe(&Observation {
+            method: call.method,
+            route: &conn.route.name,
+            client_transport: conn.kind.as_str(),
+            upstream_transport: match conn.route.target.transport {
+                Transport::Binary => "binary",
+                Transport::Http => "http",
+            },
+            outcome: match &result {
+                Ok(_) => "ok",
+                Err(e) => e.kind(),
+            },
+            total,
+            upstream: upstream_time,
+            request_bytes: req_bytes,
+            response_bytes: result.as_ref().map_or(0, |r| r.len()),
+            upstream_error: match &result {
+                Err(RpcError::Upstream(e)) => Some(e.kind()),
+                _ => None,
+            },
+        });
+        if !self.slow_rpc.is_zero() && total >= self.slow_rpc {
+            warn!(
+                method = call.method,
+                route = %conn.route.name,
+                user = conn.identity.as_ref().map_or("", |i| i.user.as_str()),
+                total_ms = total.as_millis() as u64,
+                upstream_ms = upstream_time.as_millis() as u64,
+                statement = statement.as_ref().map(loggable_statement).unwrap_or_default(),
+                "slow rpc"
+            );
+        }
         let (total_us, upstream_us) = (total.as_micros() as u64, upstream_time.as_micros() as u64);
         let (method, seqid, route) = (call.wire_name(), call.seqid, &conn.route.name);
         match &result {
@@ -258,7 +312,11 @@ impl Broker {
                 check_reply(&reply, call, &conn.route.target, &link).await?;
                 if call.method == "CloseSession" {
                     if let Some(g) = tcli::request_guid(&msg, &peek_header(&msg)?)? {
+                        let before = conn.sessions.len();
                         conn.sessions.retain(|(s, _)| *s != g);
+                        if conn.sessions.len() < before {
+                            self.session_ended(conn);
+                        }
                     }
                 }
                 Ok(reply)
@@ -333,11 +391,13 @@ impl Broker {
             tcli::reply_session_handle(&reply, &h).map_err(|e| malformed(target, e))?
         {
             info!(user = %identity.user, upstream_user = %cred.user, route = %route.name, "session opened");
+            self.metrics.session_opened(&route.name, &identity.user);
             match conn.kind {
                 ClientKind::Binary => conn.sessions.push((guid, secret)),
                 ClientKind::Http => {
                     let owned = Owned {
                         link: link.clone(),
+                        route: route.name.clone(),
                         user: identity.user.clone(),
                         secret,
                     };
@@ -423,12 +483,20 @@ impl Broker {
     /// Binary upstreams close them when the TCP connection drops; HTTP
     /// upstreams need an explicit CloseSession.
     pub async fn client_gone(&self, conn: &mut ClientConn) {
+        for _ in 0..conn.sessions.len() {
+            self.session_ended(conn);
+        }
         let Some(link) = conn.link.take() else { return };
         if let Link::Http(_) = link {
             for (guid, secret) in conn.sessions.drain(..) {
                 close_upstream_session(&link, &guid, &secret).await;
             }
         }
+    }
+
+    fn session_ended(&self, conn: &ClientConn) {
+        let user = conn.identity.as_ref().map_or("", |i| i.user.as_str());
+        self.metrics.session_closed(&conn.route.name, user);
     }
 
     /// On shutdown: close every session HTTP clients left open.
@@ -459,6 +527,36 @@ async fn close_upstream_session(link: &Link, guid: &Guid, secret: &[u8]) {
     if let Err(e) = link.call(Bytes::from(w.buf)).await {
         debug!(error = %e, "closing a left-over session failed");
     }
+}
+
+/// An ExecuteStatement's SQL for the slow-RPC log: 200 characters at most,
+/// and withheld entirely if it might carry a secret.
+fn loggable_statement(msg: &Bytes) -> String {
+    let Some(sql) = tcli::read_statement(msg) else {
+        return String::new();
+    };
+    let lower = sql.to_ascii_lowercase();
+    if [
+        "password",
+        "secret",
+        "token",
+        "access.key",
+        "accesskey",
+        "credential",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
+    {
+        return format!(
+            "<{} characters withheld: may contain a secret>",
+            sql.chars().count()
+        );
+    }
+    let mut out: String = sql.chars().take(200).collect();
+    if out.len() < sql.len() {
+        out.push('…');
+    }
+    out
 }
 
 async fn timed<T>(acc: &mut Duration, f: impl std::future::Future<Output = T>) -> T {

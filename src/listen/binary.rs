@@ -29,6 +29,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
 ) {
+    let _open = shared.broker.metrics.connection(&listener.config.name);
     let span = tracing::info_span!("conn", listener = %listener.config.name, %peer);
     connection(stream, peer, listener, shared)
         .instrument(span)

@@ -50,6 +50,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
 ) {
+    let _open = shared.broker.metrics.connection(&listener.config.name);
     let span = tracing::debug_span!("http", listener = %listener.config.name, %peer);
     let sh = shared.clone();
     let svc = service_fn(move |req| {

@@ -141,6 +141,15 @@ pub struct OpenSessionInfo {
 }
 
 /// Reads the fields of TOpenSessionReq the broker cares about.
+/// The SQL text of an ExecuteStatement call (args field 1, request field 2).
+pub fn read_statement(msg: &[u8]) -> Option<String> {
+    let h = peek_header(msg).ok()?;
+    match find_field(msg, h.body_offset, &[1, 2]).ok()? {
+        Some((ttype::STRING, mut r)) => r.string().ok().map(str::to_string),
+        _ => None,
+    }
+}
+
 pub fn read_open_session(msg: &[u8]) -> Result<OpenSessionInfo, WireError> {
     let h = peek_header(msg)?;
     let mut info = OpenSessionInfo::default();

@@ -293,6 +293,7 @@ impl Lifecycle {
 }
 
 /// Everything `serve` needs from token rotation.
+#[derive(Clone)]
 pub struct Rotation {
     /// The live token value.
     pub live: watch::Receiver<Option<Secret>>,

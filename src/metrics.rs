@@ -1,0 +1,514 @@
+//! Per-RPC measurement. [`Broker::forward`](crate::session::Broker::forward)
+//! calls [`Metrics::observe`] once per RPC with the total time, the upstream
+//! time (only the upstream exchange) and the overhead (total minus upstream,
+//! never negative since the upstream time is measured inside the total).
+//! Prometheus metrics are exported by the admin listener; a per-method
+//! latency sketch feeds `/status` and `kyuubi-broker stats`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use serde::Serialize;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: String,
+    route: String,
+    client_transport: String,
+    upstream_transport: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    route: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// 10 µs to about 11 minutes, doubling: microseconds to minutes.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1e-5, 2.0, 27))
+}
+
+/// 64 bytes to 1 GiB, ×4.
+fn bytes_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(64.0, 4.0, 13))
+}
+
+/// One finished RPC.
+pub struct Observation<'a> {
+    pub method: &'static str,
+    pub route: &'a str,
+    pub client_transport: &'static str,
+    pub upstream_transport: &'static str,
+    /// "ok" or the error kind.
+    pub outcome: &'static str,
+    pub total: Duration,
+    pub upstream: Duration,
+    pub request_bytes: usize,
+    pub response_bytes: usize,
+    /// Set for failures caused by the upstream (connect, timeout, ...).
+    pub upstream_error: Option<&'static str>,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    duration: Histograms<RpcLabels>,
+    upstream: Histograms<RpcLabels>,
+    overhead: Histograms<RpcLabels>,
+    request_bytes: Histograms<MethodLabels>,
+    response_bytes: Histograms<MethodLabels>,
+    upstream_errors: Family<ErrorLabels, Counter>,
+    connections: Family<ListenerLabels, Gauge>,
+    sessions: Family<RouteLabels, Gauge>,
+    token_age: Gauge<f64, AtomicU64>,
+    token_expiry: Gauge<f64, AtomicU64>,
+    methods: RwLock<HashMap<&'static str, Arc<MethodStats>>>,
+    /// (route, user) → live sessions, for `/status`.
+    live: Mutex<HashMap<(String, String), i64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("kyuubi_broker");
+        let duration =
+            Histograms::<RpcLabels>::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let upstream =
+            Histograms::<RpcLabels>::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let overhead =
+            Histograms::<RpcLabels>::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let request_bytes =
+            Histograms::<MethodLabels>::new_with_constructor(bytes_histogram as fn() -> Histogram);
+        let response_bytes =
+            Histograms::<MethodLabels>::new_with_constructor(bytes_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "rpc_duration",
+            "Time from a client RPC's arrival to its reply, as seen by the broker",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        registry.register_with_unit(
+            "rpc_upstream_duration",
+            "Time spent waiting on the upstream for an RPC (connect and SASL included when OpenSession opens a link)",
+            Unit::Seconds,
+            upstream.clone(),
+        );
+        registry.register_with_unit(
+            "rpc_overhead",
+            "Time the broker itself added to an RPC: total minus upstream",
+            Unit::Seconds,
+            overhead.clone(),
+        );
+        registry.register_with_unit(
+            "rpc_request_size",
+            "Size of RPC requests (Thrift message bytes)",
+            Unit::Bytes,
+            request_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "rpc_response_size",
+            "Size of RPC replies (Thrift message bytes)",
+            Unit::Bytes,
+            response_bytes.clone(),
+        );
+        let upstream_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "RPCs that failed because of the upstream, by kind",
+            upstream_errors.clone(),
+        );
+        let connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "client_connections",
+            "Open client connections (binary) or in-flight requests' connections (HTTP), by listener",
+            connections.clone(),
+        );
+        let sessions = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "sessions",
+            "Open client sessions, by route",
+            sessions.clone(),
+        );
+        let token_age = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "token_age",
+            "Age of the active gateway token",
+            Unit::Seconds,
+            token_age.clone(),
+        );
+        let token_expiry = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "token_time_to_expiry",
+            "Time until the active gateway token expires",
+            Unit::Seconds,
+            token_expiry.clone(),
+        );
+        Metrics {
+            registry,
+            duration,
+            upstream,
+            overhead,
+            request_bytes,
+            response_bytes,
+            upstream_errors,
+            connections,
+            sessions,
+            token_age,
+            token_expiry,
+            methods: RwLock::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn observe(&self, o: &Observation<'_>) {
+        let overhead = o.total.saturating_sub(o.upstream);
+        let labels = RpcLabels {
+            method: o.method.to_string(),
+            route: o.route.to_string(),
+            client_transport: o.client_transport.to_string(),
+            upstream_transport: o.upstream_transport.to_string(),
+            outcome: o.outcome.to_string(),
+        };
+        self.duration
+            .get_or_create(&labels)
+            .observe(o.total.as_secs_f64());
+        self.upstream
+            .get_or_create(&labels)
+            .observe(o.upstream.as_secs_f64());
+        self.overhead
+            .get_or_create(&labels)
+            .observe(overhead.as_secs_f64());
+        let ml = MethodLabels {
+            method: labels.method,
+            route: labels.route,
+        };
+        self.request_bytes
+            .get_or_create(&ml)
+            .observe(o.request_bytes as f64);
+        self.response_bytes
+            .get_or_create(&ml)
+            .observe(o.response_bytes as f64);
+        if let Some(kind) = o.upstream_error {
+            self.upstream_errors
+                .get_or_create(&ErrorLabels {
+                    route: ml.route,
+                    kind: kind.to_string(),
+                })
+                .inc();
+        }
+        self.method(o.method)
+            .record(o.total, o.upstream, o.outcome != "ok");
+    }
+
+    fn method(&self, name: &'static str) -> Arc<MethodStats> {
+        if let Some(m) = self
+            .methods
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return m.clone();
+        }
+        self.methods
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name)
+            .or_default()
+            .clone()
+    }
+
+    /// A client connection opened; the gauge drops when the guard does.
+    pub fn connection(&self, listener: &str) -> ConnectionGuard {
+        let g = self
+            .connections
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .clone();
+        g.inc();
+        ConnectionGuard(g)
+    }
+
+    pub fn session_opened(&self, route: &str, user: &str) {
+        self.sessions
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .inc();
+        *self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((route.to_string(), user.to_string()))
+            .or_default() += 1;
+    }
+
+    pub fn session_closed(&self, route: &str, user: &str) {
+        self.sessions
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .dec();
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (route.to_string(), user.to_string());
+        if let Some(n) = live.get_mut(&key) {
+            *n -= 1;
+            if *n <= 0 {
+                live.remove(&key);
+            }
+        }
+    }
+
+    /// Sets the token gauges from the rotation status (at scrape time).
+    pub fn set_token(&self, age: Option<Duration>, to_expiry: Option<Duration>) {
+        self.token_age.set(age.map_or(0.0, |d| d.as_secs_f64()));
+        self.token_expiry
+            .set(to_expiry.map_or(0.0, |d| d.as_secs_f64()));
+    }
+
+    /// The Prometheus text exposition (OpenMetrics).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Per-method latency summary, slowest p99 first.
+    pub fn table(&self) -> Vec<MethodRow> {
+        let methods = self.methods.read().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<MethodRow> = methods.iter().map(|(m, s)| s.row(m)).collect();
+        rows.sort_by(|a, b| b.p99_us.cmp(&a.p99_us).then(a.method.cmp(&b.method)));
+        rows
+    }
+
+    /// Live sessions per (route, user).
+    pub fn live_sessions(&self) -> Vec<LiveSessions> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<LiveSessions> = live
+            .iter()
+            .map(|((route, user), n)| LiveSessions {
+                route: route.clone(),
+                user: user.clone(),
+                sessions: *n,
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.route, &a.user).cmp(&(&b.route, &b.user)));
+        v
+    }
+}
+
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct LiveSessions {
+    pub route: String,
+    pub user: String,
+    pub sessions: i64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct MethodRow {
+    pub method: String,
+    pub count: u64,
+    pub errors: u64,
+    pub p50_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub overhead_p50_us: u64,
+    pub overhead_p99_us: u64,
+}
+
+#[derive(Default)]
+struct MethodStats {
+    total: Sketch,
+    overhead: Sketch,
+    errors: AtomicU64,
+}
+
+impl MethodStats {
+    fn record(&self, total: Duration, upstream: Duration, failed: bool) {
+        self.total.record(total);
+        self.overhead.record(total.saturating_sub(upstream));
+        if failed {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn row(&self, method: &str) -> MethodRow {
+        MethodRow {
+            method: method.to_string(),
+            count: self.total.count(),
+            errors: self.errors.load(Ordering::Relaxed),
+            p50_us: self.total.quantile(0.50),
+            p95_us: self.total.quantile(0.95),
+            p99_us: self.total.quantile(0.99),
+            max_us: self.total.max_us.load(Ordering::Relaxed),
+            overhead_p50_us: self.overhead.quantile(0.50),
+            overhead_p99_us: self.overhead.quantile(0.99),
+        }
+    }
+}
+
+/// Buckets per doubling: about 9 % relative error on quantiles.
+const SUB: f64 = 8.0;
+/// 2^34 µs ≈ 4.8 hours at the top.
+const BUCKETS: usize = 34 * 8 + 1;
+
+/// A lock-free log-scale histogram of microseconds.
+pub struct Sketch {
+    counts: Box<[AtomicU64]>,
+    max_us: AtomicU64,
+}
+
+impl Default for Sketch {
+    fn default() -> Self {
+        Sketch {
+            counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Sketch {
+    fn index(us: u64) -> usize {
+        (((us as f64 + 1.0).log2() * SUB) as usize).min(BUCKETS - 1)
+    }
+
+    /// The largest value that falls in bucket `i`.
+    fn upper(i: usize) -> u64 {
+        (2f64.powf((i as f64 + 1.0) / SUB) - 1.0).floor() as u64
+    }
+
+    pub fn record(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        self.counts[Self::index(us)].fetch_add(1, Ordering::Relaxed);
+        self.max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// An upper estimate of quantile `q` in µs (never above the maximum).
+    pub fn quantile(&self, q: f64) -> u64 {
+        let n = self.count();
+        if n == 0 {
+            return 0;
+        }
+        let rank = ((q * n as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c.load(Ordering::Relaxed);
+            if seen >= rank {
+                return Self::upper(i).min(self.max_us.load(Ordering::Relaxed));
+            }
+        }
+        self.max_us.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sketch_quantiles_are_within_ten_percent() {
+        let s = Sketch::default();
+        for us in 1..=10_000u64 {
+            s.record(Duration::from_micros(us));
+        }
+        for (q, want) in [(0.5, 5_000.0), (0.95, 9_500.0), (0.99, 9_900.0)] {
+            let got = s.quantile(q) as f64;
+            assert!(
+                (got - want).abs() / want < 0.10,
+                "q{q}: got {got}, want about {want}"
+            );
+        }
+        assert_eq!(s.quantile(1.0), 10_000);
+        assert_eq!(Sketch::default().quantile(0.5), 0);
+    }
+
+    #[test]
+    fn overhead_is_total_minus_upstream_and_never_negative() {
+        let m = Metrics::new();
+        let obs = |total, upstream| Observation {
+            method: "ExecuteStatement",
+            route: "r",
+            client_transport: "binary",
+            upstream_transport: "http",
+            outcome: "ok",
+            total: Duration::from_micros(total),
+            upstream: Duration::from_micros(upstream),
+            request_bytes: 100,
+            response_bytes: 200,
+            upstream_error: None,
+        };
+        m.observe(&obs(1_000, 900));
+        // an upstream time above the total (clock quirks) must not go negative
+        m.observe(&obs(1_000, 2_000));
+        let row = &m.table()[0];
+        assert_eq!(row.count, 2);
+        assert!(row.overhead_p99_us <= 100, "{row:?}");
+        let text = m.render();
+        for needle in [
+            "kyuubi_broker_rpc_duration_seconds_bucket{",
+            "kyuubi_broker_rpc_overhead_seconds_count{method=\"ExecuteStatement\",route=\"r\",client_transport=\"binary\",upstream_transport=\"http\",outcome=\"ok\"} 2",
+            "kyuubi_broker_rpc_request_size_bytes_sum{method=\"ExecuteStatement\",route=\"r\"} 200.0",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        assert!(!text.contains("overhead_seconds_sum{method=\"ExecuteStatement\",route=\"r\",client_transport=\"binary\",upstream_transport=\"http\",outcome=\"ok\"} -"));
+    }
+
+    #[test]
+    fn live_sessions_follow_opens_and_closes() {
+        let m = Metrics::new();
+        m.session_opened("r", "alice");
+        m.session_opened("r", "alice");
+        m.session_closed("r", "alice");
+        assert_eq!(m.live_sessions()[0].sessions, 1);
+        m.session_closed("r", "alice");
+        assert!(m.live_sessions().is_empty());
+        assert!(m.render().contains("kyuubi_broker_sessions{route=\"r\"} 0"));
+    }
+}

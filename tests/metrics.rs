@@ -1,0 +1,210 @@
+//! Per-RPC metrics, the admin listener and the CLI that reads it, after real
+//! traffic: impyla and the broker's own client through the broker to the
+//! fixture's Spark Thrift Server.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use common::*;
+use kyuubi_broker::client::Hs2Client;
+use kyuubi_broker::config::{Transport, UpstreamSasl};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kyuubi-broker");
+const ADMIN: &str = "[admin]\nbind = \"127.0.0.1:0\"\n";
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    // reqwest is built without a default TLS provider
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// `name{labels} value` lines of one metric, by label text.
+fn series(text: &str, name: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter_map(|rest| {
+            let (labels, value) = rest.strip_prefix('{')?.rsplit_once("} ")?;
+            Some((labels.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_metrics_carry_their_labels_after_real_traffic_and_overhead_is_never_negative() {
+    let route = route_toml("binary", sts_binary().await, "");
+    let b = start_broker_toml(&format!("{ADMIN}{LISTENERS}\n{route}")).await;
+    let admin = b.addrs["admin"];
+    for (mode, port) in [("binary", b.binary.port()), ("http", b.http.port())] {
+        let v = py_client("impyla", mode, port, "query", Some("select 1")).await;
+        assert_eq!(v["rows"][0][0], "1", "{v}");
+    }
+    let (code, text) = get(admin, "/metrics").await;
+    assert_eq!(code, 200);
+    let count = series(&text, "kyuubi_broker_rpc_duration_seconds_count");
+    for client in ["binary", "http"] {
+        for method in ["OpenSession", "ExecuteStatement", "FetchResults"] {
+            let key = format!(
+                "method=\"{method}\",route=\"r\",client_transport=\"{client}\",upstream_transport=\"binary\",outcome=\"ok\""
+            );
+            assert!(
+                count.get(&key).copied().unwrap_or(0.0) >= 1.0,
+                "no {key} in\n{text}"
+            );
+        }
+    }
+    let total = series(&text, "kyuubi_broker_rpc_duration_seconds_sum");
+    let upstream = series(&text, "kyuubi_broker_rpc_upstream_duration_seconds_sum");
+    let overhead = series(&text, "kyuubi_broker_rpc_overhead_seconds_sum");
+    assert!(!overhead.is_empty());
+    for (k, o) in &overhead {
+        let (t, u) = (total[k], upstream[k]);
+        assert!(*o >= 0.0 && *o <= t, "{k}: overhead {o} total {t}");
+        assert!(
+            (u + o - t).abs() < 1e-3,
+            "{k}: upstream {u} + overhead {o} != total {t}"
+        );
+    }
+    for needle in [
+        "kyuubi_broker_rpc_request_size_bytes_count{method=\"ExecuteStatement\",route=\"r\"}",
+        "kyuubi_broker_client_connections{listener=\"binary\"}",
+        "kyuubi_broker_sessions{route=\"r\"} 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle}");
+    }
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_sessions_per_user_and_latency_and_masks_tokens() {
+    let sts = sts_binary().await;
+    // a second route whose token must never appear; its upstream is down
+    let toml = format!(
+        "{ADMIN}{LISTENERS}\n{}\n[routes.gw.upstream]\ntransport = \"http\"\nhost = \"127.0.0.1\"\nport = 9\ntoken = \"s3cr3tT0kenValue0123456789abcdef\"\n",
+        route_toml("binary", sts, "")
+    );
+    let b = start_broker_toml(&toml).await;
+    let admin = b.addrs["admin"];
+    let mut c = Hs2Client::connect(
+        &client_cfg(Transport::Binary, b.binary, UpstreamSasl::Plain),
+        "alice",
+        "x",
+    )
+    .await
+    .unwrap();
+    let s = c.open_session().await.unwrap();
+    let op = c.execute(&s, "select 1").await.unwrap();
+    c.fetch(&op, 10).await.unwrap();
+
+    let (code, body) = get(admin, "/status").await;
+    assert_eq!(code, 200);
+    assert!(!body.contains("s3cr3t"), "token leaked: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["routes"].to_string().contains("/token/****"), "{body}");
+    assert_eq!(
+        v["sessions"],
+        serde_json::json!([{"route": "r", "user": "alice", "sessions": 1}])
+    );
+    let exec = v["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["method"] == "ExecuteStatement")
+        .expect("ExecuteStatement row");
+    assert!(
+        exec["count"] == 1 && exec["p99_us"].as_u64().unwrap() >= exec["p50_us"].as_u64().unwrap()
+    );
+
+    // readiness: the token gateway is down, so not ready, and says which
+    let (code, body) = get(admin, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("\"route\": \"gw\"") && !body.contains("s3cr3t"),
+        "{body}"
+    );
+    assert_eq!(get(admin, "/healthz").await.0, 200);
+
+    // the CLI prints the same table
+    let out = tokio::process::Command::new(BIN)
+        .args(["stats", "--admin", &admin.to_string()])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("ExecuteStatement") && table.contains("1 live session"),
+        "{table}"
+    );
+
+    c.close_session(s).await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&get(admin, "/status").await.1).unwrap();
+    assert_eq!(v["sessions"], serde_json::json!([]));
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_compares_broker_and_direct_and_writes_json_that_parses() {
+    let sts = sts_binary().await;
+    let b = start_broker(&route_toml("binary", sts, "")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "bench",
+            "--scenario",
+            "small",
+            "--concurrency",
+            "2",
+            "--iterations",
+            "20",
+        ])
+        .args(["--target", &format!("jdbc:hive2://{sts}/")])
+        .args(["--target", &format!("jdbc:hive2://{}/", b.binary)])
+        .args([
+            "--target",
+            &format!(
+                "jdbc:hive2://{}/;transportMode=http;httpPath=cliservice",
+                b.http
+            ),
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let targets = v["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 3);
+    for t in targets {
+        for k in [
+            "url",
+            "p50_us",
+            "p95_us",
+            "p99_us",
+            "max_us",
+            "ops_per_sec",
+            "errors",
+        ] {
+            assert!(t.get(k).is_some(), "{k} missing in {t}");
+        }
+        assert_eq!(t["errors"], 0, "{t}");
+        assert_eq!(t["ops"], 20, "{t}");
+        assert!(t["p99_us"].as_u64() >= t["p50_us"].as_u64());
+    }
+    assert_eq!(targets[0]["p50_ratio"], 1.0);
+    b.shutdown().await;
+}
