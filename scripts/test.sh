@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
 
+scripts/build-deps.sh
 scripts/fixture.sh install
 scripts/fixture.sh ldap-start >/dev/null
 # the shared upstreams, started in parallel (about 20 s each)

@@ -11,6 +11,8 @@ use super::{sasl, thrift};
 
 /// Most memory reserved ahead of data that has not arrived.
 const RESERVE_STEP: usize = 4 << 20;
+/// Write buffer per connection; larger messages bypass it.
+const WRITE_BUF: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -65,10 +67,12 @@ impl MessageIo {
     pub fn new(stream: TcpStream, max: usize) -> MessageIo {
         let _ = stream.set_nodelay(true);
         let (reader, writer) = stream.into_split();
+        // small at first: an idle connection should cost little memory;
+        // big messages get room sized to them (see `fill`, `read_frame`)
         MessageIo {
             reader,
-            writer: BufWriter::with_capacity(64 * 1024, writer),
-            buf: BytesMut::with_capacity(64 * 1024),
+            writer: BufWriter::with_capacity(WRITE_BUF, writer),
+            buf: BytesMut::with_capacity(8 * 1024),
             max,
             layer: None,
         }
@@ -81,8 +85,10 @@ impl MessageIo {
 
     /// Reads more bytes; `at_boundary` says whether EOF here is clean.
     async fn fill(&mut self, at_boundary: bool) -> Result<(), FrameError> {
-        if self.buf.capacity() - self.buf.len() < 8192 {
-            self.buf.reserve(64 * 1024);
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            // double as a message grows, so big ones take few reads
+            self.buf
+                .reserve(self.buf.len().clamp(16 * 1024, RESERVE_STEP));
         }
         match self.reader.read_buf(&mut self.buf).await? {
             0 if at_boundary && self.buf.is_empty() => Err(FrameError::Eof),
@@ -165,13 +171,29 @@ impl MessageIo {
             self.writer.flush().await?;
             return Ok(());
         }
-        if framing == Framing::Sasl {
-            self.writer
-                .write_all(&(msg.len() as u32).to_be_bytes())
-                .await?;
+        let len = (msg.len() as u32).to_be_bytes();
+        let prefix: &[u8] = if framing == Framing::Sasl { &len } else { &[] };
+        if prefix.len() + msg.len() <= WRITE_BUF {
+            self.writer.write_all(prefix).await?;
+            self.writer.write_all(msg).await?;
+            self.writer.flush().await?;
+            return Ok(());
         }
-        self.writer.write_all(msg).await?;
+        // a big frame: length and payload in one writev, not a lone 4-byte segment
         self.writer.flush().await?;
+        let sock = self.writer.get_mut();
+        let (mut head, mut body) = (prefix, msg);
+        while !head.is_empty() || !body.is_empty() {
+            let n = sock
+                .write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(body)])
+                .await?;
+            if n == 0 {
+                return Err(FrameError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            let h = n.min(head.len());
+            head = &head[h..];
+            body = &body[n - h..];
+        }
         Ok(())
     }
 
