@@ -601,3 +601,35 @@ async fn check_reply<'a>(
     link.close().await;
     Err(malformed(target, problem))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::loggable_statement;
+    use crate::wire::thrift::{ttype, MessageType, Writer};
+    use bytes::Bytes;
+
+    fn execute(sql: &str) -> Bytes {
+        let mut w = Writer::default();
+        w.message_begin("ExecuteStatement", MessageType::Call, 1);
+        w.field(ttype::STRUCT, 1);
+        w.field(ttype::STRING, 2);
+        w.string(sql);
+        w.stop();
+        w.stop();
+        Bytes::from(w.buf)
+    }
+
+    #[test]
+    fn slow_log_truncates_statements_and_withholds_possible_secrets() {
+        assert_eq!(loggable_statement(&execute("select 1")), "select 1");
+        let long = "x".repeat(500);
+        let shown = loggable_statement(&execute(&long));
+        assert_eq!(shown.chars().count(), 201, "200 characters and an ellipsis");
+        let secret = "create table t options (password 'hunter2')";
+        let shown = loggable_statement(&execute(secret));
+        assert!(
+            !shown.contains("hunter2") && shown.contains("withheld"),
+            "{shown}"
+        );
+    }
+}
