@@ -43,11 +43,11 @@ spark_home() { "$PY" -c 'import os, pyspark; print(os.path.dirname(pyspark.__fil
 cmd_install() {
   command -v java >/dev/null || die "java (17 or 21) is required: apt-get install openjdk-17-jre-headless"
   mkdir -p "$CACHE_DIR"
-  if ! "$PY" -c 'import pyspark, pyhive, impala, thrift_sasl, puresasl, alibabacloud_emr_serverless_spark20230808' 2>/dev/null; then
+  if ! "$PY" -c 'import pyspark, pyhive, impala, thrift_sasl, puresasl, kerberos, alibabacloud_emr_serverless_spark20230808' 2>/dev/null; then
     log "creating client venv in $VENV (pyspark 4.0.1, PyHive 0.7.0, impyla 0.24.0, the official EMR Serverless Spark SDK)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q 'pyspark==4.0.1' 'pyhive[hive_pure_sasl]==0.7.0' 'impyla==0.24.0' \
-      thrift_sasl pure-sasl 'alibabacloud-emr-serverless-spark20230808==2.3.0' >&2
+      thrift_sasl pure-sasl kerberos 'alibabacloud-emr-serverless-spark20230808==2.3.0' >&2
   fi
   build_shim
   log "installed: SPARK_HOME=$(spark_home)"
@@ -129,10 +129,12 @@ cmd_start() {
   build_shim
   local sh; sh=$(spark_home)
   rm -rf "$dir/tmp"; mkdir -p "$dir/tmp"
+  # one resources dir per session: Hive deletes it when the session closes,
+  # so a shared one fails other sessions' OpenSession at random
   local hive=(--hiveconf "hive.server2.thrift.bind.host=$HOST"
     --hiveconf "hive.exec.local.scratchdir=$dir/tmp/scratch"
     --hiveconf "hive.exec.scratchdir=$dir/tmp/hdfs-scratch"
-    --hiveconf "hive.downloaded.resources.dir=$dir/tmp/resources"
+    --hiveconf "hive.downloaded.resources.dir=$dir/tmp/"'${hive.session.id}'"_resources"
     --hiveconf "hive.server2.logging.operation.log.location=$dir/tmp/oplogs")
   if [ "$auth" = ldap ]; then
     # Spark reads LDAP settings from a fresh HiveConf, so they must be --hiveconf

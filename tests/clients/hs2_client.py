@@ -31,6 +31,11 @@ def connect(args):
 
         kw = dict(host="127.0.0.1", port=args.port, auth_mechanism="PLAIN",
                   user=args.user, password=args.password, timeout=args.timeout)
+        if args.kerberos_service:
+            # the ticket comes from KRB5CCNAME; the service host is "localhost"
+            kw = dict(host="localhost", port=args.port, auth_mechanism="GSSAPI",
+                      kerberos_service_name=args.kerberos_service, krb_host="localhost",
+                      timeout=args.timeout)
         if args.mode == "http":
             kw.update(use_http_transport=True, http_path="cliservice")
         return impyla_connect(**kw)
@@ -202,6 +207,7 @@ def main():
     p.add_argument("--user", default="alice")
     p.add_argument("--password", default="alice-pw")
     p.add_argument("--timeout", type=int, default=0)
+    p.add_argument("--kerberos-service", help="impyla: GSSAPI/SPNEGO to <service>/localhost")
     p.add_argument("scenario", choices=["workload", "fetch", "error", "cancel", "long", "query"])
     p.add_argument("arg", nargs="?")
     args = p.parse_args()
