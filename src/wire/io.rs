@@ -3,7 +3,7 @@
 //! Thrift messages. Payloads are split off the read buffer without copying.
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -11,8 +11,6 @@ use super::{sasl, thrift};
 
 /// Most memory reserved ahead of data that has not arrived.
 const RESERVE_STEP: usize = 4 << 20;
-/// Write buffer per connection; larger messages bypass it.
-const WRITE_BUF: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -56,7 +54,7 @@ pub enum Framing {
 
 pub struct MessageIo {
     reader: OwnedReadHalf,
-    writer: BufWriter<OwnedWriteHalf>,
+    writer: OwnedWriteHalf,
     buf: BytesMut,
     max: usize,
     /// Set after a SASL handshake with QOP above `auth`.
@@ -71,7 +69,7 @@ impl MessageIo {
         // big messages get room sized to them (see `fill`, `read_frame`)
         MessageIo {
             reader,
-            writer: BufWriter::with_capacity(WRITE_BUF, writer),
+            writer,
             buf: BytesMut::with_capacity(8 * 1024),
             max,
             layer: None,
@@ -162,29 +160,25 @@ impl MessageIo {
     }
 
     pub async fn write_message(&mut self, framing: Framing, msg: &[u8]) -> Result<(), FrameError> {
-        if let (Framing::Sasl, Some(l)) = (framing, self.layer.as_mut()) {
-            let wrapped = l.wrap(msg).map_err(FrameError::Malformed)?;
-            self.writer
-                .write_all(&(wrapped.len() as u32).to_be_bytes())
-                .await?;
-            self.writer.write_all(&wrapped).await?;
-            self.writer.flush().await?;
-            return Ok(());
-        }
+        let wrapped;
+        let msg = match (framing, self.layer.as_mut()) {
+            (Framing::Sasl, Some(l)) => {
+                wrapped = l.wrap(msg).map_err(FrameError::Malformed)?;
+                &wrapped[..]
+            }
+            _ => msg,
+        };
         let len = (msg.len() as u32).to_be_bytes();
         let prefix: &[u8] = if framing == Framing::Sasl { &len } else { &[] };
-        if prefix.len() + msg.len() <= WRITE_BUF {
-            self.writer.write_all(prefix).await?;
-            self.writer.write_all(msg).await?;
-            self.writer.flush().await?;
-            return Ok(());
-        }
-        // a big frame: length and payload in one writev, not a lone 4-byte segment
-        self.writer.flush().await?;
-        let sock = self.writer.get_mut();
-        let (mut head, mut body) = (prefix, msg);
+        self.write_parts(prefix, msg).await
+    }
+
+    /// Length and payload in one writev: no lone 4-byte segment, and no
+    /// write buffer kept per connection.
+    async fn write_parts(&mut self, mut head: &[u8], mut body: &[u8]) -> Result<(), FrameError> {
         while !head.is_empty() || !body.is_empty() {
-            let n = sock
+            let n = self
+                .writer
                 .write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(body)])
                 .await?;
             if n == 0 {
@@ -207,7 +201,6 @@ impl MessageIo {
 
     pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
         self.writer.write_all(bytes).await?;
-        self.writer.flush().await?;
         Ok(())
     }
 }
