@@ -78,6 +78,10 @@ pub enum RpcError {
     /// The client is known but may not use this resource.
     #[error("user {user} has no account mapping on computing resource {resource}")]
     NoMapping { user: String, resource: String },
+    /// A reply being relayed piecewise broke off: the client holds part of
+    /// a frame, so its connection must be closed.
+    #[error("reply relay broken: {0}")]
+    RelayBroken(String),
 }
 
 impl From<WireError> for RpcError {
@@ -95,6 +99,7 @@ impl RpcError {
             RpcError::ShuttingDown => "shutting_down",
             RpcError::Auth(_) => "unauthenticated",
             RpcError::NoMapping { .. } => "no_mapping",
+            RpcError::RelayBroken(_) => "relay_broken",
         }
     }
 
@@ -103,7 +108,9 @@ impl RpcError {
         let (status, state) = match self {
             RpcError::UnknownHandle(_) => (ReplyStatus::InvalidHandle, "HY000"),
             // 08S01: communication link failure, as JDBC drivers expect
-            RpcError::Upstream(_) | RpcError::ShuttingDown => (ReplyStatus::Error, "08S01"),
+            RpcError::Upstream(_) | RpcError::ShuttingDown | RpcError::RelayBroken(_) => {
+                (ReplyStatus::Error, "08S01")
+            }
             RpcError::BadRequest(_) => (ReplyStatus::Error, "HY000"),
             // 28000: invalid authorization specification
             RpcError::Auth(_) | RpcError::NoMapping { .. } => (ReplyStatus::Error, "28000"),
@@ -122,6 +129,7 @@ impl RpcError {
         match self {
             RpcError::Upstream(e) => Some(e.http_status()),
             RpcError::ShuttingDown => Some(StatusCode::SERVICE_UNAVAILABLE),
+            RpcError::RelayBroken(_) => Some(StatusCode::BAD_GATEWAY),
             RpcError::BadRequest(_) => Some(StatusCode::BAD_REQUEST),
             RpcError::Auth(crate::auth::AuthError::Unavailable(_)) => {
                 Some(StatusCode::SERVICE_UNAVAILABLE)

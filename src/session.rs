@@ -226,6 +226,22 @@ impl Broker {
         call: &Call,
         msg: Bytes,
     ) -> Result<Bytes, RpcError> {
+        match self.forward_to(conn, call, msg, None).await? {
+            Out::Reply(r) => Ok(r),
+            Out::Relayed(_) => unreachable!("nothing is relayed without a sink"),
+        }
+    }
+
+    /// As [`Broker::forward`]; with a `sink` (a binary client's connection),
+    /// big FetchResults replies from a binary upstream are relayed to it as
+    /// they arrive instead of being read whole first.
+    pub async fn forward_to(
+        &self,
+        conn: &mut ClientConn,
+        call: &Call,
+        msg: Bytes,
+        sink: Option<Sink<'_>>,
+    ) -> Result<Out, RpcError> {
         let span = tracing::debug_span!(
             "rpc",
             method = call.method,
@@ -240,7 +256,7 @@ impl Broker {
         let statement =
             (call.method == "ExecuteStatement" && !self.slow_rpc.is_zero()).then(|| msg.clone());
         let result = self
-            .dispatch(conn, call, msg, &mut upstream_time)
+            .dispatch(conn, call, msg, &mut upstream_time, sink)
             .instrument(span.clone())
             .await;
         let total = started.elapsed();
@@ -259,7 +275,7 @@ impl Broker {
             total,
             upstream: upstream_time,
             request_bytes: req_bytes,
-            response_bytes: result.as_ref().map_or(0, |r| r.len()),
+            response_bytes: result.as_ref().map_or(0, Out::size),
             upstream_error: match &result {
                 Err(RpcError::Upstream(e)) => Some(e.kind()),
                 _ => None,
@@ -280,7 +296,7 @@ impl Broker {
         let (method, seqid, route) = (call.wire_name(), call.seqid, &conn.route.name);
         match &result {
             Ok(reply) => {
-                debug!(method, seqid, %route, total_us, upstream_us, req_bytes, resp_bytes = reply.len(), "rpc ok")
+                debug!(method, seqid, %route, total_us, upstream_us, req_bytes, resp_bytes = reply.size(), "rpc ok")
             }
             Err(e @ RpcError::UnknownHandle(_)) => {
                 info!(method, seqid, %route, total_us, outcome = e.kind(), error = %e, "rpc refused")
@@ -298,9 +314,30 @@ impl Broker {
         call: &Call,
         msg: Bytes,
         upstream_time: &mut Duration,
-    ) -> Result<Bytes, RpcError> {
+        sink: Option<Sink<'_>>,
+    ) -> Result<Out, RpcError> {
         if call.scope == Scope::OpenSession {
-            return self.open_session(conn, call, msg, upstream_time).await;
+            return self
+                .open_session(conn, call, msg, upstream_time)
+                .await
+                .map(Out::Reply);
+        }
+        if let (Some(sink), "FetchResults", Some(Link::Binary(up))) =
+            (sink, call.method, conn.link.as_ref())
+        {
+            if !sink.io.has_layer() {
+                let link = Link::Binary(up.clone());
+                return relay(
+                    up,
+                    &link,
+                    call,
+                    msg,
+                    upstream_time,
+                    sink,
+                    &conn.route.target,
+                )
+                .await;
+            }
         }
         match conn.kind {
             ClientKind::Binary => {
@@ -319,14 +356,14 @@ impl Broker {
                         }
                     }
                 }
-                Ok(reply)
+                Ok(Out::Reply(reply))
             }
             ClientKind::Http => {
                 let (session, guid) = self.lookup(conn, call, &msg).await?;
                 let reply = timed(upstream_time, session.link.call(msg)).await?;
                 self.track_handles(conn, call, guid, &session, &reply)
                     .await?;
-                Ok(reply)
+                Ok(Out::Reply(reply))
             }
         }
     }
@@ -527,6 +564,69 @@ async fn close_upstream_session(link: &Link, guid: &Guid, secret: &[u8]) {
     if let Err(e) = link.call(Bytes::from(w.buf)).await {
         debug!(error = %e, "closing a left-over session failed");
     }
+}
+
+/// Where a binary client's replies go, for relaying big ones piecewise.
+pub struct Sink<'a> {
+    pub io: &'a mut crate::wire::io::MessageIo,
+    pub framing: crate::wire::io::Framing,
+}
+
+/// A reply: whole, or already relayed to the sink (`usize` bytes).
+pub enum Out {
+    Reply(Bytes),
+    Relayed(usize),
+}
+
+impl Out {
+    /// Bytes in the reply.
+    pub fn size(&self) -> usize {
+        match self {
+            Out::Reply(b) => b.len(),
+            Out::Relayed(n) => *n,
+        }
+    }
+}
+
+/// Replies above this size are relayed as they arrive: the client starts
+/// receiving before the upstream has finished sending.
+const RELAY_ABOVE: usize = 64 * 1024;
+
+/// FetchResults for a binary client over a binary upstream: the reply's
+/// header is checked, then the frame is passed on chunk by chunk.
+async fn relay(
+    up: &Arc<tokio::sync::Mutex<crate::upstream::BinaryConn>>,
+    link: &Link,
+    call: &Call,
+    msg: Bytes,
+    upstream_time: &mut Duration,
+    sink: Sink<'_>,
+    target: &Target,
+) -> Result<Out, RpcError> {
+    let head = {
+        let mut c = up.lock().await;
+        timed(upstream_time, c.call_head(msg, RELAY_ABOVE)).await?
+    };
+    let (len, head) = match head {
+        crate::upstream::Head::Whole(reply) => {
+            check_reply(&reply, call, target, link).await?;
+            return Ok(Out::Reply(reply));
+        }
+        crate::upstream::Head::Partial { len, head } => (len, head),
+    };
+    check_reply(&head, call, target, link).await?;
+    let t0 = Instant::now();
+    let sent = async {
+        sink.io
+            .write_frame_head(sink.framing, len, &head)
+            .await
+            .map_err(|e| format!("client: {e}"))?;
+        up.lock().await.relay_rest(len - head.len(), sink.io).await
+    }
+    .await;
+    *upstream_time += t0.elapsed();
+    sent.map_err(RpcError::RelayBroken)?;
+    Ok(Out::Relayed(len))
 }
 
 /// An ExecuteStatement's SQL for the slow-RPC log: 200 characters at most,

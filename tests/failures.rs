@@ -784,3 +784,86 @@ async fn http_post(
     let (s, h, b) = http_post_bytes(addr, path, headers, body).await;
     (s, h, String::from_utf8_lossy(&b).into_owned())
 }
+
+/// An upstream that accepts SASL PLAIN, answers OpenSession, and answers
+/// FetchResults with a frame that claims 300,000 bytes but hangs up after
+/// 100,000 of them.
+async fn upstream_cut_mid_reply() -> SocketAddr {
+    use kyuubi_broker::wire::io::{Framing, MessageIo};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut io = MessageIo::new(s, 1 << 20);
+                for _ in 0..2 {
+                    if io.read_sasl().await.is_err() {
+                        return;
+                    }
+                }
+                let _ = io.write_sasl(sasl::Status::Complete, b"").await;
+                while let Ok(msg) = io.read_message(Framing::Sasl).await {
+                    let h = peek_header(&msg).unwrap();
+                    let mut w = Writer::default();
+                    w.message_begin(h.name, MessageType::Reply, h.seqid);
+                    if h.name == "OpenSession" {
+                        // result.success = { status: { statusCode: 0 }, serverProtocolVersion,
+                        //                    sessionHandle: { sessionId: { guid, secret } } }
+                        w.field(ttype::STRUCT, 0);
+                        w.field(ttype::STRUCT, 1);
+                        w.field(ttype::I32, 1);
+                        w.i32(0);
+                        w.stop();
+                        w.field(ttype::I32, 2);
+                        w.i32(9);
+                        w.field(ttype::STRUCT, 3);
+                        w.field(ttype::STRUCT, 1);
+                        w.field(ttype::STRING, 1);
+                        w.binary(&[1; 16]);
+                        w.field(ttype::STRING, 2);
+                        w.binary(&[2; 16]);
+                        w.stop();
+                        w.stop();
+                        w.stop();
+                        w.stop();
+                        let _ = io.write_message(Framing::Sasl, &w.buf).await;
+                        continue;
+                    }
+                    let mut frame = 300_000u32.to_be_bytes().to_vec();
+                    frame.extend_from_slice(&w.buf);
+                    frame.resize(100_000, 0);
+                    let _ = io.write_raw(&frame).await;
+                    return; // hang up mid-frame
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_upstream_cut_mid_reply_closes_that_client_only_and_the_broker_keeps_serving() {
+    use kyuubi_broker::tcli::gen::{THandleIdentifier, TOperationHandle, TOperationType};
+    let up = upstream_cut_mid_reply().await;
+    let b = start_broker(&route_toml("binary", up, "")).await;
+    let op = TOperationHandle {
+        operation_id: THandleIdentifier {
+            guid: vec![3; 16],
+            secret: vec![4; 16],
+        },
+        operation_type: TOperationType::EXECUTE_STATEMENT,
+        has_result_set: true,
+        modified_row_count: None,
+    };
+    for _ in 0..2 {
+        let mut c = binary_client(&b).await;
+        c.open_session().await.unwrap();
+        // the big reply is relayed as it arrives, then breaks off: the
+        // client's connection is closed, not left with a partial frame
+        let t0 = Instant::now();
+        let err = c.fetch(&op, 10).await.unwrap_err().to_string();
+        assert!(t0.elapsed() < Duration::from_secs(10), "{err}");
+        assert!(!err.contains("Status("), "must be a transport error: {err}");
+    }
+    b.shutdown().await;
+}

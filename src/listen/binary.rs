@@ -12,7 +12,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{Listener, Shared};
 use crate::error::RpcError;
-use crate::session::{Call, ClientConn, ClientIdentity, ClientKind};
+use crate::session::{Call, ClientConn, ClientIdentity, ClientKind, Out, Sink};
 use crate::tcli::Scope;
 use crate::wire::io::{FrameError, Framing, MessageIo};
 use crate::wire::sasl::{self, SaslError, ServerHandshake, ServerStep};
@@ -106,10 +106,21 @@ async fn connection(
         }
         // boxed: an idle connection's task then holds only this small loop,
         // not the state of the largest RPC path (it shows at 10k connections)
-        let reply = match Box::pin(shared.broker.forward(&mut conn, &call, msg)).await {
-            Ok(r) => r,
-            Err(e) => e.to_thrift_reply(call.wire_name(), call.seqid).into(),
+        let sink = Sink {
+            io: &mut io,
+            framing,
         };
+        let reply =
+            match Box::pin(shared.broker.forward_to(&mut conn, &call, msg, Some(sink))).await {
+                Ok(Out::Reply(r)) => r,
+                Ok(Out::Relayed(_)) => continue,
+                Err(e @ RpcError::RelayBroken(_)) => {
+                    // the client holds part of a frame: nothing sensible can follow
+                    warn!(error = %e, "closing the client connection");
+                    break;
+                }
+                Err(e) => e.to_thrift_reply(call.wire_name(), call.seqid).into(),
+            };
         if let Err(e) = io.write_message(framing, &reply).await {
             debug!(error = %e, "client went away while we replied");
             break;

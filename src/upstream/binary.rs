@@ -13,6 +13,16 @@ use crate::error::UpstreamError;
 use crate::wire::io::{FrameError, Framing, MessageIo};
 use crate::wire::sasl;
 
+/// The start of a reply.
+pub enum Head {
+    Whole(Bytes),
+    /// `len` bytes in all, `head` the first of them.
+    Partial {
+        len: usize,
+        head: Bytes,
+    },
+}
+
 pub struct BinaryConn {
     target: Arc<Target>,
     /// `None` once closed.
@@ -189,6 +199,68 @@ impl BinaryConn {
         UpstreamError::Closed {
             upstream: self.target.display.clone(),
         }
+    }
+
+    /// Sends `msg` and reads the start of the reply: the whole reply when it
+    /// is at most `min` bytes (or frames are wrapped or unframed), else its
+    /// first `min` bytes; [`BinaryConn::relay_rest`] then forwards the rest.
+    pub async fn call_head(&mut self, msg: Bytes, min: usize) -> Result<Head, UpstreamError> {
+        let piecewise =
+            self.framing == Framing::Sasl && self.io.as_ref().is_some_and(|io| !io.has_layer());
+        if !piecewise {
+            return self.call(msg).await.map(Head::Whole);
+        }
+        if self.broken {
+            return Err(self.closed());
+        }
+        let Some(io) = self.io.as_mut() else {
+            return Err(self.closed());
+        };
+        let limit = self.target.read_timeout;
+        let exchange = async {
+            io.write_message(Framing::Sasl, &msg).await?;
+            io.read_frame_head(min).await
+        };
+        let r = match timeout(limit, exchange).await {
+            Ok(Ok((len, head))) if head.len() == len => Ok(Head::Whole(head)),
+            Ok(Ok((len, head))) => Ok(Head::Partial { len, head }),
+            Ok(Err(e)) => Err(self.err(e)),
+            Err(_) => Err(UpstreamError::ReadTimeout {
+                upstream: self.target.display.clone(),
+                secs: limit.as_secs_f64(),
+            }),
+        };
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// Forwards the `remaining` bytes of a reply to `sink` as they arrive.
+    /// Any failure leaves both streams mid-frame: the link is then broken.
+    pub async fn relay_rest(
+        &mut self,
+        mut remaining: usize,
+        sink: &mut MessageIo,
+    ) -> Result<(), String> {
+        self.broken = true; // until the whole frame is through
+        let limit = self.target.read_timeout;
+        let Some(io) = self.io.as_mut() else {
+            return Err("upstream connection closed".into());
+        };
+        while remaining > 0 {
+            let chunk = match timeout(limit, io.read_chunk(remaining)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(format!("{}: {e}", self.target.display)),
+                Err(_) => return Err(format!("{}: read timed out", self.target.display)),
+            };
+            remaining -= chunk.len();
+            sink.write_raw(&chunk)
+                .await
+                .map_err(|e| format!("client: {e}"))?;
+        }
+        self.broken = false;
+        Ok(())
     }
 
     pub async fn call(&mut self, msg: Bytes) -> Result<Bytes, UpstreamError> {

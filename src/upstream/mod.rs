@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{watch, Mutex};
 
+pub use self::binary::{BinaryConn, Head};
 pub use self::http::HttpPool;
 use crate::config::{Transport, UpstreamConfig, UpstreamSasl};
 use crate::error::UpstreamError;
@@ -153,7 +154,7 @@ pub struct Credential {
 /// requests of one session.
 #[derive(Clone)]
 pub enum Link {
-    Binary(Arc<Mutex<binary::BinaryConn>>),
+    Binary(Arc<Mutex<BinaryConn>>),
     Http(Arc<http::HttpChannel>),
 }
 

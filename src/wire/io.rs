@@ -142,6 +142,62 @@ impl MessageIo {
         }
     }
 
+    /// For relaying a big frame as it arrives: its declared length and the
+    /// bytes buffered so far (at least `min`, or the whole frame if shorter).
+    /// The caller then takes the rest with [`MessageIo::read_chunk`].
+    /// Only without a security layer (a wrapped frame must be whole).
+    pub async fn read_frame_head(&mut self, min: usize) -> Result<(usize, Bytes), FrameError> {
+        debug_assert!(self.layer.is_none());
+        loop {
+            if let Some(len) = sasl::data_frame_len(&self.buf, self.max)? {
+                let want = 4 + len.min(min);
+                if self.buf.len() >= want {
+                    let _ = self.buf.split_to(4);
+                    let n = self.buf.len().min(len);
+                    return Ok((len, self.buf.split_to(n).freeze()));
+                }
+                self.buf.reserve(want - self.buf.len());
+            }
+            self.fill(self.buf.is_empty()).await?;
+        }
+    }
+
+    /// Up to `max` more bytes of a frame being relayed (at least one).
+    pub async fn read_chunk(&mut self, max: usize) -> Result<Bytes, FrameError> {
+        if self.buf.is_empty() {
+            if self.buf.capacity() < 64 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            self.fill(false).await?;
+        }
+        let n = self.buf.len().min(max);
+        Ok(self.buf.split_to(n).freeze())
+    }
+
+    /// Whether frames are wrapped (QOP auth-int/auth-conf): then they cannot
+    /// be relayed piecewise.
+    pub fn has_layer(&self) -> bool {
+        self.layer.is_some()
+    }
+
+    /// Starts a frame of `len` bytes whose first part is `head`; the rest
+    /// follows with [`MessageIo::write_raw`].
+    pub async fn write_frame_head(
+        &mut self,
+        framing: Framing,
+        len: usize,
+        head: &[u8],
+    ) -> Result<(), FrameError> {
+        debug_assert!(self.layer.is_none());
+        let prefix = (len as u32).to_be_bytes();
+        let prefix: &[u8] = if framing == Framing::Sasl {
+            &prefix
+        } else {
+            &[]
+        };
+        self.write_parts(prefix, head).await
+    }
+
     async fn read_bare(&mut self) -> Result<Bytes, FrameError> {
         loop {
             match thrift::message_len(&self.buf) {
