@@ -108,7 +108,11 @@ fn main() -> ExitCode {
                 // MIT krb5 reads it once per process: set before any thread starts
                 std::env::set_var("KRB5_CONFIG", k);
             }
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if cfg.server.worker_threads > 0 {
+                rt.worker_threads(cfg.server.worker_threads);
+            }
+            let rt = rt.enable_all().build().expect("tokio runtime");
             rt.block_on(async move {
                 // registered before any listener is up, so an early SIGTERM
                 // still shuts down gracefully

@@ -195,6 +195,11 @@ async fn run() {
     let up_http = resp.clone().serve_http().await;
     let sts_up = full() && TcpStream::connect("127.0.0.1:10000").is_ok();
 
+    // KB_BENCH_BROKER_THREADS=1 measures the single-threaded runtime
+    let threads: usize = std::env::var("KB_BENCH_BROKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let (b_bin, b_http, b_http2bin, b_sts, admin) = (
         free_port(),
         free_port(),
@@ -206,6 +211,7 @@ async fn run() {
         r#"[server]
 max_connections = 20000
 slow_rpc_threshold = "0s"
+worker_threads = {threads}
 [admin]
 bind = "127.0.0.1:{admin}"
 [[listener]]
