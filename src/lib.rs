@@ -3,28 +3,32 @@
 //!
 //! # One RPC, in data-flow order
 //!
-//! 1. [`listen`] accepts a client. [`listen::binary`] runs the SASL PLAIN
-//!    handshake (sans-IO in [`wire::sasl`]) or recognises NOSASL by its first
-//!    byte; [`listen::http`] checks Basic credentials or its signed
-//!    `hive.server2.auth` cookie. Both ask [`auth`] to turn credentials into a
-//!    client identity.
+//! 1. [`listen`] accepts a client. [`listen::binary`] runs the SASL PLAIN or
+//!    GSSAPI handshake (sans-IO in [`wire::sasl`], GSS in [`kerberos`]) or
+//!    recognises NOSASL by its first byte; [`listen::http`] checks Basic or
+//!    SPNEGO credentials or its signed `hive.server2.auth` cookie. Both ask
+//!    [`auth`] to turn credentials into a client identity.
 //! 2. [`wire::io`] reads one Thrift message (a SASL data frame, a bare NOSASL
 //!    message, or an HTTP body), checking the size limit before allocating.
 //! 3. [`session::Call::parse`] peeks the message header ([`wire::thrift`]):
 //!    method, type, sequence id. Nothing else is decoded.
-//! 4. [`session::Broker::forward`] is where every RPC starts and ends (timing,
-//!    logging). It picks the upstream [`upstream::Link`]: a binary client's
+//! 4. [`session::Broker::forward`] is where every RPC starts and ends (timing
+//!    into [`metrics`], logging). It picks the upstream [`upstream::Link`]: a binary client's
 //!    connection owns one; HTTP requests find theirs through the session or
 //!    operation handle ([`tcli::request_guid`]). OpenSession is the one request
 //!    rewritten ([`tcli::rewrite_open_session`]), with the upstream identity
-//!    chosen by [`session::upstream_credential`].
-//! 5. [`upstream`] sends the bytes unchanged (SASL PLAIN, NOSASL or HTTP POST)
-//!    and returns the reply bytes; only OpenSession replies and new operation
-//!    handles are read.
-//! 6. The reply goes back to the client as it came. Failures become a TStatus
+//!    chosen by [`session::upstream_credential`] ([`mapping`]).
+//! 5. [`upstream`] sends the bytes unchanged (SASL PLAIN or GSSAPI, NOSASL, or
+//!    HTTP POST with Basic or SPNEGO) and returns the reply bytes; only
+//!    OpenSession replies and new operation handles are read.
+//! 6. The reply goes back to the client as it came; a big FetchResults reply
+//!    between binary peers is passed on as it arrives. Failures become a TStatus
 //!    error reply or an HTTP status in one place ([`error::RpcError`]).
 //!
-//! [`run`] wires it together and drains connections on shutdown.
+//! [`run`] wires it together, serves the [`admin`] endpoints and drains
+//! connections on shutdown. Beside the data path: [`tokens`] rotates gateway
+//! tokens through [`cloud`] (emulated by [`emulator`]); [`loadgen`] drives
+//! `kyuubi-broker bench`.
 
 pub mod admin;
 pub mod auth;
