@@ -1,7 +1,7 @@
 //! The broker core, shared by both client transports: one RPC in, one reply
 //! out. [`Broker::forward`] is the single place where an RPC starts and ends;
 //! [`upstream_credential`] is where the upstream identity is chosen; the
-//! OpenSession rewrite happens in [`Broker::open_session`].
+//! OpenSession rewrite happens in `Broker::open_session`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -15,7 +15,7 @@ use crate::tokens::{Lifecycle, TokenError, TokenState};
 pub struct TokenArgs {
     #[command(subcommand)]
     pub action: TokenAction,
-    /// Read these settings from the [tokens] section of a config file.
+    /// Read these settings from the `[tokens]` section of a config file.
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
     /// Management API endpoint, e.g. http://127.0.0.1:18080 (default: the regional one).

@@ -90,7 +90,7 @@ fn layer_for<C: SecurityContext + Send + 'static>(
 /// The broker's own service credentials, from its keytab.
 pub struct Acceptor {
     cred: Cred,
-    /// For messages: the principal, or "any principal in <keytab>".
+    /// For messages: the principal, or "any principal in `keytab`".
     pub describe: String,
     pub qop: Vec<Qop>,
 }
