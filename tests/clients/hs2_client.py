@@ -41,6 +41,10 @@ def connect(args):
         return impyla_connect(**kw)
     from pyhive import hive
 
+    if args.kerberos_service and args.mode == "binary":
+        # PyHive derives the service host from `host`: connect to localhost
+        return hive.connect(host="localhost", port=args.port, auth="KERBEROS",
+                            kerberos_service_name=args.kerberos_service)
     if args.mode == "http":
         from thrift.transport import THttpClient
 
