@@ -419,3 +419,39 @@ async fn mapped_principal_tickets_are_refreshed_before_they_expire() {
     }
     panic!("no refresh within 50 s of a 60 s ticket: {seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_as_kerberos_client_negotiates_each_qop_with_a_kerberos_listener() {
+    // broker A: a Kerberos listener offering one QOP, in front of Spark;
+    // broker B: maps alice to her principal and reaches A with GSSAPI at
+    // the same QOP, so B's client-side wrap/unwrap carries every frame
+    kdc_async().await;
+    let route_a = same_name_route().await;
+    for qop in ["auth-int", "auth-conf"] {
+        let a = start_broker_toml(&format!(
+            "{}\n{route_a}",
+            kerberos_listeners(&format!("[\"{qop}\"]"))
+        ))
+        .await;
+        let upstream = format!(
+            "[routes.r.upstream]\ntransport = \"binary\"\nhost = \"localhost\"\nport = {}\nqop = \"{qop}\"\n",
+            a.binary.port()
+        );
+        let b = start_broker(
+            &kerberos_mapping(&upstream)
+                .replace("hive/_HOST@EXAMPLE.COM", BROKER_PRINCIPAL)
+                .replace("bob@EXAMPLE.COM", "alice@EXAMPLE.COM")
+                .replace("bob.keytab", "alice.keytab"),
+        )
+        .await;
+        for (t, addr) in [(Transport::Binary, b.binary), (Transport::Http, b.http)] {
+            assert_eq!(
+                current_user(addr, t, "alice").await.unwrap(),
+                "alice",
+                "{qop}, {t:?} client"
+            );
+        }
+        b.shutdown().await;
+        a.shutdown().await;
+    }
+}
