@@ -127,7 +127,7 @@ impl AdminState {
                 .broker
                 .routes()
                 .map(|r| RouteStatus {
-                    name: r.name.clone(),
+                    name: r.name.to_string(),
                     upstream: r.target.display.clone(),
                 })
                 .collect(),
@@ -148,26 +148,30 @@ impl AdminState {
     }
 
     pub async fn readiness(&self) -> Readiness {
-        let checks = self.broker.routes().map(|r| async move {
-            let t = &r.target;
-            let r2 = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::net::TcpStream::connect((t.host.as_str(), t.port)),
-            )
-            .await;
-            let error = match r2 {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("no TCP connection within 2 s".into()),
-            };
-            UpstreamCheck {
-                route: r.name.clone(),
-                upstream: t.display.clone(),
-                reachable: error.is_none(),
-                error,
-            }
-        });
-        let upstreams = futures_join(checks).await;
+        let mut checks = tokio::task::JoinSet::new();
+        for r in self.broker.routes() {
+            checks.spawn(async move {
+                let t = &r.target;
+                let r2 = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::TcpStream::connect((t.host.as_str(), t.port)),
+                )
+                .await;
+                let error = match r2 {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("no TCP connection within 2 s".into()),
+                };
+                UpstreamCheck {
+                    route: r.name.to_string(),
+                    upstream: t.display.clone(),
+                    reachable: error.is_none(),
+                    error,
+                }
+            });
+        }
+        let mut upstreams = checks.join_all().await;
+        upstreams.sort_by(|a, b| a.route.cmp(&b.route));
         Readiness {
             ready: self.listeners.len() == self.configured && upstreams.iter().all(|u| u.reachable),
             listeners_up: self.listeners.len(),
@@ -175,22 +179,6 @@ impl AdminState {
             upstreams,
         }
     }
-}
-
-/// Runs the checks concurrently (one task each).
-async fn futures_join<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = fs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }
 
 fn reply(
@@ -273,8 +261,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
 /// Fetches `/status` from a running broker's admin listener.
 pub async fn fetch_status(addr: SocketAddr) -> Result<Status, String> {
     let url = format!("http://{addr}/status");
-    // plain HTTP, but reqwest needs a process-wide TLS provider to build
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::cloud::client::install_tls_provider();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

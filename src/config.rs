@@ -54,10 +54,6 @@ pub struct Config {
     /// Metrics and status endpoints.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
-    /// The one krb5.conf every Kerberos listener and resource agreed on
-    /// (MIT krb5 reads one per process); set by validation.
-    #[serde(skip)]
-    pub krb5_conf: Option<std::path::PathBuf>,
 }
 
 /// The admin listener: /metrics, /healthz, /readyz, /status.
@@ -164,6 +160,16 @@ impl Default for ServerConfig {
 pub enum Transport {
     Binary,
     Http,
+}
+
+impl Transport {
+    /// As written in config files, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Binary => "binary",
+            Transport::Http => "http",
+        }
+    }
 }
 
 /// How clients authenticate to the broker.
@@ -409,6 +415,26 @@ pub struct UpstreamConfig {
     pub qop: crate::kerberos::Qop,
 }
 
+impl UpstreamConfig {
+    /// An upstream as a config file naming only these three keys gets it.
+    pub fn new(transport: Transport, host: impl Into<String>, port: u16) -> UpstreamConfig {
+        UpstreamConfig {
+            transport,
+            host: host.into(),
+            port,
+            sasl: UpstreamSasl::default(),
+            http_path: default_http_path(),
+            token: None,
+            token_env: None,
+            token_rotation: false,
+            connect_timeout: default_connect_timeout(),
+            read_timeout: default_read_timeout(),
+            principal: None,
+            qop: Default::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamSasl {
@@ -476,6 +502,20 @@ impl Config {
     }
 
     /// Checks cross-key rules and resolves `*_env` secrets.
+    /// The krb5.conf the Kerberos listeners and resources name. Validation
+    /// has made sure they all name the same file (MIT reads one per process).
+    pub fn krb5_conf(&self) -> Option<&Path> {
+        let listeners = self
+            .listeners
+            .iter()
+            .filter_map(|l| l.kerberos.as_ref()?.krb5_conf.as_deref());
+        let routes = self
+            .routes
+            .values()
+            .filter_map(|r| r.mapping.as_ref()?.krb5_conf.as_deref());
+        listeners.chain(routes).next()
+    }
+
     fn validate(&mut self) -> Result<(), ConfigError> {
         let s = &self.server;
         if s.max_message_bytes < 1024 || s.max_message_bytes > 1 << 31 {
@@ -856,7 +896,6 @@ impl Config {
                 ));
             }
             readable(first, first_key)?;
-            self.krb5_conf = Some(first.clone());
         }
         if let Some(t) = &self.tokens {
             if !(t.rotate_fraction > 0.0 && t.rotate_fraction <= 1.0) {
@@ -1001,7 +1040,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ok = kerberos_route(dir.path(), "principal = \"hive/_HOST@R\"");
         let c = Config::from_toml(&ok, "t").unwrap();
-        assert_eq!(c.krb5_conf, Some(dir.path().join("krb5.conf")));
+        assert_eq!(c.krb5_conf(), Some(dir.path().join("krb5.conf").as_path()));
         let e = err_of(&kerberos_route(dir.path(), ""));
         assert!(e.contains("routes.sts.upstream.principal"), "{e}");
         let e = err_of(&ok.replace("bob.keytab", "missing.keytab"));

@@ -173,7 +173,7 @@ pub async fn run(
         let addr: Option<SocketAddr> = bound.tcp.local_addr().ok();
         up.push(admin::ListenerInfo {
             name: lc.name.clone(),
-            protocol: format!("{:?}", lc.protocol).to_lowercase(),
+            protocol: lc.protocol.as_str().to_string(),
             addr: addr.map(|a| a.to_string()).unwrap_or_default(),
             route: lc.route.clone(),
             auth: format!("{:?}", lc.auth).to_lowercase(),

@@ -95,28 +95,22 @@ pub fn target_for(url: &str) -> Result<UpstreamConfig, String> {
         .session_var("auth")
         .is_some_and(|a| a.eq_ignore_ascii_case("noSasl"));
     let path = p.session_var("httpPath").unwrap_or("cliservice");
-    Ok(UpstreamConfig {
-        transport: if http {
+    let mut cfg = UpstreamConfig::new(
+        if http {
             Transport::Http
         } else {
             Transport::Binary
         },
         host,
         port,
-        sasl: if nosasl {
-            UpstreamSasl::Nosasl
-        } else {
-            UpstreamSasl::Plain
-        },
-        http_path: path.trim_matches('/').to_string(),
-        token: None,
-        token_env: None,
-        token_rotation: false,
-        connect_timeout: Duration::from_secs(10),
-        read_timeout: Duration::from_secs(600),
-        principal: None,
-        qop: Default::default(),
-    })
+    );
+    if nosasl {
+        cfg.sasl = UpstreamSasl::Nosasl;
+    }
+    cfg.http_path = path.trim_matches('/').to_string();
+    cfg.connect_timeout = Duration::from_secs(10);
+    cfg.read_timeout = Duration::from_secs(600);
+    Ok(cfg)
 }
 
 struct Worker {

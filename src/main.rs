@@ -104,7 +104,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
-            if let Some(k) = &cfg.krb5_conf {
+            if let Some(k) = cfg.krb5_conf() {
                 // MIT krb5 reads it once per process: set before any thread starts
                 std::env::set_var("KRB5_CONFIG", k);
             }

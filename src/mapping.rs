@@ -209,6 +209,17 @@ mod tests {
         }
     }
 
+    /// `user` mapped by `m` on resource `r`, with no broker identity.
+    fn passthrough(r: &str, m: &MappingConfig, user: &str) -> Result<UpstreamIdentity, RpcError> {
+        upstream_identity(
+            r,
+            &CredentialsConfig::Passthrough,
+            Some(m),
+            &client(user),
+            &Initiators::new(),
+        )
+    }
+
     fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
         v.iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -218,14 +229,7 @@ mod tests {
     #[test]
     fn unmapped_user_gets_the_exact_refusal() {
         let m = system(&[("alice", "etl_alice")], Carry::User);
-        let e = upstream_identity(
-            "sales",
-            &CredentialsConfig::Passthrough,
-            Some(&m),
-            &client("bob"),
-            &Initiators::new(),
-        )
-        .unwrap_err();
+        let e = passthrough("sales", &m, "bob").unwrap_err();
         assert_eq!(
             e.to_string(),
             "user bob has no account mapping on computing resource sales"
@@ -235,14 +239,7 @@ mod tests {
     #[test]
     fn system_mapping_carries_the_name_as_user_or_proxy_user() {
         let m = system(&[("alice", "etl_alice")], Carry::User);
-        let u = upstream_identity(
-            "r",
-            &CredentialsConfig::Passthrough,
-            Some(&m),
-            &client("alice"),
-            &Initiators::new(),
-        )
-        .unwrap();
+        let u = passthrough("r", &m, "alice").unwrap();
         assert_eq!(
             (u.credential.user.as_str(), u.credential.password.expose()),
             ("etl_alice", "client-pw")
@@ -284,26 +281,56 @@ mod tests {
             accounts,
             krb5_conf: None,
         };
+        let u = passthrough("r", &m, "alice").unwrap();
+        assert_eq!(
+            (u.credential.user.as_str(), u.credential.password.expose()),
+            ("bob", "bob-pw")
+        );
+        assert!(passthrough("r", &m, "carol").is_err());
+    }
+
+    #[test]
+    fn kerberos_mapping_presents_the_mapped_principal_with_its_own_initiator() {
+        let mut accounts = BTreeMap::new();
+        accounts.insert(
+            "alice".to_string(),
+            Account {
+                principal: "bob@R".into(),
+                keytab: Some("/k/bob.keytab".into()),
+                ..Account::default()
+            },
+        );
+        let m = MappingConfig {
+            kind: MappingType::Kerberos,
+            carry: Carry::User,
+            users: BTreeMap::new(),
+            same_name_for_unlisted: false,
+            accounts,
+            krb5_conf: None,
+        };
+        let inits = initiators(&CredentialsConfig::Passthrough, Some(&m));
         let u = upstream_identity(
             "r",
             &CredentialsConfig::Passthrough,
             Some(&m),
             &client("alice"),
-            &Initiators::new(),
+            &inits,
         )
         .unwrap();
-        assert_eq!(
-            (u.credential.user.as_str(), u.credential.password.expose()),
-            ("bob", "bob-pw")
-        );
-        assert!(upstream_identity(
-            "r",
-            &CredentialsConfig::Passthrough,
-            Some(&m),
-            &client("carol"),
-            &Initiators::new()
-        )
-        .is_err());
+        assert_eq!(u.credential.user, "bob@R");
+        let init = u.credential.kerberos.expect("a Kerberos credential");
+        assert!(Arc::ptr_eq(&init, &inits["bob@R"]));
+        assert!(u.credential.password.is_empty());
+        assert!(matches!(
+            upstream_identity(
+                "r",
+                &CredentialsConfig::Passthrough,
+                Some(&m),
+                &client("bob"),
+                &inits
+            ),
+            Err(RpcError::NoMapping { .. })
+        ));
     }
 
     #[test]

@@ -18,25 +18,27 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 
+// Label values are static strings and the route's shared name: observing
+// an RPC allocates nothing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
-    method: String,
-    route: String,
-    client_transport: String,
-    upstream_transport: String,
-    outcome: String,
+    method: &'static str,
+    route: Arc<str>,
+    client_transport: &'static str,
+    upstream_transport: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
-    method: String,
-    route: String,
+    method: &'static str,
+    route: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
-    route: String,
-    kind: String,
+    route: Arc<str>,
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,7 +48,7 @@ struct ListenerLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    route: String,
+    route: Arc<str>,
 }
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -64,7 +66,7 @@ fn bytes_histogram() -> Histogram {
 /// One finished RPC.
 pub struct Observation<'a> {
     pub method: &'static str,
-    pub route: &'a str,
+    pub route: &'a Arc<str>,
     pub client_transport: &'static str,
     pub upstream_transport: &'static str,
     /// "ok" or the error kind.
@@ -195,11 +197,11 @@ impl Metrics {
     pub fn observe(&self, o: &Observation<'_>) {
         let overhead = o.total.saturating_sub(o.upstream);
         let labels = RpcLabels {
-            method: o.method.to_string(),
-            route: o.route.to_string(),
-            client_transport: o.client_transport.to_string(),
-            upstream_transport: o.upstream_transport.to_string(),
-            outcome: o.outcome.to_string(),
+            method: o.method,
+            route: o.route.clone(),
+            client_transport: o.client_transport,
+            upstream_transport: o.upstream_transport,
+            outcome: o.outcome,
         };
         self.duration
             .get_or_create(&labels)
@@ -224,7 +226,7 @@ impl Metrics {
             self.upstream_errors
                 .get_or_create(&ErrorLabels {
                     route: ml.route,
-                    kind: kind.to_string(),
+                    kind,
                 })
                 .inc();
         }
@@ -261,10 +263,10 @@ impl Metrics {
         ConnectionGuard(g)
     }
 
-    pub fn session_opened(&self, route: &str, user: &str) {
+    pub fn session_opened(&self, route: &Arc<str>, user: &str) {
         self.sessions
             .get_or_create(&RouteLabels {
-                route: route.to_string(),
+                route: route.clone(),
             })
             .inc();
         *self
@@ -275,10 +277,10 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    pub fn session_closed(&self, route: &str, user: &str) {
+    pub fn session_closed(&self, route: &Arc<str>, user: &str) {
         self.sessions
             .get_or_create(&RouteLabels {
-                route: route.to_string(),
+                route: route.clone(),
             })
             .dec();
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -471,9 +473,10 @@ mod tests {
     #[test]
     fn overhead_is_total_minus_upstream_and_never_negative() {
         let m = Metrics::new();
+        let route: Arc<str> = "r".into();
         let obs = |total, upstream| Observation {
             method: "ExecuteStatement",
-            route: "r",
+            route: &route,
             client_transport: "binary",
             upstream_transport: "http",
             outcome: "ok",
@@ -503,11 +506,12 @@ mod tests {
     #[test]
     fn live_sessions_follow_opens_and_closes() {
         let m = Metrics::new();
-        m.session_opened("r", "alice");
-        m.session_opened("r", "alice");
-        m.session_closed("r", "alice");
+        let r: Arc<str> = "r".into();
+        m.session_opened(&r, "alice");
+        m.session_opened(&r, "alice");
+        m.session_closed(&r, "alice");
         assert_eq!(m.live_sessions()[0].sessions, 1);
-        m.session_closed("r", "alice");
+        m.session_closed(&r, "alice");
         assert!(m.live_sessions().is_empty());
         assert!(m.render().contains("kyuubi_broker_sessions{route=\"r\"} 0"));
     }

@@ -27,7 +27,8 @@ use crate::wire::thrift::{peek_header, MessageType, Writer};
 /// A configured route (computing resource): the upstream, the identity
 /// used there, and its session settings.
 pub struct Route {
-    pub name: String,
+    /// Shared with metric labels and handle records without copying.
+    pub name: Arc<str>,
     pub target: Arc<Target>,
     credentials: CredentialsConfig,
     mapping: Option<MappingConfig>,
@@ -43,6 +44,18 @@ pub struct ClientIdentity {
     pub user: String,
     pub password: Secret,
     pub addr: SocketAddr,
+}
+
+impl ClientIdentity {
+    /// A client authenticated by a Kerberos ticket: there is no password
+    /// to pass on.
+    pub fn from_ticket(user: String, addr: SocketAddr) -> ClientIdentity {
+        ClientIdentity {
+            user,
+            password: Secret::default(),
+            addr,
+        }
+    }
 }
 
 /// Chooses the identity presented upstream for a client: the one place.
@@ -147,7 +160,7 @@ impl ClientConn {
 /// the same entry.
 struct Owned {
     link: Link,
-    route: String,
+    route: Arc<str>,
     user: String,
     /// The session handle's secret, needed to close it on shutdown.
     secret: Vec<u8>,
@@ -177,7 +190,7 @@ impl Broker {
                     live_token.clone(),
                 ));
                 let route = Route {
-                    name: name.clone(),
+                    name: name.as_str().into(),
                     pool: HttpPool::new(target.connect_timeout),
                     target,
                     initiators: mapping::initiators(&r.credentials, r.mapping.as_ref()),
@@ -248,7 +261,7 @@ impl Broker {
             seqid = call.seqid,
             route = %conn.route.name,
             client = conn.kind.as_str(),
-            upstream = match conn.route.target.transport { Transport::Binary => "binary", Transport::Http => "http" },
+            upstream = conn.route.target.transport.as_str(),
         );
         let started = Instant::now();
         let req_bytes = msg.len();
@@ -264,10 +277,7 @@ impl Broker {
             method: call.method,
             route: &conn.route.name,
             client_transport: conn.kind.as_str(),
-            upstream_transport: match conn.route.target.transport {
-                Transport::Binary => "binary",
-                Transport::Http => "http",
-            },
+            upstream_transport: conn.route.target.transport.as_str(),
             outcome: match &result {
                 Ok(_) => "ok",
                 Err(e) => e.kind(),
@@ -322,21 +332,11 @@ impl Broker {
                 .await
                 .map(Out::Reply);
         }
-        if let (Some(sink), "FetchResults", Some(Link::Binary(up))) =
+        if let (Some(sink), "FetchResults", Some(link @ Link::Binary(up))) =
             (sink, call.method, conn.link.as_ref())
         {
             if !sink.io.has_layer() {
-                let link = Link::Binary(up.clone());
-                return relay(
-                    up,
-                    &link,
-                    call,
-                    msg,
-                    upstream_time,
-                    sink,
-                    &conn.route.target,
-                )
-                .await;
+                return relay(up, link, call, msg, upstream_time, sink, &conn.route.target).await;
             }
         }
         match conn.kind {

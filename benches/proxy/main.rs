@@ -133,9 +133,10 @@ async fn idle_sessions(addr: SocketAddr, conns: usize, sessions: usize, pid: u32
     let mut held = Vec::with_capacity(conns);
     for chunk in 0..conns.div_ceil(100) {
         let n = 100.min(conns - chunk * 100);
-        let opened = futures_all((0..n).map(|_| {
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..n {
             let cfg = cfg.clone();
-            async move {
+            opening.spawn(async move {
                 let mut c = Hs2Client::connect(&cfg, "idle", "x")
                     .await
                     .expect("connect");
@@ -144,10 +145,9 @@ async fn idle_sessions(addr: SocketAddr, conns: usize, sessions: usize, pid: u32
                     s.push(c.open_session().await.expect("open session"));
                 }
                 (c, s)
-            }
-        }))
-        .await;
-        held.extend(opened);
+            });
+        }
+        held.extend(opening.join_all().await);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = rss_mb(pid);
@@ -157,20 +157,6 @@ async fn idle_sessions(addr: SocketAddr, conns: usize, sessions: usize, pid: u32
         }
     }
     rss
-}
-
-async fn futures_all<F: std::future::Future + Send + 'static>(
-    fs: impl Iterator<Item = F>,
-) -> Vec<F::Output>
-where
-    F::Output: Send + 'static,
-{
-    let hs: Vec<_> = fs.map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for h in hs {
-        out.push(h.await.expect("task"));
-    }
-    out
 }
 
 fn main() {

@@ -143,10 +143,15 @@ struct ErrorBody {
     request_id: Option<String>,
 }
 
+/// reqwest is built without a default TLS provider: install the process-wide
+/// one (ring) before building any client. A second call is a no-op.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl ApiClient {
     pub fn new(endpoint: Endpoint, credential: CloudCredential) -> ApiClient {
-        // one process-wide rustls provider (ring); a second install is a no-op
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_tls_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .user_agent(USER_AGENT)

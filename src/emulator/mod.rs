@@ -142,6 +142,11 @@ impl Emulator {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Ids of the tokens that exist now.
+    pub fn token_ids(&self) -> Vec<String> {
+        self.state().tokens.keys().cloned().collect()
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let s = self.state();
         Snapshot {

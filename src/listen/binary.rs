@@ -257,11 +257,7 @@ async fn gssapi_handshake(
                 info!(principal = %who.principal, user = %who.user, qop = qop.as_str(), "client authenticated (SASL GSSAPI)");
                 return Ok((
                     Framing::Sasl,
-                    Some(ClientIdentity {
-                        user: who.user,
-                        password: crate::secret::Secret::default(),
-                        addr: peer,
-                    }),
+                    Some(ClientIdentity::from_ticket(who.user, peer)),
                 ));
             }
             Err(e) => {

@@ -95,17 +95,19 @@ fn thrift(body: Bytes) -> Response<Full<Bytes>> {
     r
 }
 
-fn unauthorized(msg: &str) -> Response<Full<Bytes>> {
+/// 401 with the scheme the client should use (`BASIC` or `NEGOTIATE`).
+fn unauthorized(scheme: &'static str, msg: &str) -> Response<Full<Bytes>> {
     let mut r = text(
         StatusCode::UNAUTHORIZED,
         format!("Authentication Error: {msg}"),
     );
-    r.headers_mut().insert(
-        WWW_AUTHENTICATE,
-        http::HeaderValue::from_static("Basic realm=\"kyuubi-broker\""),
-    );
+    r.headers_mut()
+        .insert(WWW_AUTHENTICATE, http::HeaderValue::from_static(scheme));
     r
 }
+
+const BASIC: &str = "Basic realm=\"kyuubi-broker\"";
+const NEGOTIATE: &str = "Negotiate";
 
 fn path_matches(path: &str, base: &str) -> bool {
     let p = path.trim_start_matches('/');
@@ -115,15 +117,29 @@ fn path_matches(path: &str, base: &str) -> bool {
 }
 
 /// Identity from the Authorization header: Basic only on this listener.
-fn basic_credentials(req: &Request<Incoming>) -> Result<Option<(String, Secret)>, &'static str> {
+/// The value of an `Authorization: <scheme> <value>` header, if present;
+/// another scheme is refused with `wrong_scheme`.
+fn authorization<'r>(
+    req: &'r Request<Incoming>,
+    scheme: &str,
+    wrong_scheme: &'static str,
+) -> Result<Option<&'r str>, &'static str> {
     let Some(h) = req.headers().get(AUTHORIZATION) else {
         return Ok(None);
     };
     let h = h.to_str().map_err(|_| "malformed Authorization header")?;
-    let (scheme, value) = h.split_once(' ').ok_or("malformed Authorization header")?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return Err("only Basic authentication is enabled on this listener");
+    let (given, value) = h.split_once(' ').ok_or("malformed Authorization header")?;
+    if !given.eq_ignore_ascii_case(scheme) {
+        return Err(wrong_scheme);
     }
+    Ok(Some(value))
+}
+
+fn basic_credentials(req: &Request<Incoming>) -> Result<Option<(String, Secret)>, &'static str> {
+    let wrong = "only Basic authentication is enabled on this listener";
+    let Some(value) = authorization(req, "basic", wrong)? else {
+        return Ok(None);
+    };
     let raw = base64::engine::general_purpose::STANDARD
         .decode(value.trim())
         .map_err(|_| "malformed Basic credentials")?;
@@ -240,14 +256,10 @@ async fn handle(
 
 /// A SPNEGO token from `Authorization: Negotiate <base64>`.
 fn negotiate_token(req: &Request<Incoming>) -> Result<Option<Vec<u8>>, &'static str> {
-    let Some(h) = req.headers().get(AUTHORIZATION) else {
+    let wrong = "this listener takes Kerberos only (SPNEGO: Authorization: Negotiate)";
+    let Some(value) = authorization(req, "negotiate", wrong)? else {
         return Ok(None);
     };
-    let h = h.to_str().map_err(|_| "malformed Authorization header")?;
-    let (scheme, value) = h.split_once(' ').ok_or("malformed Authorization header")?;
-    if !scheme.eq_ignore_ascii_case("negotiate") {
-        return Err("this listener takes Kerberos only (SPNEGO: Authorization: Negotiate)");
-    }
     // Hive JDBC 2.x sends "Negotiate : <token>"; others wrap lines or drop padding
     let value = value.trim_start().strip_prefix(':').unwrap_or(value);
     let compact: String = value.chars().filter(|c| !c.is_ascii_whitespace()).collect();
@@ -256,18 +268,6 @@ fn negotiate_token(req: &Request<Incoming>) -> Result<Option<Vec<u8>>, &'static 
         .decode(compact)
         .map(Some)
         .map_err(|_| "malformed Negotiate token")
-}
-
-fn negotiate_challenge(msg: &str) -> Response<Full<Bytes>> {
-    let mut r = text(
-        StatusCode::UNAUTHORIZED,
-        format!("Authentication Error: {msg}"),
-    );
-    r.headers_mut().insert(
-        WWW_AUTHENTICATE,
-        http::HeaderValue::from_static("Negotiate"),
-    );
-    r
 }
 
 /// The identity, a cookie to set, and a SPNEGO reply token to return.
@@ -287,29 +287,26 @@ async fn authenticate_request(
         let token = match negotiate_token(req) {
             Ok(Some(t)) => t,
             Ok(None) => {
-                return Err(negotiate_challenge(
+                return Err(unauthorized(
+                    NEGOTIATE,
                     "Kerberos (SPNEGO) credentials required",
                 ))
             }
             Err(msg) => {
                 debug!(%peer, msg, "refused an Authorization header");
-                return Err(negotiate_challenge(msg));
+                return Err(unauthorized(NEGOTIATE, msg));
             }
         };
         return match acceptor.spnego(token).await {
             Ok((who, reply)) => {
                 debug!(principal = %who.principal, user = %who.user, "client authenticated (SPNEGO)");
-                let id = ClientIdentity {
-                    user: who.user,
-                    password: Secret::default(),
-                    addr: peer,
-                };
+                let id = ClientIdentity::from_ticket(who.user, peer);
                 let cookie = listener.cookies.issue(id.clone()).await;
                 Ok((id, Some(cookie), reply))
             }
             Err(e) => {
                 warn!(%peer, error = %e, "SPNEGO authentication failed");
-                Err(negotiate_challenge(&e.to_string()))
+                Err(unauthorized(NEGOTIATE, &e.to_string()))
             }
         };
     }
@@ -320,11 +317,11 @@ async fn authenticate_request(
                     let cookie = listener.cookies.issue(id.clone()).await;
                     Ok((id, Some(cookie), None))
                 }
-                Err(e) => Err(unauthorized(&e.to_string())),
+                Err(e) => Err(unauthorized(BASIC, &e.to_string())),
             }
         }
-        Ok(None) => Err(unauthorized("credentials required (HTTP Basic)")),
-        Err(msg) => Err(unauthorized(msg)),
+        Ok(None) => Err(unauthorized(BASIC, "credentials required (HTTP Basic)")),
+        Err(msg) => Err(unauthorized(BASIC, msg)),
     }
 }
 
