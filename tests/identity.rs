@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use common::*;
 use kyuubi_broker::client::{ClientError, Hs2Client};
 use kyuubi_broker::config::{Transport, UpstreamSasl};
-use kyuubi_broker::tcli::gen::{TColumn, TStatusCode};
+use kyuubi_broker::tcli::gen::TStatusCode;
 use serde_json::json;
 
 const LDAP_URL: &str = "ldap://127.0.0.1:3890";
@@ -35,32 +35,6 @@ async fn client(
     pw: &str,
 ) -> Result<Hs2Client, ClientError> {
     Hs2Client::connect(&client_cfg(t, addr, UpstreamSasl::Plain), user, pw).await
-}
-
-async fn scalar(
-    c: &mut Hs2Client,
-    conf: &[(&str, &str)],
-    sql: &str,
-    col: usize,
-) -> Result<String, ClientError> {
-    let s = c.open_session_with(conf).await?;
-    let op = c.execute(&s, sql).await?;
-    let rows = c.fetch(&op, 1).await?;
-    c.close_session(s).await?;
-    match &rows.results.unwrap().columns.unwrap()[col] {
-        TColumn::StringVal(v) => Ok(v.values[0].clone()),
-        other => panic!("unexpected column {other:?}"),
-    }
-}
-
-async fn current_user(
-    addr: SocketAddr,
-    t: Transport,
-    user: &str,
-    pw: &str,
-) -> Result<String, ClientError> {
-    let mut c = client(addr, t, user, pw).await?;
-    scalar(&mut c, &[], "select current_user()", 0).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

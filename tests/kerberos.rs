@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use kyuubi_broker::client::{ClientError, Hs2Client};
 use kyuubi_broker::config::{Transport, UpstreamSasl};
-use kyuubi_broker::tcli::gen::{TColumn, TStatusCode};
+use kyuubi_broker::tcli::gen::TStatusCode;
 
 const KDC: &str = "/tmp/hs2-kdc";
 const BROKER_PRINCIPAL: &str = "kyuubi/localhost@EXAMPLE.COM";
@@ -192,32 +192,18 @@ async fn python_clients_with_a_ticket_authenticate_to_the_broker() {
         ("impyla", "http", b.http.port()),
         ("pyhive", "binary", b.binary.port()),
     ] {
-        let out = tokio::process::Command::new(python())
-            .arg(root().join("tests/clients/hs2_client.py"))
-            .args([
-                "--client",
-                client,
-                "--mode",
-                mode,
-                "--port",
-                &port.to_string(),
-            ])
-            .args([
-                "--kerberos-service",
-                "kyuubi",
-                "query",
-                "select current_user()",
-            ])
-            .env("KRB5CCNAME", &cc)
-            .env("KRB5_CONFIG", format!("{KDC}/krb5.conf"))
-            .output()
-            .await
-            .unwrap();
-        let shown = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            shown.contains(r#"{"rows": [["alice"]]}"#),
-            "{client} {mode}: {shown}"
-        );
+        let krb5 = format!("{KDC}/krb5.conf");
+        let v = py_client_env(
+            client,
+            mode,
+            port,
+            "query",
+            Some("select current_user()"),
+            &["--kerberos-service", "kyuubi"],
+            &[("KRB5CCNAME", &cc), ("KRB5_CONFIG", &krb5)],
+        )
+        .await;
+        assert_eq!(v["rows"], serde_json::json!([["alice"]]), "{client} {mode}");
     }
     b.shutdown().await;
 }
@@ -266,22 +252,6 @@ async fn clients_without_a_ticket_or_with_a_password_are_refused_clearly() {
     b.shutdown().await;
 }
 
-async fn current_user(
-    addr: std::net::SocketAddr,
-    t: Transport,
-    user: &str,
-) -> Result<String, ClientError> {
-    let mut c = Hs2Client::connect(&client_cfg(t, addr, UpstreamSasl::Plain), user, "x").await?;
-    let s = c.open_session().await?;
-    let op = c.execute(&s, "select current_user()").await?;
-    let rows = c.fetch(&op, 1).await?;
-    c.close_session(s).await?;
-    match &rows.results.unwrap().columns.unwrap()[0] {
-        TColumn::StringVal(v) => Ok(v.values[0].clone()),
-        other => panic!("unexpected column {other:?}"),
-    }
-}
-
 fn kerberos_mapping(upstream: &str) -> String {
     format!(
         "{upstream}principal = \"hive/_HOST@EXAMPLE.COM\"\n\
@@ -302,11 +272,11 @@ async fn the_broker_authenticates_to_kerberos_servers_as_the_mapped_principal() 
         let b = start_broker(&kerberos_mapping(&upstream)).await;
         for (t, addr) in [(Transport::Binary, b.binary), (Transport::Http, b.http)] {
             assert_eq!(
-                current_user(addr, t, "alice").await.unwrap(),
+                current_user(addr, t, "alice", "x").await.unwrap(),
                 "bob",
                 "{transport} upstream, {t:?} client"
             );
-            match current_user(addr, t, "bob").await {
+            match current_user(addr, t, "bob", "x").await {
                 Err(ClientError::Status(TStatusCode::ERROR_STATUS, msg, state)) => {
                     assert_eq!(
                         msg,
@@ -344,7 +314,7 @@ async fn the_broker_authenticates_to_kerberos_servers_as_the_mapped_principal() 
     );
     let wrong = kerberos_mapping(&upstream).replace("bob.keytab", "alice.keytab");
     let b = start_broker(&wrong).await;
-    let err = current_user(b.binary, Transport::Binary, "alice")
+    let err = current_user(b.binary, Transport::Binary, "alice", "x")
         .await
         .unwrap_err()
         .to_string();
@@ -367,24 +337,15 @@ async fn kerberos_mapping_example_maps_alice_and_refuses_bob() {
     let b = start_broker_toml(&toml).await;
     let (bin, http) = (b.addrs["binary"], b.addrs["http"]);
     for (t, addr) in [(Transport::Binary, bin), (Transport::Http, http)] {
-        let mut c = Hs2Client::connect(
-            &client_cfg(t, addr, UpstreamSasl::Plain),
-            "alice",
-            "alice-pw",
-        )
-        .await
-        .unwrap();
-        let s = c.open_session().await.unwrap();
-        let op = c.execute(&s, "select current_user()").await.unwrap();
-        let rows = c.fetch(&op, 1).await.unwrap();
-        match &rows.results.unwrap().columns.unwrap()[0] {
-            TColumn::StringVal(v) => assert_eq!(v.values[0], "bob", "{t:?}"),
-            other => panic!("{other:?}"),
-        }
-        let mut c = Hs2Client::connect(&client_cfg(t, addr, UpstreamSasl::Plain), "bob", "bob-pw")
+        assert_eq!(
+            current_user(addr, t, "alice", "alice-pw").await.unwrap(),
+            "bob",
+            "{t:?}"
+        );
+        let err = current_user(addr, t, "bob", "bob-pw")
             .await
-            .unwrap();
-        let err = c.open_session().await.unwrap_err().to_string();
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("user bob has no account mapping on computing resource sts-kerberos"),
             "{err}"
@@ -446,7 +407,7 @@ async fn the_broker_as_kerberos_client_negotiates_each_qop_with_a_kerberos_liste
         .await;
         for (t, addr) in [(Transport::Binary, b.binary), (Transport::Http, b.http)] {
             assert_eq!(
-                current_user(addr, t, "alice").await.unwrap(),
+                current_user(addr, t, "alice", "x").await.unwrap(),
                 "alice",
                 "{qop}, {t:?} client"
             );

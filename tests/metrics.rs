@@ -15,8 +15,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_kyuubi-broker");
 const ADMIN: &str = "[admin]\nbind = \"127.0.0.1:0\"\n";
 
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    // reqwest is built without a default TLS provider
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    kyuubi_broker::cloud::client::install_tls_provider();
     let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }

@@ -284,13 +284,7 @@ async fn a_crash_at_any_rotation_step_converges_with_no_orphan_and_a_working_tok
             after.intent.is_none() && after.retiring.is_empty(),
             "{step}: {after:?}"
         );
-        let live: Vec<String> = e
-            .emu
-            .snapshot()
-            .tokens
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let live = e.emu.token_ids();
         let active = after.active.unwrap();
         assert_eq!(
             live,
@@ -385,13 +379,7 @@ async fn tokens_not_created_by_this_broker_are_never_deleted() {
         lc.rotate(Duration::ZERO).await.unwrap();
         lc.reconcile(Duration::ZERO).await.unwrap();
     }
-    let ids: Vec<String> = e
-        .emu
-        .snapshot()
-        .tokens
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
+    let ids = e.emu.token_ids();
     assert!(
         ids.contains(&foreign),
         "the foreign token survives: {ids:?}"

@@ -11,7 +11,9 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use kyuubi_broker::client::{ClientError, Hs2Client};
 use kyuubi_broker::config::{Config, Transport, UpstreamConfig, UpstreamSasl};
+use kyuubi_broker::tcli::gen::TColumn;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -247,7 +249,21 @@ pub async fn py_client_args(
     arg: Option<&str>,
     extra: &[&str],
 ) -> Value {
+    py_client_env(client, mode, port, scenario, arg, extra, &[]).await
+}
+
+/// As [`py_client_args`], with extra environment (e.g. a Kerberos ticket cache).
+pub async fn py_client_env(
+    client: &str,
+    mode: &str,
+    port: u16,
+    scenario: &str,
+    arg: Option<&str>,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Value {
     let mut cmd = tokio::process::Command::new(python());
+    cmd.envs(env.iter().copied());
     cmd.arg(root().join("tests/clients/hs2_client.py"))
         .args([
             "--client",
@@ -392,20 +408,10 @@ impl CountingRelay {
 
 /// How a test client reaches a broker or server.
 pub fn client_cfg(transport: Transport, addr: SocketAddr, sasl: UpstreamSasl) -> UpstreamConfig {
-    UpstreamConfig {
-        transport,
-        host: addr.ip().to_string(),
-        port: addr.port(),
-        sasl,
-        http_path: "cliservice".into(),
-        token: None,
-        token_env: None,
-        token_rotation: false,
-        connect_timeout: Duration::from_secs(5),
-        read_timeout: Duration::from_secs(60),
-        principal: None,
-        qop: Default::default(),
-    }
+    let mut cfg = UpstreamConfig::new(transport, addr.ip().to_string(), addr.port());
+    cfg.sasl = sasl;
+    cfg.read_timeout = Duration::from_secs(60);
+    cfg
 }
 
 pub const EMU_AK: &str = "testAccessKeyId";
@@ -440,4 +446,34 @@ pub async fn start_emulator(gateway_upstream: Option<SocketAddr>) -> Emu {
         tokio::spawn(serve_gateway(g, emu.clone(), uri, std::future::pending()));
     }
     Emu { api, gateway, emu }
+}
+
+/// Opens a session with `conf`, runs `sql`, and returns column `col` of the
+/// first row as a string.
+pub async fn scalar(
+    c: &mut Hs2Client,
+    conf: &[(&str, &str)],
+    sql: &str,
+    col: usize,
+) -> Result<String, ClientError> {
+    let s = c.open_session_with(conf).await?;
+    let op = c.execute(&s, sql).await?;
+    let rows = c.fetch(&op, 1).await?;
+    c.close_session(s).await?;
+    match &rows.results.unwrap().columns.unwrap()[col] {
+        TColumn::StringVal(v) => Ok(v.values[0].clone()),
+        other => panic!("unexpected column {other:?}"),
+    }
+}
+
+/// `select current_user()` on a new connection (SASL PLAIN or HTTP Basic
+/// as `user`/`pw`): who the upstream thinks the session belongs to.
+pub async fn current_user(
+    addr: SocketAddr,
+    t: Transport,
+    user: &str,
+    pw: &str,
+) -> Result<String, ClientError> {
+    let mut c = Hs2Client::connect(&client_cfg(t, addr, UpstreamSasl::Plain), user, pw).await?;
+    scalar(&mut c, &[], "select current_user()", 0).await
 }
