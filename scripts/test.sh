@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: installs the fixture (Spark Thrift Server 4.0.1 from
+# The whole test suite: checks formatting and lints (default features and
+# --no-default-features), installs the fixture (Spark Thrift Server 4.0.1 from
 # the pyspark package, PyHive, impyla, beeline, slapd, an MIT KDC), starts
 # the shared servers, runs every cargo test against them, and stops what it
 # started.
@@ -8,6 +9,11 @@ cd "$(dirname "$0")/.."
 t0=$SECONDS
 
 scripts/build-deps.sh
+# style and lints first: they fail fast, before any server starts
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --no-default-features -- -D warnings
+echo "[test] fmt and clippy (both feature sets) clean after $((SECONDS - t0)) s"
 scripts/fixture.sh install
 scripts/fixture.sh ldap-start >/dev/null
 # the shared upstreams, started in parallel (about 20 s each)

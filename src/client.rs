@@ -12,9 +12,10 @@ use thrift::protocol::{
 
 use crate::config::{Transport, UpstreamConfig, UpstreamSasl};
 use crate::error::UpstreamError;
+use crate::identity::Credential;
 use crate::secret::Secret;
 use crate::tcli::gen::*;
-use crate::upstream::{Credential, HttpPool, Link, Target};
+use crate::upstream::{HttpPool, Link, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

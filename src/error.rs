@@ -1,9 +1,16 @@
-//! Errors of one RPC, and the one place where they become a client reply:
-//! a TStatus for Thrift clients, an HTTP status for HTTP-level failures.
+//! Why a client exchange (a login or an RPC) failed, and the one decision of
+//! how each failure is answered: [`RpcError::answer`] picks the outcome
+//! label, the SQLSTATE, the HTTP status, the SASL status and the text the
+//! client sees. Each transport then writes that answer in its own form, in
+//! one function each (`listen::binary::answer`, `listen::http::respond`).
 
 use http::StatusCode;
 
+use crate::auth::AuthError;
+use crate::mapping::NoMapping;
 use crate::tcli::{error_reply, ReplyStatus};
+use crate::wire::io::FrameError;
+use crate::wire::sasl;
 use crate::wire::thrift::WireError;
 
 /// A failure talking to an upstream. `upstream` is a display name with any
@@ -59,29 +66,45 @@ impl UpstreamError {
     }
 }
 
-/// Why one RPC failed.
+/// Which peer of a relayed reply went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+/// Why one client exchange failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    /// The client sent bytes that are not a TCLIService call.
+    /// The client sent bytes that are not a TCLIService call (or not a SASL
+    /// message during the handshake); the stream may be out of step.
     #[error("bad request from client: {0}")]
     BadRequest(String),
+    /// A declared size above the limit, refused before allocating.
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    /// An HTTP request that is not a Thrift call at this endpoint (wrong
+    /// method, path or content type); `status` is what the client gets.
+    #[error("{text}")]
+    NotThrift { status: StatusCode, text: String },
     /// A session or operation handle the broker does not know (expired, or
-    /// owned by an upstream connection that has gone away).
+    /// owned by an upstream connection that has gone away, or another user's).
     #[error("unknown or expired {0} handle; open a new session")]
     UnknownHandle(&'static str),
     #[error("kyuubi-broker is shutting down; reconnect shortly")]
     ShuttingDown,
     #[error(transparent)]
-    Auth(#[from] crate::auth::AuthError),
-    /// The client is known but may not use this resource.
-    #[error("user {user} has no account mapping on computing resource {resource}")]
-    NoMapping { user: String, resource: String },
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    NoMapping(#[from] NoMapping),
+    #[error("no complete handshake within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
     /// A reply being relayed piecewise broke off: the client holds part of
     /// a frame, so its connection must be closed.
-    #[error("reply relay broken: {0}")]
-    RelayBroken(String),
+    #[error("reply relay broken on the {} side: {detail}", match .side { Side::Client => "client", Side::Upstream => "upstream" })]
+    RelayBroken { side: Side, detail: String },
 }
 
 impl From<WireError> for RpcError {
@@ -90,52 +113,244 @@ impl From<WireError> for RpcError {
     }
 }
 
+impl From<FrameError> for RpcError {
+    /// A framing failure on the client's connection.
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::TooLarge { len, max } => RpcError::TooLarge { len, max },
+            other => RpcError::BadRequest(other.to_string()),
+        }
+    }
+}
+
+/// How a failure is answered, whatever the transport.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The `outcome` label in metrics and logs.
+    pub outcome: &'static str,
+    pub status: ReplyStatus,
+    pub sql_state: &'static str,
+    /// For HTTP clients: `None` means a Thrift reply in an HTTP 200.
+    pub http: Option<StatusCode>,
+    /// During a SASL handshake: BAD for a refusal, ERROR for anything else.
+    pub sasl: sasl::Status,
+    /// Whether trying again later may succeed (HTTP adds `Retry-After`).
+    pub retryable: bool,
+    /// A binary client's connection is closed after the answer: its stream
+    /// may be out of step, or the broker is going away.
+    pub close: bool,
+    /// What the client is shown: never a secret, an LDAP URL or a bind DN.
+    pub text: String,
+}
+
+/// One row of [`RpcError::rule`]'s table.
+#[derive(Clone, Copy)]
+struct Rule {
+    outcome: &'static str,
+    status: ReplyStatus,
+    sql_state: &'static str,
+    http: Option<StatusCode>,
+    sasl: sasl::Status,
+    retryable: bool,
+    close: bool,
+}
+
+impl Rule {
+    /// The link failed (upstream, timeout, shutdown): 08S01, communication
+    /// link failure, which JDBC drivers treat as worth retrying.
+    const LINK: Rule = Rule {
+        outcome: "",
+        status: ReplyStatus::Error,
+        sql_state: "08S01",
+        http: Some(StatusCode::BAD_GATEWAY),
+        sasl: sasl::Status::Error,
+        retryable: true,
+        close: false,
+    };
+    /// What the client sent cannot be served.
+    const CLIENT: Rule = Rule {
+        outcome: "",
+        status: ReplyStatus::Error,
+        sql_state: "HY000",
+        http: Some(StatusCode::BAD_REQUEST),
+        sasl: sasl::Status::Error,
+        retryable: false,
+        close: false,
+    };
+    /// Who the client is may not do this: 28000, invalid authorization.
+    const REFUSAL: Rule = Rule {
+        outcome: "",
+        status: ReplyStatus::Error,
+        sql_state: "28000",
+        http: Some(StatusCode::UNAUTHORIZED),
+        sasl: sasl::Status::Bad,
+        retryable: false,
+        close: false,
+    };
+}
+
 impl RpcError {
+    /// The outcome label (metrics, logs).
     pub fn kind(&self) -> &'static str {
+        self.rule().outcome
+    }
+
+    /// Whether the failure came from the upstream (counted per route in
+    /// `upstream_errors_total`; every other failure is a client error).
+    pub fn upstream_kind(&self) -> Option<&'static str> {
         match self {
-            RpcError::Upstream(e) => e.kind(),
-            RpcError::BadRequest(_) => "bad_request",
-            RpcError::UnknownHandle(_) => "unknown_handle",
-            RpcError::ShuttingDown => "shutting_down",
-            RpcError::Auth(_) => "unauthenticated",
-            RpcError::NoMapping { .. } => "no_mapping",
-            RpcError::RelayBroken(_) => "relay_broken",
+            RpcError::Upstream(e) => Some(e.kind()),
+            RpcError::RelayBroken {
+                side: Side::Upstream,
+                ..
+            } => Some("relay_broken"),
+            _ => None,
         }
     }
 
-    /// The Thrift reply a binary client gets for this failure.
-    pub fn to_thrift_reply(&self, method: &str, seqid: i32) -> Vec<u8> {
-        let (status, state) = match self {
-            RpcError::UnknownHandle(_) => (ReplyStatus::InvalidHandle, "HY000"),
-            // 08S01: communication link failure, as JDBC drivers expect
-            RpcError::Upstream(_) | RpcError::ShuttingDown | RpcError::RelayBroken(_) => {
-                (ReplyStatus::Error, "08S01")
-            }
-            RpcError::BadRequest(_) => (ReplyStatus::Error, "HY000"),
-            // 28000: invalid authorization specification
-            RpcError::Auth(_) | RpcError::NoMapping { .. } => (ReplyStatus::Error, "28000"),
-        };
-        // the mapping refusal is quoted exactly, without a prefix
+    /// The failed login attempts: refused, unusable or not checkable.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(self, RpcError::Auth(_))
+    }
+
+    /// The one table of how failures are answered.
+    fn rule(&self) -> Rule {
+        use StatusCode as H;
+        match self {
+            RpcError::Upstream(e) => Rule {
+                outcome: e.kind(),
+                http: Some(e.http_status()),
+                ..Rule::LINK
+            },
+            RpcError::BadRequest(_) => Rule {
+                outcome: "bad_request",
+                http: Some(H::BAD_REQUEST),
+                close: true,
+                ..Rule::CLIENT
+            },
+            RpcError::TooLarge { .. } => Rule {
+                outcome: "too_large",
+                http: Some(H::PAYLOAD_TOO_LARGE),
+                close: true,
+                ..Rule::CLIENT
+            },
+            RpcError::NotThrift { status, .. } => Rule {
+                outcome: "bad_request",
+                http: Some(*status),
+                ..Rule::CLIENT
+            },
+            RpcError::UnknownHandle(_) => Rule {
+                outcome: "unknown_handle",
+                status: ReplyStatus::InvalidHandle,
+                http: None,
+                ..Rule::CLIENT
+            },
+            RpcError::ShuttingDown => Rule {
+                outcome: "shutting_down",
+                http: Some(H::SERVICE_UNAVAILABLE),
+                close: true,
+                ..Rule::LINK
+            },
+            RpcError::Auth(AuthError::Unavailable(_)) => Rule {
+                outcome: "auth_unavailable",
+                http: Some(H::SERVICE_UNAVAILABLE),
+                ..Rule::LINK
+            },
+            RpcError::Auth(_) => Rule {
+                outcome: "unauthenticated",
+                http: Some(H::UNAUTHORIZED),
+                ..Rule::REFUSAL
+            },
+            RpcError::NoMapping(_) => Rule {
+                outcome: "no_mapping",
+                http: None,
+                ..Rule::REFUSAL
+            },
+            RpcError::HandshakeTimeout(_) => Rule {
+                outcome: "handshake_timeout",
+                http: Some(H::REQUEST_TIMEOUT),
+                close: true,
+                ..Rule::LINK
+            },
+            RpcError::RelayBroken { side, .. } => Rule {
+                outcome: match side {
+                    Side::Upstream => "relay_broken",
+                    Side::Client => "client_closed",
+                },
+                close: true,
+                ..Rule::LINK
+            },
+        }
+    }
+
+    /// How this failure is answered.
+    pub fn answer(&self) -> Answer {
+        let r = self.rule();
         let text = match self {
-            RpcError::NoMapping { .. } => self.to_string(),
+            // quoted exactly, as DataWorks words it
+            RpcError::NoMapping(_) => self.to_string(),
+            // the detail (LDAP URL, bind DN) is for the broker's log only
+            RpcError::Auth(AuthError::Unavailable(_)) => {
+                "kyuubi-broker: authentication service unavailable; try again shortly".into()
+            }
             _ => format!("kyuubi-broker: {self}"),
         };
-        error_reply(method, seqid, status, state, &text)
+        Answer {
+            outcome: r.outcome,
+            status: r.status,
+            sql_state: r.sql_state,
+            http: r.http,
+            sasl: r.sasl,
+            retryable: r.retryable,
+            close: r.close,
+            text,
+        }
     }
 
-    /// For HTTP clients: transport-level failures become an HTTP status with
-    /// a text body; `None` means answer with the Thrift reply (HTTP 200).
-    pub fn http_status(&self) -> Option<StatusCode> {
-        match self {
-            RpcError::Upstream(e) => Some(e.http_status()),
-            RpcError::ShuttingDown => Some(StatusCode::SERVICE_UNAVAILABLE),
-            RpcError::RelayBroken(_) => Some(StatusCode::BAD_GATEWAY),
-            RpcError::BadRequest(_) => Some(StatusCode::BAD_REQUEST),
-            RpcError::Auth(crate::auth::AuthError::Unavailable(_)) => {
-                Some(StatusCode::SERVICE_UNAVAILABLE)
-            }
-            RpcError::Auth(_) => Some(StatusCode::UNAUTHORIZED),
-            RpcError::UnknownHandle(_) | RpcError::NoMapping { .. } => None,
-        }
+    /// The Thrift reply a binary client (or an HTTP client, for failures
+    /// answered inside HTTP 200) gets for this failure.
+    pub fn to_thrift_reply(&self, method: &str, seqid: i32) -> Vec<u8> {
+        let a = self.answer();
+        error_reply(method, seqid, a.status, a.sql_state, &a.text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unavailable_auth_service_is_one_retryable_503_that_hides_the_detail() {
+        let e = RpcError::Auth(AuthError::Unavailable(
+            "LDAP server unreachable (ldap://10.0.0.5:389)".into(),
+        ));
+        let a = e.answer();
+        assert_eq!(a.http, Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(a.sasl, sasl::Status::Error);
+        assert!(a.retryable && a.text.contains("authentication service unavailable"));
+        assert!(!a.text.contains("ldap://"), "{}", a.text);
+        assert_eq!(a.outcome, "auth_unavailable");
+        // the log line keeps the detail
+        assert!(e.to_string().contains("ldap://10.0.0.5:389"));
+    }
+
+    #[test]
+    fn refusals_are_28000_and_sasl_bad_and_a_relay_break_names_its_side() {
+        let refused = RpcError::Auth(AuthError::Refused("bob".into())).answer();
+        assert_eq!(
+            (refused.sql_state, refused.sasl, refused.http),
+            ("28000", sasl::Status::Bad, Some(StatusCode::UNAUTHORIZED))
+        );
+        let cut = RpcError::RelayBroken {
+            side: Side::Upstream,
+            detail: "closed".into(),
+        };
+        assert_eq!(cut.upstream_kind(), Some("relay_broken"));
+        assert!(cut.to_string().contains("upstream side"), "{cut}");
+        let gone = RpcError::RelayBroken {
+            side: Side::Client,
+            detail: "reset".into(),
+        };
+        assert_eq!((gone.kind(), gone.upstream_kind()), ("client_closed", None));
     }
 }

@@ -37,8 +37,10 @@ pub mod cloud;
 pub mod commands;
 pub mod config;
 pub mod connstr;
+pub mod edge;
 pub mod emulator;
 pub mod error;
+pub mod identity;
 pub mod kerberos;
 pub mod listen;
 pub mod loadgen;
@@ -62,7 +64,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, Transport};
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError, Transport};
 use crate::listen::Shared;
 use crate::session::Broker;
 
@@ -119,14 +122,43 @@ pub async fn bind_all(config: &Config) -> std::io::Result<Vec<BoundListener>> {
     Ok(out)
 }
 
+/// A validated configuration with every listener's authenticator built:
+/// what [`run`] serves.
+pub struct Prepared {
+    config: Config,
+    /// One per `[[listener]]`, in order.
+    auths: Vec<Arc<Authenticator>>,
+}
+
+impl Prepared {
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// The second half of config validation: builds each listener's
+/// authenticator (reading users files and keytabs), so a listener that could
+/// not authenticate anyone stops startup with an error naming its key.
+/// Set `KRB5_CONFIG` (from [`Config::krb5_conf`]) before calling this.
+pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
+    let auths = config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| Authenticator::from_config(l, &format!("listener[{i}]")).map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    Ok(Prepared { config, auths })
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
 /// RPCs finish (up to `server.shutdown_grace`) and closes the upstream
 /// sessions clients left open.
 pub async fn run(
-    config: Config,
+    prepared: Prepared,
     listeners: Vec<BoundListener>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let Prepared { config, auths } = prepared;
     let rotation_stop = CancellationToken::new();
     let rotation = match &config.tokens {
         Some(t) => Some(tokens::start(t, rotation_stop.clone()).await),
@@ -150,26 +182,22 @@ pub async fn run(
             admin_socket = Some(bound.tcp);
             continue;
         }
-        let Some(lc) = config.listeners.iter().find(|l| l.name == bound.name) else {
+        let Some(i) = config.listeners.iter().position(|l| l.name == bound.name) else {
             warn!(listener = %bound.name, "no [[listener]] of this name; socket ignored");
             continue;
         };
-        let auth = match auth::Authenticator::from_config(lc) {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(listener = %lc.name, "listener not started: {e}");
-                continue;
-            }
-        };
-        let Some(route) = shared.broker.route(&lc.route) else {
-            warn!(listener = %lc.name, route = %lc.route, "listener not started: no such route");
-            continue;
-        };
-        let l = listen::Listener {
-            config: lc.clone(),
-            auth,
+        let lc = &config.listeners[i];
+        let route = shared
+            .broker
+            .route(&lc.route)
+            .expect("config validation: every listener's route exists");
+        let l = listen::Listener::new(
+            lc.clone(),
+            auths[i].clone(),
             route,
-        };
+            &shared.broker,
+            &config.server,
+        );
         let addr: Option<SocketAddr> = bound.tcp.local_addr().ok();
         up.push(admin::ListenerInfo {
             name: lc.name.clone(),

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kyuubi_broker::commands;
-use kyuubi_broker::config::Config;
+use kyuubi_broker::config::{Config, ConfigError};
 
 /// Local connection broker and SQL gateway proxy for HiveServer2 / Kyuubi.
 #[derive(Parser)]
@@ -58,6 +58,17 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+/// Both halves of config validation: the file, then every listener's
+/// authenticator (users files and keytabs are read here).
+fn load(path: &std::path::Path) -> Result<kyuubi_broker::Prepared, ConfigError> {
+    let cfg = Config::load(path)?;
+    if let Some(k) = cfg.krb5_conf() {
+        // MIT krb5 reads it once per process: set before any thread starts
+        std::env::set_var("KRB5_CONFIG", k);
+    }
+    kyuubi_broker::prepare(cfg)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
@@ -81,8 +92,9 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(c) => {
+        Command::CheckConfig { file } => match load(&file) {
+            Ok(p) => {
+                let c = p.config();
                 println!(
                     "{}: OK ({} listener(s), {} route(s))",
                     file.display(),
@@ -97,17 +109,14 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve { config } => {
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
+            let prepared = match load(&config) {
+                Ok(p) => p,
                 Err(e) => {
                     eprintln!("invalid configuration: {e}");
                     return ExitCode::from(64);
                 }
             };
-            if let Some(k) = cfg.krb5_conf() {
-                // MIT krb5 reads it once per process: set before any thread starts
-                std::env::set_var("KRB5_CONFIG", k);
-            }
+            let cfg = prepared.config();
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if cfg.server.worker_threads > 0 {
                 rt.worker_threads(cfg.server.worker_threads);
@@ -117,14 +126,14 @@ fn main() -> ExitCode {
                 // registered before any listener is up, so an early SIGTERM
                 // still shuts down gracefully
                 let shutdown = kyuubi_broker::shutdown_signal();
-                let listeners = match kyuubi_broker::bind_all(&cfg).await {
+                let listeners = match kyuubi_broker::bind_all(prepared.config()).await {
                     Ok(l) => l,
                     Err(e) => {
                         eprintln!("{e}");
                         return ExitCode::from(1);
                     }
                 };
-                kyuubi_broker::run(cfg, listeners, shutdown).await;
+                kyuubi_broker::run(prepared, listeners, shutdown).await;
                 ExitCode::SUCCESS
             })
         }

@@ -5,11 +5,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::{Carry, CredentialsConfig, MappingConfig, MappingType, SessionPolicy};
-use crate::error::RpcError;
+use crate::identity::{ClientIdentity, Credential};
 use crate::kerberos::Initiator;
 use crate::secret::Secret;
-use crate::session::ClientIdentity;
-use crate::upstream::Credential;
+
+/// The client is known but may not use this resource: there is no
+/// fallback identity.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("user {user} has no account mapping on computing resource {resource}")]
+pub struct NoMapping {
+    pub user: String,
+    pub resource: String,
+}
 
 /// Keys a client could use to act as someone else.
 pub const IMPERSONATION_KEYS: [&str; 2] = ["hive.server2.proxy.user", "kyuubi.session.proxy.user"];
@@ -55,7 +62,7 @@ pub fn upstream_identity(
     mapping: Option<&MappingConfig>,
     client: &ClientIdentity,
     initiators: &Initiators,
-) -> Result<UpstreamIdentity, RpcError> {
+) -> Result<UpstreamIdentity, NoMapping> {
     let kerberos = |principal: &str| Credential {
         user: principal.to_string(),
         password: Secret::default(),
@@ -81,7 +88,7 @@ pub fn upstream_identity(
             forced: Vec::new(),
         });
     };
-    let refuse = || RpcError::NoMapping {
+    let refuse = || NoMapping {
         user: client.user.clone(),
         resource: resource.to_string(),
     };
@@ -210,7 +217,7 @@ mod tests {
     }
 
     /// `user` mapped by `m` on resource `r`, with no broker identity.
-    fn passthrough(r: &str, m: &MappingConfig, user: &str) -> Result<UpstreamIdentity, RpcError> {
+    fn passthrough(r: &str, m: &MappingConfig, user: &str) -> Result<UpstreamIdentity, NoMapping> {
         upstream_identity(
             r,
             &CredentialsConfig::Passthrough,
@@ -329,7 +336,7 @@ mod tests {
                 &client("bob"),
                 &inits
             ),
-            Err(RpcError::NoMapping { .. })
+            Err(NoMapping { .. })
         ));
     }
 

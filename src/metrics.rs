@@ -1,7 +1,9 @@
-//! Per-RPC measurement. [`Broker::forward`](crate::session::Broker::forward)
-//! calls [`Metrics::observe`] once per RPC with the total time, the upstream
-//! time (only the upstream exchange) and the overhead (total minus upstream,
-//! never negative since the upstream time is measured inside the total).
+//! Per-exchange measurement. The client edge (`edge::Edge::finish`) calls
+//! [`Metrics::observe`] once per RPC with the total time, the upstream time
+//! (only the upstream exchange) and the overhead (total minus upstream, never
+//! negative since the upstream time is measured inside the total), and
+//! [`Metrics::login`] once per login; failures not caused by the upstream are
+//! counted by listener in `client_errors_total`.
 //! Prometheus metrics are exported by the admin listener; a per-method
 //! latency sketch feeds `/status` and `kyuubi-broker stats`.
 
@@ -47,6 +49,25 @@ struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoginLabels {
+    listener: Arc<str>,
+    mechanism: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MechanismLabels {
+    listener: Arc<str>,
+    mechanism: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientErrorLabels {
+    listener: Arc<str>,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: Arc<str>,
 }
@@ -87,6 +108,9 @@ pub struct Metrics {
     request_bytes: Histograms<MethodLabels>,
     response_bytes: Histograms<MethodLabels>,
     upstream_errors: Family<ErrorLabels, Counter>,
+    logins: Histograms<LoginLabels>,
+    auth_failures: Family<MechanismLabels, Counter>,
+    client_errors: Family<ClientErrorLabels, Counter>,
     connections: Family<ListenerLabels, Gauge>,
     sessions: Family<RouteLabels, Gauge>,
     token_age: Gauge<f64, AtomicU64>,
@@ -151,6 +175,26 @@ impl Metrics {
             "RPCs that failed because of the upstream, by kind",
             upstream_errors.clone(),
         );
+        let logins =
+            Histograms::<LoginLabels>::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "login_duration",
+            "Time to authenticate a client (SASL handshake, or an HTTP request's credentials), by outcome",
+            Unit::Seconds,
+            logins.clone(),
+        );
+        let auth_failures = Family::<MechanismLabels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Client logins refused, unusable or not checkable (authentication service down), by mechanism",
+            auth_failures.clone(),
+        );
+        let client_errors = Family::<ClientErrorLabels, Counter>::default();
+        registry.register(
+            "client_errors",
+            "Client exchanges that failed for a reason other than the upstream (bad input, refused login, timeout, unknown handle, shutdown), by kind",
+            client_errors.clone(),
+        );
         let connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "client_connections",
@@ -185,6 +229,9 @@ impl Metrics {
             request_bytes,
             response_bytes,
             upstream_errors,
+            logins,
+            auth_failures,
+            client_errors,
             connections,
             sessions,
             token_age,
@@ -232,6 +279,42 @@ impl Metrics {
         }
         self.method(o.method)
             .record(o.total, o.upstream, o.outcome != "ok");
+    }
+
+    /// One login attempt on `listener` with `mechanism` (plain, gssapi,
+    /// nosasl, basic, spnego).
+    pub fn login(
+        &self,
+        listener: &Arc<str>,
+        mechanism: &'static str,
+        outcome: &'static str,
+        took: Duration,
+    ) {
+        self.logins
+            .get_or_create(&LoginLabels {
+                listener: listener.clone(),
+                mechanism,
+                outcome,
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn auth_failure(&self, listener: &Arc<str>, mechanism: &'static str) {
+        self.auth_failures
+            .get_or_create(&MechanismLabels {
+                listener: listener.clone(),
+                mechanism,
+            })
+            .inc();
+    }
+
+    pub fn client_error(&self, listener: &Arc<str>, kind: &'static str) {
+        self.client_errors
+            .get_or_create(&ClientErrorLabels {
+                listener: listener.clone(),
+                kind,
+            })
+            .inc();
     }
 
     fn method(&self, name: &'static str) -> Arc<MethodStats> {

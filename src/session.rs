@@ -1,28 +1,34 @@
 //! The broker core, shared by both client transports: one RPC in, one reply
-//! out. [`Broker::forward`] is the single place where an RPC starts and ends;
+//! out, with nothing about how the client's side is framed. A binary
+//! client's connection is a [`BinaryClient`], which owns its upstream link;
+//! an HTTP request is an [`HttpClient`], whose session is found by handle.
 //! [`upstream_credential`] is where the upstream identity is chosen; the
-//! OpenSession rewrite happens in `Broker::open_session`.
+//! OpenSession rewrite happens in `Broker::open_upstream`. Timing, metrics
+//! and logs are the edge's ([`crate::edge`]): these functions only add the
+//! time they wait on the upstream to the caller's counter.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use moka::future::Cache;
 use tokio::sync::watch;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
 
+use crate::auth::Authenticator;
 use crate::config::{
     Config, CredentialsConfig, MappingConfig, SessionPolicy, Transport, UpstreamSasl,
 };
 use crate::error::{RpcError, UpstreamError};
-use crate::mapping::{self, UpstreamIdentity};
-use crate::metrics::{Metrics, Observation};
+use crate::identity::ClientIdentity;
+use crate::mapping::{self, NoMapping, UpstreamIdentity};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
-use crate::tcli::{self, Guid, OpenSessionEdit, Scope};
-use crate::upstream::{HttpPool, Link, Target};
-use crate::wire::thrift::{peek_header, MessageType, Writer};
+use crate::tcli::{self, Call, Guid, OpenSessionEdit, OpenSessionInfo, Scope};
+use crate::upstream::{HttpPool, Link, Streamed, Target};
+use crate::wire::io::ReplySink;
+use crate::wire::thrift::{peek_header, MessageHeader, MessageType, Writer};
 
 /// A configured route (computing resource): the upstream, the identity
 /// used there, and its session settings.
@@ -38,31 +44,11 @@ pub struct Route {
     pool: HttpPool,
 }
 
-/// Who the client is, as established by the listener.
-#[derive(Debug, Clone)]
-pub struct ClientIdentity {
-    pub user: String,
-    pub password: Secret,
-    pub addr: SocketAddr,
-}
-
-impl ClientIdentity {
-    /// A client authenticated by a Kerberos ticket: there is no password
-    /// to pass on.
-    pub fn from_ticket(user: String, addr: SocketAddr) -> ClientIdentity {
-        ClientIdentity {
-            user,
-            password: Secret::default(),
-            addr,
-        }
-    }
-}
-
 /// Chooses the identity presented upstream for a client: the one place.
 pub fn upstream_credential(
     route: &Route,
     client: &ClientIdentity,
-) -> Result<UpstreamIdentity, RpcError> {
+) -> Result<UpstreamIdentity, NoMapping> {
     mapping::upstream_identity(
         &route.name,
         &route.credentials,
@@ -72,88 +58,66 @@ pub fn upstream_credential(
     )
 }
 
-/// A parsed call: enough to route it and to answer it on failure.
-#[derive(Debug, Clone)]
-pub struct Call {
-    /// TCLIService method name, or "other" (a bounded set, fit for labels).
-    pub method: &'static str,
-    pub seqid: i32,
-    pub scope: Scope,
-    /// The name as sent, for methods outside TCLIService.
-    other_name: Option<Box<str>>,
+/// A reply: whole, or already relayed to the client (`usize` bytes).
+pub enum Out {
+    Reply(Bytes),
+    Relayed(usize),
 }
 
-impl Call {
-    pub fn parse(msg: &[u8]) -> Result<Call, RpcError> {
-        let h = peek_header(msg)?;
-        if h.kind != MessageType::Call {
-            return Err(RpcError::BadRequest(format!(
-                "expected a CALL message, got {:?}",
-                h.kind
-            )));
-        }
-        Ok(match tcli::canonical(h.name) {
-            Some((method, scope)) => Call {
-                method,
-                seqid: h.seqid,
-                scope,
-                other_name: None,
-            },
-            None => Call {
-                method: "other",
-                seqid: h.seqid,
-                scope: Scope::Unknown,
-                other_name: Some(h.name.into()),
-            },
-        })
-    }
-
-    /// The method name as it appears on the wire.
-    pub fn wire_name(&self) -> &str {
-        self.other_name.as_deref().unwrap_or(self.method)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientKind {
-    Binary,
-    Http,
-}
-
-impl ClientKind {
-    fn as_str(self) -> &'static str {
+impl Out {
+    /// Bytes in the reply.
+    pub fn size(&self) -> usize {
         match self {
-            ClientKind::Binary => "binary",
-            ClientKind::Http => "http",
+            Out::Reply(b) => b.len(),
+            Out::Relayed(n) => *n,
         }
     }
 }
 
-/// State of one binary client connection, or of one HTTP request.
-pub struct ClientConn {
-    pub kind: ClientKind,
-    pub route: Arc<Route>,
+/// One binary client connection: it owns one upstream link (opened at its
+/// first OpenSession) and the sessions opened on it.
+pub struct BinaryClient {
+    route: Arc<Route>,
+    /// The listener's authenticator, for a NOSASL client's OpenSession.
+    auth: Arc<Authenticator>,
     /// `None` for a NOSASL client until its OpenSession names the user.
-    pub identity: Option<ClientIdentity>,
-    /// Binary clients: the connection's upstream link, opened at OpenSession.
+    identity: Option<ClientIdentity>,
+    peer: std::net::SocketAddr,
     link: Option<Link>,
-    /// Binary clients: sessions opened on this connection (guid, secret).
+    /// Sessions opened on this connection (guid, secret).
     sessions: Vec<(Guid, Vec<u8>)>,
-    /// HTTP clients: a `doAs` query parameter (an impersonation request).
-    pub do_as: Option<String>,
 }
 
-impl ClientConn {
-    pub fn new(kind: ClientKind, route: Arc<Route>, identity: Option<ClientIdentity>) -> Self {
-        ClientConn {
-            kind,
+impl BinaryClient {
+    pub fn new(
+        route: Arc<Route>,
+        auth: Arc<Authenticator>,
+        identity: Option<ClientIdentity>,
+        peer: std::net::SocketAddr,
+    ) -> BinaryClient {
+        BinaryClient {
             route,
+            auth,
             identity,
+            peer,
             link: None,
             sessions: Vec::new(),
-            do_as: None,
         }
     }
+
+    /// The authenticated user; empty before a NOSASL client's OpenSession.
+    pub fn user(&self) -> &str {
+        self.identity.as_ref().map_or("", |i| i.user.as_str())
+    }
+}
+
+/// One HTTP request: no state of its own; its session and operations are
+/// found through the broker's handle tables.
+pub struct HttpClient<'a> {
+    pub route: &'a Arc<Route>,
+    pub identity: &'a ClientIdentity,
+    /// A `doAs` query parameter (an impersonation request).
+    pub do_as: Option<String>,
 }
 
 /// An HTTP client's session on one upstream link; its operations map to
@@ -169,13 +133,23 @@ struct Owned {
 pub struct Broker {
     routes: HashMap<String, Arc<Route>>,
     pub metrics: Arc<Metrics>,
-    /// RPCs at least this slow are logged (zero: never).
-    slow_rpc: Duration,
     /// HTTP clients are stateless per request; these route each handle to the
     /// link that created it.
     sessions: Cache<Guid, Arc<Owned>>,
     operations: Cache<Guid, Arc<Owned>>,
 }
+
+/// An upstream session just opened.
+struct Opened {
+    link: Link,
+    reply: Bytes,
+    /// The session handle (guid, secret), unless the upstream refused.
+    handle: Option<(Guid, Vec<u8>)>,
+}
+
+/// Replies above this size are relayed as they arrive: the client starts
+/// receiving before the upstream has finished sending.
+const RELAY_ABOVE: usize = 64 * 1024;
 
 impl Broker {
     /// `live_token` is the rotating gateway token, for routes that use it.
@@ -207,7 +181,6 @@ impl Broker {
         Broker {
             routes,
             metrics,
-            slow_rpc: config.server.slow_rpc_threshold,
             // every way out of the cache (CloseSession, idle expiry, shutdown) ends a session
             sessions: Cache::builder()
                 .time_to_idle(idle)
@@ -231,166 +204,133 @@ impl Broker {
         self.routes.get(name).cloned()
     }
 
-    /// Forwards one call and returns the upstream's reply. Every RPC passes
-    /// through here, success or not: this is where it is timed and logged.
-    pub async fn forward(
+    /// One call from a binary client. Replies may be relayed to `sink` as
+    /// they arrive; the time spent on the upstream is added to `upstream`.
+    pub async fn call_binary(
         &self,
-        conn: &mut ClientConn,
+        c: &mut BinaryClient,
         call: &Call,
         msg: Bytes,
-    ) -> Result<Bytes, RpcError> {
-        match self.forward_to(conn, call, msg, None).await? {
-            Out::Reply(r) => Ok(r),
-            Out::Relayed(_) => unreachable!("nothing is relayed without a sink"),
-        }
-    }
-
-    /// As [`Broker::forward`]; with a `sink` (a binary client's connection),
-    /// big FetchResults replies from a binary upstream are relayed to it as
-    /// they arrive instead of being read whole first.
-    pub async fn forward_to(
-        &self,
-        conn: &mut ClientConn,
-        call: &Call,
-        msg: Bytes,
-        sink: Option<Sink<'_>>,
-    ) -> Result<Out, RpcError> {
-        let span = tracing::debug_span!(
-            "rpc",
-            method = call.method,
-            seqid = call.seqid,
-            route = %conn.route.name,
-            client = conn.kind.as_str(),
-            upstream = conn.route.target.transport.as_str(),
-        );
-        let started = Instant::now();
-        let req_bytes = msg.len();
-        let mut upstream_time = Duration::ZERO;
-        let statement =
-            (call.method == "ExecuteStatement" && !self.slow_rpc.is_zero()).then(|| msg.clone());
-        let result = self
-            .dispatch(conn, call, msg, &mut upstream_time, sink)
-            .instrument(span.clone())
-            .await;
-        let total = started.elapsed();
-        self.metrics.observe(&Observation {
-            method: call.method,
-            route: &conn.route.name,
-            client_transport: conn.kind.as_str(),
-            upstream_transport: conn.route.target.transport.as_str(),
-            outcome: match &result {
-                Ok(_) => "ok",
-                Err(e) => e.kind(),
-            },
-            total,
-            upstream: upstream_time,
-            request_bytes: req_bytes,
-            response_bytes: result.as_ref().map_or(0, Out::size),
-            upstream_error: match &result {
-                Err(RpcError::Upstream(e)) => Some(e.kind()),
-                _ => None,
-            },
-        });
-        if !self.slow_rpc.is_zero() && total >= self.slow_rpc {
-            warn!(
-                method = call.method,
-                route = %conn.route.name,
-                user = conn.identity.as_ref().map_or("", |i| i.user.as_str()),
-                total_ms = total.as_millis() as u64,
-                upstream_ms = upstream_time.as_millis() as u64,
-                statement = statement.as_ref().map(loggable_statement).unwrap_or_default(),
-                "slow rpc"
-            );
-        }
-        let (total_us, upstream_us) = (total.as_micros() as u64, upstream_time.as_micros() as u64);
-        let (method, seqid, route) = (call.wire_name(), call.seqid, &conn.route.name);
-        match &result {
-            Ok(reply) => {
-                debug!(method, seqid, %route, total_us, upstream_us, req_bytes, resp_bytes = reply.size(), "rpc ok")
-            }
-            Err(e @ RpcError::UnknownHandle(_)) => {
-                info!(method, seqid, %route, total_us, outcome = e.kind(), error = %e, "rpc refused")
-            }
-            Err(e) => {
-                warn!(method, seqid, %route, total_us, upstream_us, outcome = e.kind(), error = %e, "rpc failed")
-            }
-        }
-        result
-    }
-
-    async fn dispatch(
-        &self,
-        conn: &mut ClientConn,
-        call: &Call,
-        msg: Bytes,
-        upstream_time: &mut Duration,
-        sink: Option<Sink<'_>>,
+        sink: &mut ReplySink<'_>,
+        upstream: &mut Duration,
     ) -> Result<Out, RpcError> {
         if call.scope == Scope::OpenSession {
             return self
-                .open_session(conn, call, msg, upstream_time)
+                .open_binary(c, call, msg, upstream)
                 .await
                 .map(Out::Reply);
         }
-        if let (Some(sink), "FetchResults", Some(link @ Link::Binary(up))) =
-            (sink, call.method, conn.link.as_ref())
-        {
-            if !sink.io.has_layer() {
-                return relay(up, link, call, msg, upstream_time, sink, &conn.route.target).await;
+        let link = c.link.clone().ok_or(RpcError::UnknownHandle("session"))?;
+        // read before the message goes upstream: the request names the session
+        let closing = match call.method {
+            "CloseSession" => tcli::request_guid(&msg, &peek_header(&msg)?)?,
+            _ => None,
+        };
+        let out = relay_call(&link, call, msg, sink, &c.route.target, upstream).await?;
+        if let Some(g) = closing {
+            let before = c.sessions.len();
+            c.sessions.retain(|(s, _)| *s != g);
+            if c.sessions.len() < before {
+                self.metrics.session_closed(&c.route.name, c.user());
             }
         }
-        match conn.kind {
-            ClientKind::Binary => {
-                let link = conn
-                    .link
-                    .clone()
-                    .ok_or(RpcError::UnknownHandle("session"))?;
-                let reply = timed(upstream_time, link.call(msg.clone())).await?;
-                check_reply(&reply, call, &conn.route.target, &link).await?;
-                if call.method == "CloseSession" {
-                    if let Some(g) = tcli::request_guid(&msg, &peek_header(&msg)?)? {
-                        let before = conn.sessions.len();
-                        conn.sessions.retain(|(s, _)| *s != g);
-                        if conn.sessions.len() < before {
-                            self.session_ended(conn);
-                        }
-                    }
-                }
-                Ok(Out::Reply(reply))
-            }
-            ClientKind::Http => {
-                let (session, guid) = self.lookup(conn, call, &msg).await?;
-                let reply = timed(upstream_time, session.link.call(msg)).await?;
-                self.track_handles(conn, call, guid, &session, &reply)
-                    .await?;
-                Ok(Out::Reply(reply))
-            }
-        }
+        Ok(out)
     }
 
-    /// Opens (or, for a binary client, reuses) the upstream link and rewrites
-    /// the OpenSession request for it.
-    async fn open_session(
+    /// OpenSession from a binary client: a NOSASL client is authenticated
+    /// here by the user and password in this request (parsed once), and
+    /// the connection's link is reused for further sessions.
+    async fn open_binary(
         &self,
-        conn: &mut ClientConn,
+        c: &mut BinaryClient,
         call: &Call,
         msg: Bytes,
-        upstream_time: &mut Duration,
+        upstream: &mut Duration,
     ) -> Result<Bytes, RpcError> {
-        // listeners authenticate before OpenSession reaches here
-        let identity = conn
-            .identity
-            .clone()
-            .ok_or_else(|| RpcError::BadRequest("OpenSession before authentication".into()))?;
-        let route = conn.route.clone();
-        let up = upstream_credential(&route, &identity)?;
+        let info = tcli::read_open_session(&msg)?;
+        if c.identity.is_none() {
+            let user = info.username.clone().unwrap_or_default();
+            let password = Secret::new(info.password.clone().unwrap_or_default());
+            c.identity = Some(c.auth.authenticate(&user, password, c.peer).await?);
+        }
+        let identity = c.identity.as_ref().expect("authenticated above");
+        let reuse = match &c.link {
+            Some(l) if l.is_usable().await => Some(l.clone()),
+            _ => None,
+        };
+        let o = self
+            .open_upstream(&c.route, identity, info, None, &msg, reuse, call, upstream)
+            .await?;
+        if let Some(h) = o.handle {
+            self.metrics.session_opened(&c.route.name, &identity.user);
+            c.sessions.push(h);
+        }
+        c.link = Some(o.link);
+        Ok(o.reply)
+    }
+
+    /// One call from an HTTP client; the time spent on the upstream is added
+    /// to `upstream`.
+    pub async fn call_http(
+        &self,
+        c: &HttpClient<'_>,
+        call: &Call,
+        msg: Bytes,
+        upstream: &mut Duration,
+    ) -> Result<Bytes, RpcError> {
+        if call.scope == Scope::OpenSession {
+            let info = tcli::read_open_session(&msg)?;
+            let o = self
+                .open_upstream(
+                    c.route,
+                    c.identity,
+                    info,
+                    c.do_as.as_deref(),
+                    &msg,
+                    None,
+                    call,
+                    upstream,
+                )
+                .await?;
+            if let Some((guid, secret)) = o.handle {
+                self.metrics.session_opened(&c.route.name, &c.identity.user);
+                let owned = Owned {
+                    link: o.link,
+                    route: c.route.name.clone(),
+                    user: c.identity.user.clone(),
+                    secret,
+                };
+                self.sessions.insert(guid, Arc::new(owned)).await;
+            }
+            return Ok(o.reply);
+        }
+        let (session, guid) = self.lookup(c, call, &msg).await?;
+        let reply = timed(upstream, session.link.call(msg)).await?;
+        self.track_handles(c, call, guid, &session, &reply).await?;
+        Ok(reply)
+    }
+
+    /// Opens (or reuses) an upstream link as the client's mapped identity and
+    /// sends it the rewritten OpenSession.
+    #[allow(clippy::too_many_arguments)]
+    async fn open_upstream(
+        &self,
+        route: &Arc<Route>,
+        identity: &ClientIdentity,
+        info: OpenSessionInfo,
+        do_as: Option<&str>,
+        msg: &[u8],
+        reuse: Option<Link>,
+        call: &Call,
+        upstream: &mut Duration,
+    ) -> Result<Opened, RpcError> {
+        let up = upstream_credential(route, identity)?;
         let cred = up.credential;
         let target = &route.target;
-        let info = tcli::read_open_session(&msg)?;
         let mut client_conf = info.configuration;
-        if let Some(d) = &conn.do_as {
+        if let Some(d) = do_as {
             // the key both HiveServer2 and Kyuubi read
-            client_conf.push((mapping::IMPERSONATION_KEYS[0].to_string(), d.clone()));
+            client_conf.push((mapping::IMPERSONATION_KEYS[0].to_string(), d.to_string()));
         }
         let mut forced = up.forced;
         forced.push((
@@ -399,7 +339,7 @@ impl Broker {
         ));
         let (conf, stripped) = mapping::session_conf(&route.policy, &client_conf, &forced);
         for key in stripped {
-            warn!(user = %identity.user, %key, peer = %identity.addr, "stripped a client-supplied setting: possible spoofing attempt");
+            warn!(user = %crate::edge::loggable(&identity.user), key = %crate::edge::loggable(&key), peer = %identity.addr, "stripped a client-supplied setting: possible spoofing attempt");
         }
         let edit = OpenSessionEdit {
             credentials: (target.transport == Transport::Binary
@@ -407,53 +347,34 @@ impl Broker {
                 .then(|| (cred.user.clone(), cred.password.expose().to_string())),
             configuration: Some(conf),
         };
-        let msg = Bytes::from(tcli::rewrite_open_session(&msg, &edit)?);
-
-        let reuse = match &conn.link {
-            Some(l) if conn.kind == ClientKind::Binary && l.is_usable().await => Some(l.clone()),
-            _ => None,
-        };
+        let msg = Bytes::from(tcli::rewrite_open_session(msg, &edit)?);
         let link = match reuse {
             Some(l) => l,
             None => {
                 let t0 = Instant::now();
                 let l = Link::open(target, &cred, &route.pool, identity.addr.ip()).await;
-                *upstream_time += t0.elapsed();
+                *upstream += t0.elapsed();
                 l?
             }
         };
-        let reply = timed(upstream_time, link.call(msg)).await?;
+        let reply = timed(upstream, link.call(msg)).await?;
         let h = check_reply(&reply, call, target, &link).await?;
-        if let Some((guid, secret)) =
-            tcli::reply_session_handle(&reply, &h).map_err(|e| malformed(target, e))?
-        {
-            info!(user = %identity.user, upstream_user = %cred.user, route = %route.name, "session opened");
-            self.metrics.session_opened(&route.name, &identity.user);
-            match conn.kind {
-                ClientKind::Binary => conn.sessions.push((guid, secret)),
-                ClientKind::Http => {
-                    let owned = Owned {
-                        link: link.clone(),
-                        route: route.name.clone(),
-                        user: identity.user.clone(),
-                        secret,
-                    };
-                    self.sessions.insert(guid, Arc::new(owned)).await;
-                }
-            }
+        let handle = tcli::reply_session_handle(&reply, &h).map_err(|e| malformed(target, e))?;
+        if handle.is_some() {
+            info!(user = %crate::edge::loggable(&identity.user), upstream_user = %cred.user, route = %route.name, "session opened");
         }
-        if conn.kind == ClientKind::Binary {
-            conn.link = Some(link);
-        }
-        conn.identity = Some(identity);
-        Ok(reply)
+        Ok(Opened {
+            link,
+            reply,
+            handle,
+        })
     }
 
     /// HTTP clients: the session that owns the handle in this request, and
     /// the handle's GUID.
     async fn lookup(
         &self,
-        conn: &ClientConn,
+        c: &HttpClient<'_>,
         call: &Call,
         msg: &[u8],
     ) -> Result<(Arc<Owned>, Guid), RpcError> {
@@ -471,10 +392,10 @@ impl Broker {
         };
         let owned = found.ok_or(RpcError::UnknownHandle(what))?;
         // Handles are bearer secrets; still, never let one user drive another's session.
-        match &conn.identity {
-            Some(id) if id.user == owned.user => Ok((owned, guid)),
-            _ => Err(RpcError::UnknownHandle(what)),
+        if c.identity.user != owned.user {
+            return Err(RpcError::UnknownHandle(what));
         }
+        Ok((owned, guid))
     }
 
     /// HTTP clients: remember new operation handles (they share their
@@ -482,13 +403,13 @@ impl Broker {
     /// operations too, which releases the upstream link.
     async fn track_handles(
         &self,
-        conn: &ClientConn,
+        c: &HttpClient<'_>,
         call: &Call,
         guid: Guid,
         session: &Arc<Owned>,
         reply: &[u8],
     ) -> Result<(), RpcError> {
-        let target = &conn.route.target;
+        let target = &c.route.target;
         let h = check_reply(reply, call, target, &session.link).await?;
         match call.method {
             m if tcli::creates_operation(m) => {
@@ -519,21 +440,16 @@ impl Broker {
     /// A binary client went away: close the sessions it left open upstream.
     /// Binary upstreams close them when the TCP connection drops; HTTP
     /// upstreams need an explicit CloseSession.
-    pub async fn client_gone(&self, conn: &mut ClientConn) {
-        for _ in 0..conn.sessions.len() {
-            self.session_ended(conn);
+    pub async fn binary_gone(&self, c: &mut BinaryClient) {
+        for _ in 0..c.sessions.len() {
+            self.metrics.session_closed(&c.route.name, c.user());
         }
-        let Some(link) = conn.link.take() else { return };
+        let Some(link) = c.link.take() else { return };
         if let Link::Http(_) = link {
-            for (guid, secret) in conn.sessions.drain(..) {
+            for (guid, secret) in c.sessions.drain(..) {
                 close_upstream_session(&link, &guid, &secret).await;
             }
         }
-    }
-
-    fn session_ended(&self, conn: &ClientConn) {
-        let user = conn.identity.as_ref().map_or("", |i| i.user.as_str());
-        self.metrics.session_closed(&conn.route.name, user);
     }
 
     /// On shutdown: close every session HTTP clients left open.
@@ -566,97 +482,32 @@ async fn close_upstream_session(link: &Link, guid: &Guid, secret: &[u8]) {
     }
 }
 
-/// Where a binary client's replies go, for relaying big ones piecewise.
-pub struct Sink<'a> {
-    pub io: &'a mut crate::wire::io::MessageIo,
-    pub framing: crate::wire::io::Framing,
-}
-
-/// A reply: whole, or already relayed to the sink (`usize` bytes).
-pub enum Out {
-    Reply(Bytes),
-    Relayed(usize),
-}
-
-impl Out {
-    /// Bytes in the reply.
-    pub fn size(&self) -> usize {
-        match self {
-            Out::Reply(b) => b.len(),
-            Out::Relayed(n) => *n,
-        }
-    }
-}
-
-/// Replies above this size are relayed as they arrive: the client starts
-/// receiving before the upstream has finished sending.
-const RELAY_ABOVE: usize = 64 * 1024;
-
-/// FetchResults for a binary client over a binary upstream: the reply's
-/// header is checked, then the frame is passed on chunk by chunk.
-async fn relay(
-    up: &Arc<tokio::sync::Mutex<crate::upstream::BinaryConn>>,
+/// A binary client's call: a big reply from a binary upstream is relayed to
+/// the client as it arrives (after its header is checked), the rest go whole.
+async fn relay_call(
     link: &Link,
     call: &Call,
     msg: Bytes,
-    upstream_time: &mut Duration,
-    sink: Sink<'_>,
+    sink: &mut ReplySink<'_>,
     target: &Target,
+    upstream: &mut Duration,
 ) -> Result<Out, RpcError> {
-    let head = {
-        let mut c = up.lock().await;
-        timed(upstream_time, c.call_head(msg, RELAY_ABOVE)).await?
+    let streamed = if sink.can_relay() {
+        timed(upstream, link.call_streaming(msg, RELAY_ABOVE)).await?
+    } else {
+        Streamed::Whole(timed(upstream, link.call(msg)).await?)
     };
-    let (len, head) = match head {
-        crate::upstream::Head::Whole(reply) => {
+    match streamed {
+        Streamed::Whole(reply) => {
             check_reply(&reply, call, target, link).await?;
-            return Ok(Out::Reply(reply));
+            Ok(Out::Reply(reply))
         }
-        crate::upstream::Head::Partial { len, head } => (len, head),
-    };
-    check_reply(&head, call, target, link).await?;
-    let t0 = Instant::now();
-    let sent = async {
-        sink.io
-            .write_frame_head(sink.framing, len, &head)
-            .await
-            .map_err(|e| format!("client: {e}"))?;
-        up.lock().await.relay_rest(len - head.len(), sink.io).await
+        Streamed::Partial(p) => {
+            // dropping `p` on a mismatch closes the link: it is mid-frame
+            answers(p.head(), call).map_err(|e| malformed(target, e))?;
+            timed(upstream, p.relay_to(sink)).await.map(Out::Relayed)
+        }
     }
-    .await;
-    *upstream_time += t0.elapsed();
-    sent.map_err(RpcError::RelayBroken)?;
-    Ok(Out::Relayed(len))
-}
-
-/// An ExecuteStatement's SQL for the slow-RPC log: 200 characters at most,
-/// and withheld entirely if it might carry a secret.
-fn loggable_statement(msg: &Bytes) -> String {
-    let Some(sql) = tcli::read_statement(msg) else {
-        return String::new();
-    };
-    let lower = sql.to_ascii_lowercase();
-    if [
-        "password",
-        "secret",
-        "token",
-        "access.key",
-        "accesskey",
-        "credential",
-    ]
-    .iter()
-    .any(|w| lower.contains(w))
-    {
-        return format!(
-            "<{} characters withheld: may contain a secret>",
-            sql.chars().count()
-        );
-    }
-    let mut out: String = sql.chars().take(200).collect();
-    if out.len() < sql.len() {
-        out.push('…');
-    }
-    out
 }
 
 async fn timed<T>(acc: &mut Duration, f: impl std::future::Future<Output = T>) -> T {
@@ -673,63 +524,41 @@ fn malformed(target: &Target, e: impl std::fmt::Display) -> RpcError {
     })
 }
 
-/// The reply must answer this call: same method and sequence id. If not,
-/// the stream is out of step and the link is closed.
-async fn check_reply<'a>(
-    reply: &'a [u8],
-    call: &Call,
-    target: &Target,
-    link: &Link,
-) -> Result<crate::wire::thrift::MessageHeader<'a>, RpcError> {
-    let problem = match peek_header(reply) {
-        Err(e) => e.to_string(),
+/// The reply's header, if the reply answers this call: same method and
+/// sequence id.
+fn answers<'a>(reply: &'a [u8], call: &Call) -> Result<MessageHeader<'a>, String> {
+    match peek_header(reply) {
+        Err(e) => Err(e.to_string()),
         Ok(h)
             if h.name == call.wire_name()
                 && h.seqid == call.seqid
                 && matches!(h.kind, MessageType::Reply | MessageType::Exception) =>
         {
-            return Ok(h)
+            Ok(h)
         }
-        Ok(h) => format!(
+        Ok(h) => Err(format!(
             "reply {} #{} does not answer {} #{}",
             h.name.escape_default(),
             h.seqid,
             call.wire_name(),
             call.seqid
-        ),
-    };
-    link.close().await;
-    Err(malformed(target, problem))
+        )),
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::loggable_statement;
-    use crate::wire::thrift::{ttype, MessageType, Writer};
-    use bytes::Bytes;
-
-    fn execute(sql: &str) -> Bytes {
-        let mut w = Writer::default();
-        w.message_begin("ExecuteStatement", MessageType::Call, 1);
-        w.field(ttype::STRUCT, 1);
-        w.field(ttype::STRING, 2);
-        w.string(sql);
-        w.stop();
-        w.stop();
-        Bytes::from(w.buf)
-    }
-
-    #[test]
-    fn slow_log_truncates_statements_and_withholds_possible_secrets() {
-        assert_eq!(loggable_statement(&execute("select 1")), "select 1");
-        let long = "x".repeat(500);
-        let shown = loggable_statement(&execute(&long));
-        assert_eq!(shown.chars().count(), 201, "200 characters and an ellipsis");
-        let secret = "create table t options (password 'hunter2')";
-        let shown = loggable_statement(&execute(secret));
-        assert!(
-            !shown.contains("hunter2") && shown.contains("withheld"),
-            "{shown}"
-        );
+/// As [`answers`]; if the reply does not answer the call, the stream is out
+/// of step and the link is closed.
+async fn check_reply<'a>(
+    reply: &'a [u8],
+    call: &Call,
+    target: &Target,
+    link: &Link,
+) -> Result<MessageHeader<'a>, RpcError> {
+    match answers(reply, call) {
+        Ok(h) => Ok(h),
+        Err(problem) => {
+            link.close().await;
+            Err(malformed(target, problem))
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Client authentication at the broker: turns presented credentials into a
-//! [`ClientIdentity`]. Each listener builds one [`Authenticator`]; every
+//! [`ClientIdentity`]. Each listener builds one [`Authenticator`] at startup
+//! ([`Authenticator::from_config`], whose errors name the config key); every
 //! transport calls [`Authenticator::authenticate`].
 
 mod ldap;
@@ -10,9 +11,9 @@ use std::path::Path;
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::Argon2;
 
-use crate::config::{ClientAuth, ListenerConfig};
+use crate::config::{ClientAuth, ConfigError, ListenerConfig};
+use crate::identity::ClientIdentity;
 use crate::secret::Secret;
-use crate::session::ClientIdentity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -20,7 +21,13 @@ pub enum AuthError {
     /// password from an unknown user.
     #[error("authentication failed for user '{0}'")]
     Refused(String),
+    /// No usable credentials: missing, malformed, or of a mechanism this
+    /// listener does not take. The text says which and is safe to show.
+    #[error("{0}")]
+    Unusable(String),
     /// The authentication service itself failed (not the user's fault).
+    /// The detail is for the broker's log; clients are told only that the
+    /// service is unavailable.
     #[error("authentication service unavailable: {0}")]
     Unavailable(String),
 }
@@ -41,30 +48,48 @@ const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$JuCaNUGxr9dcrAa7j9Ou9OcmJ3D+HvdfB1ak1tuPHHk";
 
 impl Authenticator {
-    pub fn from_config(l: &ListenerConfig) -> Result<Authenticator, String> {
+    /// Builds the authenticator of the listener at `key` (e.g. `listener[0]`):
+    /// reads its users file or keytab now, so a broken one stops startup
+    /// with an error naming the key instead of refusing every client later.
+    pub fn from_config(l: &ListenerConfig, key: &str) -> Result<Authenticator, ConfigError> {
+        let invalid = |k: &str, problem: String, fix: &str| ConfigError::Invalid {
+            key: format!("{key}.{k}"),
+            problem,
+            fix: fix.to_string(),
+        };
+        let missing =
+            |k: &str, what: &str| invalid(k, format!("auth = \"{what}\" needs it"), "add it");
         Ok(match l.auth {
             ClientAuth::None => Authenticator::AnyUser,
             ClientAuth::Ldap => Authenticator::Ldap(Box::new(ldap::LdapAuth::new(
-                l.ldap
-                    .clone()
-                    .ok_or("auth = \"ldap\" needs a [listener.ldap] table")?,
+                l.ldap.clone().ok_or_else(|| missing("ldap", "ldap"))?,
             ))),
-            ClientAuth::Static => Authenticator::Static(load_users(
-                l.users_file
+            ClientAuth::Static => {
+                let f = l
+                    .users_file
                     .as_deref()
-                    .ok_or("auth = \"static\" needs users_file")?,
-            )?),
+                    .ok_or_else(|| missing("users_file", "static"))?;
+                Authenticator::Static(
+                    load_users(f).map_err(|e| invalid("users_file", e, "fix the file"))?,
+                )
+            }
             ClientAuth::Kerberos => {
                 let k = l
                     .kerberos
                     .as_ref()
-                    .ok_or("auth = \"kerberos\" needs a [listener.kerberos] table")?;
+                    .ok_or_else(|| missing("kerberos", "kerberos"))?;
                 let a = crate::kerberos::Acceptor::from_keytab(
                     &k.keytab,
                     k.principal.as_deref(),
                     k.qop.clone(),
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| {
+                    invalid(
+                        "kerberos.keytab",
+                        e.to_string(),
+                        "point keytab at a keytab holding the listener's service principal",
+                    )
+                })?;
                 Authenticator::Kerberos(Box::new(a))
             }
         })

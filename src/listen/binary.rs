@@ -1,20 +1,26 @@
 //! Binary TCLIService listener: SASL PLAIN or GSSAPI handshake (or NOSASL,
 //! recognised by its first byte), then one message at a time through the
-//! broker.
+//! broker. Every outcome the client sees, from the handshake on, is written
+//! by [`answer`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, Instrument};
 
 use super::{Listener, Shared};
+use crate::auth::AuthError;
+use crate::edge::{Exchange, Kind};
 use crate::error::RpcError;
-use crate::session::{Call, ClientConn, ClientIdentity, ClientKind, Out, Sink};
-use crate::tcli::Scope;
-use crate::wire::io::{FrameError, Framing, MessageIo};
+use crate::identity::ClientIdentity;
+use crate::session::{BinaryClient, Out};
+use crate::tcli::Call;
+use crate::wire::io::{FrameError, Framing, MessageIo, ReplySink, SecurityLayer};
 use crate::wire::sasl::{self, SaslError, ServerHandshake, ServerStep};
 use crate::wire::thrift::peek_header;
 
@@ -37,6 +43,96 @@ pub async fn serve(
     drop(permit);
 }
 
+/// Where a connection is, which decides how an outcome is written.
+#[derive(Clone, Copy)]
+enum Stage<'a> {
+    /// During the handshake. `sasl`: the client is waiting for our SASL
+    /// answer (it sent a complete message); otherwise nothing is written
+    /// (a non-SASL peer, a stalled or vanished one).
+    Handshake { sasl: bool },
+    /// After the handshake. `reply_to`: the method and sequence id to answer,
+    /// when the call's header could be read.
+    Rpc {
+        framing: Framing,
+        reply_to: Option<(&'a str, i32)>,
+    },
+}
+
+/// What a successful exchange leaves to write.
+enum Done {
+    LoggedIn,
+    Reply(Bytes),
+    Relayed(usize),
+}
+
+impl From<Out> for Done {
+    fn from(o: Out) -> Done {
+        match o {
+            Out::Reply(r) => Done::Reply(r),
+            Out::Relayed(n) => Done::Relayed(n),
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// The one way out for every outcome on a binary connection: finishes the
+/// exchange at the edge (time, metrics, log) and writes the answer in the
+/// form this stage of the connection calls for.
+async fn answer(
+    io: &mut MessageIo,
+    stage: Stage<'_>,
+    listener: &Listener,
+    ex: &Exchange<'_>,
+    result: Result<Done, RpcError>,
+) -> Flow {
+    let size = |d: &Done| match d {
+        Done::LoggedIn => 0,
+        Done::Reply(r) => r.len(),
+        Done::Relayed(n) => *n,
+    };
+    listener.edge.finish(ex, result.as_ref().map(size));
+    let written = match (result, stage) {
+        (Ok(Done::LoggedIn), Stage::Handshake { .. }) => {
+            io.write_sasl(sasl::Status::Complete, b"").await
+        }
+        (Ok(Done::Reply(r)), Stage::Rpc { framing, .. }) => io.write_message(framing, &r).await,
+        (Ok(_), _) => Ok(()),
+        (Err(e), stage) => {
+            let a = e.answer();
+            let sent = match stage {
+                Stage::Handshake { sasl: true } => io.write_sasl(a.sasl, a.text.as_bytes()).await,
+                Stage::Handshake { sasl: false } => Ok(()),
+                // the client holds part of a frame: nothing sensible can follow
+                _ if matches!(e, RpcError::RelayBroken { .. }) => Ok(()),
+                Stage::Rpc {
+                    framing,
+                    reply_to: Some((method, seqid)),
+                } => {
+                    io.write_message(framing, &e.to_thrift_reply(method, seqid))
+                        .await
+                }
+                Stage::Rpc { reply_to: None, .. } => Ok(()),
+            };
+            if a.close || matches!(stage, Stage::Handshake { .. }) {
+                return Flow::Close;
+            }
+            sent
+        }
+    };
+    match written {
+        Ok(()) => Flow::Continue,
+        Err(e) => {
+            debug!(error = %e, "client went away while we answered");
+            Flow::Close
+        }
+    }
+}
+
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -44,183 +140,245 @@ async fn connection(
     shared: Arc<Shared>,
 ) {
     let mut io = MessageIo::new(stream, shared.server.max_message_bytes);
-    let handshake = timeout(
-        shared.server.handshake_timeout,
-        Box::pin(handshake(&mut io, peer, &listener)),
-    );
-    let (framing, identity) = match handshake.await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            match e {
-                FrameError::Eof => debug!("closed before the handshake (health check?)"),
-                e => warn!(error = %e, "handshake failed; connection closed"),
+    let started = Instant::now();
+    let limit = shared.server.handshake_timeout;
+    let mut progress = Progress::default();
+    let outcome = timeout(
+        limit,
+        Box::pin(handshake(&mut io, peer, &listener, &mut progress)),
+    )
+    .await
+    .unwrap_or(Err(HandshakeEnd::Failed(RpcError::HandshakeTimeout(limit))));
+    let login = |user| Exchange::new(Kind::Login, peer, user, progress.mechanism, started);
+    let (framing, identity) = match outcome {
+        Ok(Authenticated::Nosasl) => (Framing::Bare, None),
+        Ok(Authenticated::Sasl { identity, layer }) => {
+            let ex = login(identity.user.as_str());
+            let stage = Stage::Handshake { sasl: true };
+            if answer(&mut io, stage, &listener, &ex, Ok(Done::LoggedIn)).await == Flow::Close {
+                return;
             }
+            // COMPLETE goes out unwrapped; every later frame through the layer
+            io.set_layer(layer);
+            (Framing::Sasl, Some(identity))
+        }
+        Err(HandshakeEnd::Closed) => {
+            debug!("closed before the handshake (health check?)");
             return;
         }
-        Err(_) => {
-            warn!(
-                "no complete handshake within {:?}; connection closed",
-                shared.server.handshake_timeout
-            );
+        Err(HandshakeEnd::Failed(e)) => {
+            let ex = login(progress.user.as_str());
+            let stage = Stage::Handshake {
+                sasl: progress.awaits_answer,
+            };
+            answer(&mut io, stage, &listener, &ex, Err(e)).await;
             return;
         }
     };
-    let mut conn = ClientConn::new(ClientKind::Binary, listener.route.clone(), identity);
+    let mechanism = progress.mechanism;
+    let mut client = BinaryClient::new(
+        listener.route.clone(),
+        listener.auth.clone(),
+        identity,
+        peer,
+    );
     loop {
         let msg = tokio::select! {
             biased;
             _ = shared.cancel.cancelled() => break,
             m = io.read_message(framing) => m,
         };
+        let started = Instant::now();
         let msg = match msg {
             Ok(m) => m,
             Err(FrameError::Eof) => break,
             Err(e) => {
-                warn!(error = %e, "bad frame from client; connection closed");
+                let ex = Exchange::new(Kind::Unparsed, peer, client.user(), mechanism, started);
+                let stage = Stage::Rpc {
+                    framing,
+                    reply_to: None,
+                };
+                answer(&mut io, stage, &listener, &ex, Err(e.into())).await;
                 break;
             }
         };
-        // A call we cannot parse gets a Thrift exception if its header is
-        // readable, then the connection is closed: the stream may be out of sync.
         let call = match Call::parse(&msg) {
             Ok(c) => c,
             Err(e) => {
-                warn!(error = %e, "malformed call; connection closed");
-                if let Ok(h) = peek_header(&msg) {
-                    let _ = io
-                        .write_message(framing, &e.to_thrift_reply(h.name, h.seqid))
-                        .await;
-                }
+                // answered if its header is readable, then closed: the stream
+                // may be out of step
+                let h = peek_header(&msg).ok();
+                let ex = Exchange::new(Kind::Unparsed, peer, client.user(), mechanism, started);
+                let stage = Stage::Rpc {
+                    framing,
+                    reply_to: h.as_ref().map(|h| (h.name, h.seqid)),
+                };
+                answer(&mut io, stage, &listener, &ex, Err(e.into())).await;
                 break;
             }
         };
-        // NOSASL clients name themselves in OpenSession: check them there
-        if conn.identity.is_none() && call.scope == Scope::OpenSession {
-            if let Err(e) = nosasl_login(&mut conn, &msg, &listener, peer).await {
-                let reply = e.to_thrift_reply(call.wire_name(), call.seqid);
-                if io.write_message(framing, &reply).await.is_err() {
-                    break;
-                }
-                continue;
-            }
-        }
+        let request_bytes = msg.len();
+        let statement = listener.edge.statement_of(&call, &msg);
+        let mut upstream = Duration::ZERO;
         // boxed: an idle connection's task then holds only this small loop,
         // not the state of the largest RPC path (it shows at 10k connections)
-        let sink = Sink {
-            io: &mut io,
-            framing,
+        let result = {
+            let mut sink = ReplySink::new(&mut io, framing);
+            Box::pin(
+                shared
+                    .broker
+                    .call_binary(&mut client, &call, msg, &mut sink, &mut upstream),
+            )
+            .await
         };
-        let reply =
-            match Box::pin(shared.broker.forward_to(&mut conn, &call, msg, Some(sink))).await {
-                Ok(Out::Reply(r)) => r,
-                Ok(Out::Relayed(_)) => continue,
-                Err(e @ RpcError::RelayBroken(_)) => {
-                    // the client holds part of a frame: nothing sensible can follow
-                    warn!(error = %e, "closing the client connection");
-                    break;
-                }
-                Err(e) => e.to_thrift_reply(call.wire_name(), call.seqid).into(),
-            };
-        if let Err(e) = io.write_message(framing, &reply).await {
-            debug!(error = %e, "client went away while we replied");
+        let ex = Exchange {
+            upstream,
+            request_bytes,
+            statement,
+            ..Exchange::new(Kind::Call(&call), peer, client.user(), mechanism, started)
+        };
+        let stage = Stage::Rpc {
+            framing,
+            reply_to: Some((call.wire_name(), call.seqid)),
+        };
+        if answer(&mut io, stage, &listener, &ex, result.map(Done::from)).await == Flow::Close {
             break;
         }
     }
-    shared.broker.client_gone(&mut conn).await;
+    shared.broker.binary_gone(&mut client).await;
 }
 
-/// Runs the SASL handshake, or recognises NOSASL. Refusals are sent to the
-/// client as a SASL BAD/ERROR message before the error is returned.
+/// What the handshake has learned so far, kept outside its future so that a
+/// timeout can still say which mechanism and user it was.
+struct Progress {
+    mechanism: &'static str,
+    user: String,
+    /// The client sent a complete SASL message and waits for the answer.
+    awaits_answer: bool,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            mechanism: "unknown",
+            user: String::new(),
+            awaits_answer: false,
+        }
+    }
+}
+
+enum Authenticated {
+    /// The client authenticates in its OpenSession.
+    Nosasl,
+    Sasl {
+        identity: ClientIdentity,
+        layer: Option<Box<dyn SecurityLayer>>,
+    },
+}
+
+enum HandshakeEnd {
+    /// The peer closed before sending anything (a TCP health check).
+    Closed,
+    Failed(RpcError),
+}
+
+impl From<FrameError> for HandshakeEnd {
+    fn from(e: FrameError) -> Self {
+        HandshakeEnd::Failed(e.into())
+    }
+}
+
+fn unusable(why: impl Into<String>) -> HandshakeEnd {
+    HandshakeEnd::Failed(RpcError::Auth(AuthError::Unusable(why.into())))
+}
+
+/// Reads one SASL message of the handshake. A size refusal is answered
+/// (the client is still sending and waits for us).
+async fn read_sasl(io: &mut MessageIo, p: &mut Progress) -> Result<sasl::Message, HandshakeEnd> {
+    p.awaits_answer = false;
+    match io.read_sasl().await {
+        Ok(m) => {
+            p.awaits_answer = true;
+            Ok(m)
+        }
+        Err(FrameError::Eof) => Err(FrameError::Truncated.into()),
+        Err(e @ (FrameError::TooLarge { .. } | FrameError::Malformed(_))) => {
+            p.awaits_answer = true;
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs the SASL handshake, or recognises NOSASL. Challenges are written
+/// here; the final answer, success or refusal, is [`answer`]'s.
 async fn handshake(
     io: &mut MessageIo,
     peer: SocketAddr,
     listener: &Listener,
-) -> Result<(Framing, Option<ClientIdentity>), FrameError> {
+    p: &mut Progress,
+) -> Result<Authenticated, HandshakeEnd> {
     let kerberos = listener.auth.kerberos();
     let allow_nosasl = listener.config.allow_nosasl && kerberos.is_none();
-    match io.peek_byte().await? {
+    let first = match io.peek_byte().await {
+        Ok(b) => b,
+        Err(FrameError::Eof) => return Err(HandshakeEnd::Closed),
+        Err(e) => return Err(e.into()),
+    };
+    match first {
         SASL_START => {}
-        THRIFT_STRICT if allow_nosasl => return Ok((Framing::Bare, None)),
+        THRIFT_STRICT if allow_nosasl => {
+            p.mechanism = "nosasl";
+            return Ok(Authenticated::Nosasl);
+        }
         THRIFT_STRICT => {
-            return Err(FrameError::Malformed(
-                "NOSASL client on a listener that needs SASL (allow_nosasl = false or Kerberos)".into(),
-            ))
+            p.mechanism = "nosasl";
+            return Err(unusable(
+                "NOSASL client on a listener that needs SASL (allow_nosasl = false or Kerberos)",
+            ));
         }
         b'G' | b'P' | b'H' => {
-            return Err(FrameError::Malformed(
+            return Err(HandshakeEnd::Failed(RpcError::BadRequest(
                 "looks like HTTP; this is the binary listener (use the HTTP listener for transportMode=http)".into(),
-            ))
+            )))
         }
-        b => return Err(FrameError::Malformed(format!("not a HiveServer2 client (first byte {b:#04x})"))),
+        b => {
+            return Err(HandshakeEnd::Failed(RpcError::BadRequest(format!(
+                "not a HiveServer2 client (first byte {b:#04x})"
+            ))))
+        }
     }
     if let Some(acceptor) = kerberos {
-        return gssapi_handshake(io, peer, acceptor).await;
+        p.mechanism = "gssapi";
+        return gssapi_handshake(io, peer, acceptor, p).await;
     }
+    p.mechanism = "plain";
     let mut hs = ServerHandshake::default();
     loop {
-        let msg = match io.read_sasl().await {
-            Ok(m) => m,
-            Err(FrameError::Eof) => return Err(FrameError::Truncated),
-            Err(e @ (FrameError::TooLarge { .. } | FrameError::Malformed(_))) => {
-                let _ = io
-                    .write_sasl(sasl::Status::Error, e.to_string().as_bytes())
-                    .await;
-                return Err(e);
-            }
-            Err(e) => return Err(e),
-        };
-        let step = hs.on_message(msg);
-        let creds = match step {
+        let msg = read_sasl(io, p).await?;
+        let creds = match hs.on_message(msg) {
             Ok(ServerStep::Continue) => continue,
             Ok(ServerStep::Verify(c)) => c,
-            Err(e) => {
-                let (status, text) = match &e {
-                    SaslError::Rejected(r) => (sasl::Status::Bad, r.clone()),
-                    SaslError::PeerFailure(_) => return Err(FrameError::Malformed(e.to_string())),
-                    other => (sasl::Status::Error, other.to_string()),
-                };
-                let _ = io.write_sasl(status, text.as_bytes()).await;
-                return Err(FrameError::Malformed(e.to_string()));
+            Err(SaslError::Rejected(r)) => return Err(unusable(r)),
+            Err(e @ SaslError::PeerFailure(_)) => {
+                // the client gave up: it waits for nothing
+                p.awaits_answer = false;
+                return Err(HandshakeEnd::Failed(RpcError::BadRequest(e.to_string())));
             }
+            Err(e) => return Err(HandshakeEnd::Failed(RpcError::BadRequest(e.to_string()))),
         };
-        let user = creds.user.clone();
+        p.user = creds.user.clone();
         return match listener
             .auth
             .authenticate(&creds.user, creds.password, peer)
             .await
         {
-            Ok(identity) => {
-                io.write_sasl(sasl::Status::Complete, b"").await?;
-                info!(%user, "client authenticated (SASL PLAIN)");
-                Ok((Framing::Sasl, Some(identity)))
-            }
-            Err(e) => {
-                let _ = io
-                    .write_sasl(sasl::Status::Bad, e.to_string().as_bytes())
-                    .await;
-                Err(FrameError::Malformed(e.to_string()))
-            }
+            Ok(identity) => Ok(Authenticated::Sasl {
+                identity,
+                layer: None,
+            }),
+            Err(e) => Err(HandshakeEnd::Failed(e.into())),
         };
-    }
-}
-
-async fn read_negotiation(io: &mut MessageIo) -> Result<sasl::Message, FrameError> {
-    match io.read_sasl().await {
-        Ok(m) if matches!(m.status, sasl::Status::Bad | sasl::Status::Error) => {
-            Err(FrameError::Malformed(format!(
-                "client gave up: {}",
-                String::from_utf8_lossy(&m.payload)
-            )))
-        }
-        Ok(m) => Ok(m),
-        Err(FrameError::Eof) => Err(FrameError::Truncated),
-        Err(e @ (FrameError::TooLarge { .. } | FrameError::Malformed(_))) => {
-            let _ = io
-                .write_sasl(sasl::Status::Error, e.to_string().as_bytes())
-                .await;
-            Err(e)
-        }
-        Err(e) => Err(e),
     }
 }
 
@@ -230,19 +388,31 @@ async fn gssapi_handshake(
     io: &mut MessageIo,
     peer: SocketAddr,
     acceptor: &crate::kerberos::Acceptor,
-) -> Result<(Framing, Option<ClientIdentity>), FrameError> {
-    let start = read_negotiation(io).await?;
+    p: &mut Progress,
+) -> Result<Authenticated, HandshakeEnd> {
+    let gave_up = |p: &mut Progress, m: &sasl::Message| {
+        p.awaits_answer = false;
+        HandshakeEnd::Failed(RpcError::BadRequest(format!(
+            "client gave up: {}",
+            String::from_utf8_lossy(&m.payload)
+        )))
+    };
+    let start = read_sasl(io, p).await?;
+    if matches!(start.status, sasl::Status::Bad | sasl::Status::Error) {
+        return Err(gave_up(p, &start));
+    }
     if start.status != sasl::Status::Start || start.payload != b"GSSAPI" {
-        let why = format!(
+        return Err(unusable(format!(
             "this listener takes Kerberos only (SASL GSSAPI, service {}); add ;principal=<that principal> to the JDBC URL",
             acceptor.describe
-        );
-        let _ = io.write_sasl(sasl::Status::Bad, why.as_bytes()).await;
-        return Err(FrameError::Malformed(why));
+        )));
     }
     let mut server = acceptor.sasl_server();
     loop {
-        let msg = read_negotiation(io).await?;
+        let msg = read_sasl(io, p).await?;
+        if matches!(msg.status, sasl::Status::Bad | sasl::Status::Error) {
+            return Err(gave_up(p, &msg));
+        }
         match server.step(msg.payload).await {
             Ok(crate::kerberos::ServerOut::Challenge(t)) => {
                 io.write_sasl(sasl::Status::Ok, &t).await?;
@@ -252,37 +422,14 @@ async fn gssapi_handshake(
                 qop,
                 layer,
             }) => {
-                io.write_sasl(sasl::Status::Complete, b"").await?;
-                io.set_layer(layer);
-                info!(principal = %who.principal, user = %who.user, qop = qop.as_str(), "client authenticated (SASL GSSAPI)");
-                return Ok((
-                    Framing::Sasl,
-                    Some(ClientIdentity::from_ticket(who.user, peer)),
-                ));
+                debug!(principal = %who.principal, qop = qop.as_str(), "GSSAPI context established");
+                p.user = who.user.clone();
+                return Ok(Authenticated::Sasl {
+                    identity: ClientIdentity::from_ticket(who.user, peer),
+                    layer,
+                });
             }
-            Err(e) => {
-                let _ = io
-                    .write_sasl(sasl::Status::Bad, e.to_string().as_bytes())
-                    .await;
-                return Err(FrameError::Malformed(e.to_string()));
-            }
+            Err(e) => return Err(unusable(e.to_string())),
         }
     }
-}
-
-/// Authenticates a NOSASL client by the user name and password in its
-/// OpenSession request.
-async fn nosasl_login(
-    conn: &mut ClientConn,
-    msg: &[u8],
-    listener: &Listener,
-    peer: SocketAddr,
-) -> Result<(), RpcError> {
-    let info = crate::tcli::read_open_session(msg)?;
-    let user = info.username.unwrap_or_default();
-    let password = crate::secret::Secret::new(info.password.unwrap_or_default());
-    let id = listener.auth.authenticate(&user, password, peer).await?;
-    info!(user = %id.user, "client authenticated (NOSASL OpenSession)");
-    conn.identity = Some(id);
-    Ok(())
 }

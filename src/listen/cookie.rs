@@ -12,7 +12,7 @@ use moka::future::Cache;
 use rand::RngCore;
 use sha2::Sha256;
 
-use crate::session::ClientIdentity;
+use crate::identity::ClientIdentity;
 
 pub const NAME: &str = "hive.server2.auth";
 

@@ -1,13 +1,17 @@
 //! Thrift-over-HTTP listener: one POST per RPC to the configured path (or any
-//! sub-path), Basic auth or the broker's `hive.server2.auth` cookie.
+//! sub-path), Basic or SPNEGO credentials or the broker's `hive.server2.auth`
+//! cookie. Every response, success or refusal, is built by [`respond`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE, WWW_AUTHENTICATE};
+use http::header::{
+    ALLOW, AUTHORIZATION, CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE, WWW_AUTHENTICATE,
+};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -16,30 +20,39 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::cookie::CookieJar;
-use super::Shared;
-use crate::config::ListenerConfig;
+use super::{Listener, Shared};
+use crate::auth::AuthError;
+use crate::edge::{Exchange, Kind};
+use crate::error::RpcError;
+use crate::identity::ClientIdentity;
 use crate::secret::Secret;
-use crate::session::{Call, ClientConn, ClientIdentity, ClientKind};
+use crate::session::HttpClient;
+use crate::tcli::Call;
 
 /// Per-listener state shared by its connections.
 pub struct HttpListener {
-    pub config: ListenerConfig,
-    auth: crate::auth::Authenticator,
-    route: Arc<crate::session::Route>,
+    l: Listener,
     cookies: CookieJar,
 }
 
 impl HttpListener {
-    pub fn new(l: super::Listener) -> Arc<HttpListener> {
+    pub fn new(l: Listener) -> Arc<HttpListener> {
         Arc::new(HttpListener {
             cookies: CookieJar::new(l.config.cookie_max_age),
-            config: l.config,
-            auth: l.auth,
-            route: l.route,
+            l,
         })
+    }
+
+    /// The 401 challenge this listener's clients should answer.
+    fn scheme(&self) -> &'static str {
+        if self.l.auth.kerberos().is_some() {
+            NEGOTIATE
+        } else {
+            BASIC
+        }
     }
 }
 
@@ -50,13 +63,15 @@ pub async fn serve(
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
 ) {
-    let _open = shared.broker.metrics.connection(&listener.config.name);
-    let span = tracing::debug_span!("http", listener = %listener.config.name, %peer);
+    let _open = shared.broker.metrics.connection(&listener.l.config.name);
+    let span = tracing::debug_span!("http", listener = %listener.l.config.name, %peer);
     let sh = shared.clone();
+    let hl = listener.clone();
     let svc = service_fn(move |req| {
-        let (listener, shared) = (listener.clone(), sh.clone());
+        let (listener, shared) = (hl.clone(), sh.clone());
         async move { Ok::<_, Infallible>(handle(req, peer, &listener, &shared).await) }
     });
+    let started = Instant::now();
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.server.handshake_timeout)
@@ -70,8 +85,16 @@ pub async fn serve(
             conn.await
         }
     };
-    if let Err(e) = result {
-        debug!(parent: &span, error = %e, "HTTP connection ended with an error");
+    match result {
+        // hyper closes a connection whose request head is late: the client
+        // sees the close, the edge records why
+        Err(e) if e.is_timeout() => {
+            let e = RpcError::HandshakeTimeout(shared.server.handshake_timeout);
+            let ex = Exchange::new(Kind::Unparsed, peer, "", "unknown", started);
+            listener.l.edge.finish(&ex, Err(&e));
+        }
+        Err(e) => debug!(parent: &span, error = %e, "HTTP connection ended with an error"),
+        Ok(()) => {}
     }
     drop(permit);
 }
@@ -95,17 +118,6 @@ fn thrift(body: Bytes) -> Response<Full<Bytes>> {
     r
 }
 
-/// 401 with the scheme the client should use (`BASIC` or `NEGOTIATE`).
-fn unauthorized(scheme: &'static str, msg: &str) -> Response<Full<Bytes>> {
-    let mut r = text(
-        StatusCode::UNAUTHORIZED,
-        format!("Authentication Error: {msg}"),
-    );
-    r.headers_mut()
-        .insert(WWW_AUTHENTICATE, http::HeaderValue::from_static(scheme));
-    r
-}
-
 const BASIC: &str = "Basic realm=\"kyuubi-broker\"";
 const NEGOTIATE: &str = "Negotiate";
 
@@ -116,7 +128,6 @@ fn path_matches(path: &str, base: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// Identity from the Authorization header: Basic only on this listener.
 /// The value of an `Authorization: <scheme> <value>` header, if present;
 /// another scheme is refused with `wrong_scheme`.
 fn authorization<'r>(
@@ -148,101 +159,58 @@ fn basic_credentials(req: &Request<Incoming>) -> Result<Option<(String, Secret)>
     Ok(Some((user.to_string(), Secret::new(pass))))
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    peer: SocketAddr,
+/// Headers a successful reply carries besides the Thrift body.
+#[derive(Default)]
+struct Extra {
+    set_cookie: Option<String>,
+    /// The mutual-authentication token of RFC 4559.
+    negotiate: Option<Vec<u8>>,
+}
+
+/// The one way out for every outcome on the HTTP listener: finishes the
+/// exchange at the edge (time, metrics, log) and builds the response.
+fn respond(
     listener: &HttpListener,
-    shared: &Shared,
+    ex: &Exchange<'_>,
+    result: Result<Bytes, RpcError>,
+    extra: Extra,
 ) -> Response<Full<Bytes>> {
-    let cfg = &listener.config;
-    if req.method() != Method::POST {
-        let mut r = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "Thrift over HTTP takes POST only",
-        );
-        r.headers_mut()
-            .insert(ALLOW, http::HeaderValue::from_static("POST"));
-        return r;
-    }
-    if !path_matches(req.uri().path(), &cfg.http_path) {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("no Thrift endpoint here; use /{}", cfg.http_path),
-        );
-    }
-    let ct = req
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !ct.starts_with("application/x-thrift") {
-        return text(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Content-Type must be application/x-thrift",
-        );
-    }
-    if shared.cancel.is_cancelled() {
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "kyuubi-broker is shutting down",
-        );
-    }
-
-    let do_as = req.uri().query().and_then(|q| {
-        q.split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| k.eq_ignore_ascii_case("doAs"))
-            .map(|(_, v)| v.to_string())
-    });
-    let (identity, set_cookie, negotiate) = match authenticate_request(&req, peer, listener).await {
-        Ok(v) => v,
-        Err(resp) => return resp,
-    };
-
-    let body = match Limited::new(req.into_body(), shared.server.max_message_bytes)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request exceeds {} bytes", shared.server.max_message_bytes),
-            )
-        }
-        Err(e) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the request body: {e}"),
-            )
-        }
-    };
-    let call = match Call::parse(&body) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(%peer, error = %e, "malformed HTTP request body");
-            return text(StatusCode::BAD_REQUEST, e.to_string());
-        }
-    };
-    let mut conn = ClientConn::new(ClientKind::Http, listener.route.clone(), Some(identity));
-    conn.do_as = do_as;
-    let mut resp = match shared.broker.forward(&mut conn, &call, body).await {
+    listener.l.edge.finish(ex, result.as_ref().map(Bytes::len));
+    let mut resp = match result {
         Ok(reply) => thrift(reply),
-        Err(e) => match e.http_status() {
-            Some(status) => text(status, format!("kyuubi-broker: {e}")),
-            None => thrift(e.to_thrift_reply(call.wire_name(), call.seqid).into()),
-        },
+        Err(e) => {
+            let a = e.answer();
+            match (a.http, ex.kind) {
+                (Some(status), _) => {
+                    let mut r = text(status, a.text);
+                    let h = r.headers_mut();
+                    if status == StatusCode::UNAUTHORIZED {
+                        h.insert(
+                            WWW_AUTHENTICATE,
+                            http::HeaderValue::from_static(listener.scheme()),
+                        );
+                    }
+                    if status == StatusCode::METHOD_NOT_ALLOWED {
+                        h.insert(ALLOW, http::HeaderValue::from_static("POST"));
+                    }
+                    if a.retryable && status == StatusCode::SERVICE_UNAVAILABLE {
+                        h.insert(RETRY_AFTER, http::HeaderValue::from_static("5"));
+                    }
+                    r
+                }
+                // refusals inside TCLIService (unknown handle, no mapping)
+                // are Thrift replies, as HiveServer2 gives them
+                (None, Kind::Call(c)) => thrift(e.to_thrift_reply(c.wire_name(), c.seqid).into()),
+                (None, _) => text(StatusCode::BAD_REQUEST, a.text),
+            }
+        }
     };
-    if let Some(c) = set_cookie {
+    if let Some(c) = extra.set_cookie {
         if let Ok(v) = http::HeaderValue::from_str(&c) {
             resp.headers_mut().insert(SET_COOKIE, v);
         }
     }
-    if let Some(t) = negotiate {
-        // the mutual-authentication token of RFC 4559
+    if let Some(t) = extra.negotiate {
         let v = format!(
             "Negotiate {}",
             base64::engine::general_purpose::STANDARD.encode(t)
@@ -252,6 +220,122 @@ async fn handle(
         }
     }
     resp
+}
+
+/// Method, path, content type and shutdown: what makes a request a Thrift
+/// call at this endpoint, checked before any credential is looked at.
+fn check_request(
+    req: &Request<Incoming>,
+    cfg: &crate::config::ListenerConfig,
+    shared: &Shared,
+) -> Result<(), RpcError> {
+    let refuse = |status, text: &str| {
+        Err(RpcError::NotThrift {
+            status,
+            text: text.into(),
+        })
+    };
+    if req.method() != Method::POST {
+        return refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Thrift over HTTP takes POST only",
+        );
+    }
+    if !path_matches(req.uri().path(), &cfg.http_path) {
+        let hint = format!("no Thrift endpoint here; use /{}", cfg.http_path);
+        return refuse(StatusCode::NOT_FOUND, &hint);
+    }
+    let ct = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.starts_with("application/x-thrift") {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/x-thrift",
+        );
+    }
+    if shared.cancel.is_cancelled() {
+        return Err(RpcError::ShuttingDown);
+    }
+    Ok(())
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    listener: &HttpListener,
+    shared: &Shared,
+) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    if let Err(e) = check_request(&req, &listener.l.config, shared) {
+        let ex = Exchange::new(Kind::Unparsed, peer, "", "unknown", started);
+        return respond(listener, &ex, Err(e), Extra::default());
+    }
+    let do_as = req.uri().query().and_then(|q| {
+        q.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| k.eq_ignore_ascii_case("doAs"))
+            .map(|(_, v)| v.to_string())
+    });
+    let login = match authenticate_request(&req, peer, listener).await {
+        Ok(l) => l,
+        Err((mechanism, user, e)) => {
+            let ex = Exchange::new(Kind::Login, peer, &user, mechanism, started);
+            return respond(listener, &ex, Err(e), Extra::default());
+        }
+    };
+    if login.checked {
+        // credentials were verified for this request: a login of its own
+        let user = login.identity.user.as_str();
+        let ex = Exchange::new(Kind::Login, peer, user, login.mechanism, started);
+        listener.l.edge.finish(&ex, Ok(0));
+    }
+    let extra = Extra {
+        set_cookie: login.set_cookie,
+        negotiate: login.negotiate,
+    };
+    let (user, mechanism) = (login.identity.user.as_str(), login.mechanism);
+    let started = Instant::now();
+    let max = shared.server.max_message_bytes;
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let e = match e.downcast_ref::<http_body_util::LengthLimitError>() {
+                Some(_) => RpcError::TooLarge { len: max + 1, max },
+                None => RpcError::BadRequest(format!("cannot read the request body: {e}")),
+            };
+            let ex = Exchange::new(Kind::Unparsed, peer, user, mechanism, started);
+            return respond(listener, &ex, Err(e), extra);
+        }
+    };
+    let call = match Call::parse(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            let ex = Exchange::new(Kind::Unparsed, peer, user, mechanism, started);
+            return respond(listener, &ex, Err(e.into()), extra);
+        }
+    };
+    let client = HttpClient {
+        route: &listener.l.route,
+        identity: &login.identity,
+        do_as,
+    };
+    let request_bytes = body.len();
+    let statement = listener.l.edge.statement_of(&call, &body);
+    let mut upstream = Duration::ZERO;
+    let result = shared
+        .broker
+        .call_http(&client, &call, body, &mut upstream)
+        .await;
+    let ex = Exchange {
+        upstream,
+        request_bytes,
+        statement,
+        ..Exchange::new(Kind::Call(&call), peer, user, mechanism, started)
+    };
+    respond(listener, &ex, result, extra)
 }
 
 /// A SPNEGO token from `Authorization: Negotiate <base64>`.
@@ -270,58 +354,76 @@ fn negotiate_token(req: &Request<Incoming>) -> Result<Option<Vec<u8>>, &'static 
         .map_err(|_| "malformed Negotiate token")
 }
 
-/// The identity, a cookie to set, and a SPNEGO reply token to return.
-type Authenticated = (ClientIdentity, Option<String>, Option<Vec<u8>>);
+/// Who sent a request.
+struct Login {
+    identity: ClientIdentity,
+    mechanism: &'static str,
+    /// Credentials were checked (not just a cookie honoured).
+    checked: bool,
+    set_cookie: Option<String>,
+    negotiate: Option<Vec<u8>>,
+}
+
+/// A refused request: the mechanism tried, the user named (if any), why.
+type Refused = (&'static str, String, RpcError);
 
 async fn authenticate_request(
     req: &Request<Incoming>,
     peer: SocketAddr,
     listener: &HttpListener,
-) -> Result<Authenticated, Response<Full<Bytes>>> {
+) -> Result<Login, Refused> {
     if let Some(c) = req.headers().get(COOKIE).and_then(|v| v.to_str().ok()) {
-        if let Some(id) = listener.cookies.check(c).await {
-            return Ok((id, None, None));
+        if let Some(identity) = listener.cookies.check(c).await {
+            return Ok(Login {
+                identity,
+                mechanism: "cookie",
+                checked: false,
+                set_cookie: None,
+                negotiate: None,
+            });
         }
     }
-    if let Some(acceptor) = listener.auth.kerberos() {
+    let unusable = |m, why: &str| (m, String::new(), AuthError::Unusable(why.into()).into());
+    if let Some(acceptor) = listener.l.auth.kerberos() {
         let token = match negotiate_token(req) {
             Ok(Some(t)) => t,
-            Ok(None) => {
-                return Err(unauthorized(
-                    NEGOTIATE,
-                    "Kerberos (SPNEGO) credentials required",
-                ))
-            }
-            Err(msg) => {
-                debug!(%peer, msg, "refused an Authorization header");
-                return Err(unauthorized(NEGOTIATE, msg));
-            }
+            Ok(None) => return Err(unusable("spnego", "Kerberos (SPNEGO) credentials required")),
+            Err(msg) => return Err(unusable("spnego", msg)),
         };
         return match acceptor.spnego(token).await {
             Ok((who, reply)) => {
-                debug!(principal = %who.principal, user = %who.user, "client authenticated (SPNEGO)");
-                let id = ClientIdentity::from_ticket(who.user, peer);
-                let cookie = listener.cookies.issue(id.clone()).await;
-                Ok((id, Some(cookie), reply))
+                debug!(principal = %who.principal, "SPNEGO context established");
+                let identity = ClientIdentity::from_ticket(who.user, peer);
+                let cookie = listener.cookies.issue(identity.clone()).await;
+                Ok(Login {
+                    identity,
+                    mechanism: "spnego",
+                    checked: true,
+                    set_cookie: Some(cookie),
+                    negotiate: reply,
+                })
             }
-            Err(e) => {
-                warn!(%peer, error = %e, "SPNEGO authentication failed");
-                Err(unauthorized(NEGOTIATE, &e.to_string()))
-            }
+            Err(e) => Err(unusable("spnego", &e.to_string())),
         };
     }
     match basic_credentials(req) {
         Ok(Some((user, password))) => {
-            match listener.auth.authenticate(&user, password, peer).await {
-                Ok(id) => {
-                    let cookie = listener.cookies.issue(id.clone()).await;
-                    Ok((id, Some(cookie), None))
+            match listener.l.auth.authenticate(&user, password, peer).await {
+                Ok(identity) => {
+                    let cookie = listener.cookies.issue(identity.clone()).await;
+                    Ok(Login {
+                        identity,
+                        mechanism: "basic",
+                        checked: true,
+                        set_cookie: Some(cookie),
+                        negotiate: None,
+                    })
                 }
-                Err(e) => Err(unauthorized(BASIC, &e.to_string())),
+                Err(e) => Err(("basic", user, e.into())),
             }
         }
-        Ok(None) => Err(unauthorized(BASIC, "credentials required (HTTP Basic)")),
-        Err(msg) => Err(unauthorized(BASIC, msg)),
+        Ok(None) => Err(unusable("basic", "credentials required (HTTP Basic)")),
+        Err(msg) => Err(unusable("basic", msg)),
     }
 }
 

@@ -18,14 +18,42 @@ use tracing::{error, warn};
 
 use crate::auth::Authenticator;
 use crate::config::{ListenerConfig, ServerConfig};
+use crate::edge::Edge;
 use crate::session::{Broker, Route};
 
-/// One configured listener and the authenticator it uses.
+/// One configured listener: its authenticator, its route, and its side of
+/// the edge (where every outcome of its clients is recorded).
 pub struct Listener {
     pub config: ListenerConfig,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     /// The computing resource this listener's clients reach.
     pub route: Arc<Route>,
+    pub edge: Edge,
+}
+
+impl Listener {
+    pub fn new(
+        config: ListenerConfig,
+        auth: Arc<Authenticator>,
+        route: Arc<Route>,
+        broker: &Broker,
+        server: &ServerConfig,
+    ) -> Listener {
+        let edge = Edge::new(
+            &config.name,
+            route.name.clone(),
+            config.protocol,
+            route.target.transport,
+            broker.metrics.clone(),
+            server.slow_rpc_threshold,
+        );
+        Listener {
+            config,
+            auth,
+            route,
+            edge,
+        }
+    }
 }
 
 /// What every connection task needs.

@@ -64,6 +64,49 @@ const METHODS: [(&str, Scope); 23] = [
     ("SetClientInfo", Scope::Session),
 ];
 
+/// A call as the broker reads it: enough to route it and to answer it on
+/// failure. Nothing past the message header is decoded.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// TCLIService method name, or "other" (a bounded set, fit for labels).
+    pub method: &'static str,
+    pub seqid: i32,
+    pub scope: Scope,
+    /// The name as sent, for methods outside TCLIService.
+    other_name: Option<Box<str>>,
+}
+
+impl Call {
+    pub fn parse(msg: &[u8]) -> Result<Call, WireError> {
+        let h = peek_header(msg)?;
+        if h.kind != MessageType::Call {
+            return Err(WireError::Malformed(format!(
+                "expected a CALL message, got {:?}",
+                h.kind
+            )));
+        }
+        Ok(match canonical(h.name) {
+            Some((method, scope)) => Call {
+                method,
+                seqid: h.seqid,
+                scope,
+                other_name: None,
+            },
+            None => Call {
+                method: "other",
+                seqid: h.seqid,
+                scope: Scope::Unknown,
+                other_name: Some(h.name.into()),
+            },
+        })
+    }
+
+    /// The method name as it appears on the wire.
+    pub fn wire_name(&self) -> &str {
+        self.other_name.as_deref().unwrap_or(self.method)
+    }
+}
+
 /// Methods whose reply carries a new operation handle in field 2.
 pub fn creates_operation(method: &str) -> bool {
     matches!(

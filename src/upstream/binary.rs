@@ -7,10 +7,11 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::{Credential, Target};
+use super::Target;
 use crate::config::UpstreamSasl;
-use crate::error::UpstreamError;
-use crate::wire::io::{FrameError, Framing, MessageIo};
+use crate::error::{Side, UpstreamError};
+use crate::identity::Credential;
+use crate::wire::io::{FrameError, Framing, MessageIo, ReplySink};
 use crate::wire::sasl;
 
 /// The start of a reply.
@@ -237,27 +238,35 @@ impl BinaryConn {
     }
 
     /// Forwards the `remaining` bytes of a reply to `sink` as they arrive.
-    /// Any failure leaves both streams mid-frame: the link is then broken.
+    /// Any failure leaves both streams mid-frame: the link is then broken,
+    /// and the error says which side failed.
     pub async fn relay_rest(
         &mut self,
         mut remaining: usize,
-        sink: &mut MessageIo,
-    ) -> Result<(), String> {
+        sink: &mut ReplySink<'_>,
+    ) -> Result<(), (Side, String)> {
         self.broken = true; // until the whole frame is through
         let limit = self.target.read_timeout;
         let Some(io) = self.io.as_mut() else {
-            return Err("upstream connection closed".into());
+            return Err((Side::Upstream, "upstream connection closed".into()));
         };
         while remaining > 0 {
             let chunk = match timeout(limit, io.read_chunk(remaining)).await {
                 Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(format!("{}: {e}", self.target.display)),
-                Err(_) => return Err(format!("{}: read timed out", self.target.display)),
+                Ok(Err(e)) => {
+                    return Err((Side::Upstream, format!("{}: {e}", self.target.display)))
+                }
+                Err(_) => {
+                    return Err((
+                        Side::Upstream,
+                        format!("{}: read timed out", self.target.display),
+                    ))
+                }
             };
             remaining -= chunk.len();
-            sink.write_raw(&chunk)
+            sink.write(&chunk)
                 .await
-                .map_err(|e| format!("client: {e}"))?;
+                .map_err(|e| (Side::Client, e.to_string()))?;
         }
         self.broken = false;
         Ok(())

@@ -13,8 +13,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::timeout;
 
-use super::{Credential, Target};
+use super::Target;
 use crate::error::UpstreamError;
+use crate::identity::Credential;
 
 const AUTH_COOKIE: &str = "hive.server2.auth";
 

@@ -1,7 +1,9 @@
 //! Upstream side: a [`Target`] built from a route's config, and [`Link`], one
-//! authenticated channel to it that carries whole Thrift messages.
-//! Binary links own a TCP connection (SASL PLAIN or NOSASL); HTTP links share
-//! a keep-alive connection pool and POST one message per request.
+//! authenticated channel to it that carries Thrift messages.
+//! Binary links own a TCP connection (SASL PLAIN, GSSAPI or NOSASL); HTTP
+//! links share a keep-alive connection pool and POST one message per request.
+//! [`Link::call_streaming`] lets a big reply from a binary upstream go on to
+//! a binary client as it arrives.
 
 mod binary;
 mod http;
@@ -10,13 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{watch, Mutex, OwnedMutexGuard};
 
-pub use self::binary::{BinaryConn, Head};
+use self::binary::{BinaryConn, Head};
 pub use self::http::HttpPool;
 use crate::config::{Transport, UpstreamConfig, UpstreamSasl};
-use crate::error::UpstreamError;
+use crate::error::{RpcError, UpstreamError};
+use crate::identity::Credential;
 use crate::secret::Secret;
+use crate::wire::io::ReplySink;
 
 /// Where and how to reach one upstream.
 #[derive(Debug)]
@@ -140,14 +144,50 @@ impl Target {
     }
 }
 
-/// The identity presented upstream.
-#[derive(Debug, Clone)]
-pub struct Credential {
-    /// The user name, or the principal for Kerberos.
-    pub user: String,
-    pub password: Secret,
-    /// Set for Kerberos identities: whose tickets authenticate upstream.
-    pub kerberos: Option<Arc<crate::kerberos::Initiator>>,
+/// A reply from [`Link::call_streaming`].
+pub enum Streamed {
+    Whole(Bytes),
+    /// The start of a big reply; the link stays locked until it is relayed
+    /// or dropped.
+    Partial(Pending),
+}
+
+/// A big reply whose first bytes have arrived. Dropped before it is fully
+/// relayed, it closes the link: the stream is mid-frame.
+pub struct Pending {
+    conn: OwnedMutexGuard<BinaryConn>,
+    len: usize,
+    head: Bytes,
+    relayed: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.relayed {
+            self.conn.close();
+        }
+    }
+}
+
+impl Pending {
+    /// The bytes received so far (at least the message header).
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// Writes the whole reply to `sink`, the rest as it arrives, and returns
+    /// its size. A failure after the first byte went out is
+    /// [`RpcError::RelayBroken`], naming the side that failed.
+    pub async fn relay_to(mut self, sink: &mut ReplySink<'_>) -> Result<usize, RpcError> {
+        let broken = |(side, detail)| RpcError::RelayBroken { side, detail };
+        sink.start(self.len, &self.head)
+            .await
+            .map_err(|e| broken((crate::error::Side::Client, e.to_string())))?;
+        let rest = self.len - self.head.len();
+        self.conn.relay_rest(rest, sink).await.map_err(broken)?;
+        self.relayed = true;
+        Ok(self.len)
+    }
 }
 
 /// One channel to an upstream; cheap to clone and share between the HTTP
@@ -185,6 +225,30 @@ impl Link {
         match self {
             Link::Binary(c) => c.lock().await.call(msg).await,
             Link::Http(h) => h.call(msg).await,
+        }
+    }
+
+    /// As [`Link::call`], except that a reply above `relay_above` bytes from
+    /// a binary SASL upstream is returned as soon as its first bytes are in:
+    /// the caller checks them, then relays the rest. HTTP upstreams, NOSASL
+    /// and wrapped (QOP) frames always give the whole reply.
+    pub async fn call_streaming(
+        &self,
+        msg: Bytes,
+        relay_above: usize,
+    ) -> Result<Streamed, UpstreamError> {
+        let Link::Binary(c) = self else {
+            return self.call(msg).await.map(Streamed::Whole);
+        };
+        let mut conn = c.clone().lock_owned().await;
+        match conn.call_head(msg, relay_above).await? {
+            Head::Whole(reply) => Ok(Streamed::Whole(reply)),
+            Head::Partial { len, head } => Ok(Streamed::Partial(Pending {
+                conn,
+                len,
+                head,
+                relayed: false,
+            })),
         }
     }
 

@@ -260,3 +260,33 @@ impl MessageIo {
         Ok(())
     }
 }
+
+/// A binary client's connection as the destination of a reply relayed as it
+/// arrives from the upstream. Only the listener builds one; the broker core
+/// hands it to the upstream link without looking inside.
+pub struct ReplySink<'a> {
+    io: &'a mut MessageIo,
+    framing: Framing,
+}
+
+impl<'a> ReplySink<'a> {
+    pub fn new(io: &'a mut MessageIo, framing: Framing) -> ReplySink<'a> {
+        ReplySink { io, framing }
+    }
+
+    /// A wrapped frame (QOP auth-int/auth-conf) must be whole before it can
+    /// be written, so such clients get replies whole.
+    pub fn can_relay(&self) -> bool {
+        !self.io.has_layer()
+    }
+
+    /// Starts a reply of `len` bytes whose first part is `head`.
+    pub async fn start(&mut self, len: usize, head: &[u8]) -> Result<(), FrameError> {
+        self.io.write_frame_head(self.framing, len, head).await
+    }
+
+    /// The next part of the reply.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), FrameError> {
+        self.io.write_raw(chunk).await
+    }
+}

@@ -218,7 +218,8 @@ pub async fn start_broker_toml(toml: &str) -> Broker {
         .collect();
     let unbound: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(kyuubi_broker::run(cfg, listeners, async {
+    let prepared = kyuubi_broker::prepare(cfg).expect("test listeners' authenticators build");
+    let task = tokio::spawn(kyuubi_broker::run(prepared, listeners, async {
         let _ = rx.await;
     }));
     Broker {

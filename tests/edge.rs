@@ -1,0 +1,366 @@
+//! The client edge: outcomes that never reach an upstream (a refused login,
+//! a malformed call, a handshake timeout, an authentication service that is
+//! down) are answered in the transport's own form, counted in `/metrics`
+//! with their outcome, and logged exactly once. None of these tests needs a
+//! live upstream: the route points at a closed port.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use common::*;
+use kyuubi_broker::client::{ClientError, Hs2Client};
+use kyuubi_broker::config::{Transport, UpstreamSasl};
+use kyuubi_broker::secret::Secret;
+use kyuubi_broker::tcli::gen::TStatusCode;
+use kyuubi_broker::wire::sasl;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Every log line of this test binary, as JSON.
+fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || Capture(sink.clone()))
+            .init();
+        buf
+    })
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The log lines an event of `listener` wrote, as (message, fields).
+fn lines_of(listener: &str) -> Vec<(String, Value)> {
+    let text = String::from_utf8(logs().lock().unwrap().clone()).unwrap();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["listener"] == listener)
+        .map(|v| (v["fields"]["message"].as_str().unwrap().to_string(), v["fields"].clone()))
+        .collect()
+}
+
+/// `name{labels} value` lines of one metric, by label text.
+fn series(text: &str, name: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter_map(|rest| {
+            let (labels, value) = rest.strip_prefix('{')?.rsplit_once("} ")?;
+            Some((labels.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+async fn metrics(b: &Broker) -> String {
+    kyuubi_broker::cloud::client::install_tls_provider();
+    let r = reqwest::get(format!("http://{}/metrics", b.addrs["admin"]))
+        .await
+        .unwrap();
+    r.text().await.unwrap()
+}
+
+async fn closed_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A broker whose listeners `<tag>_bin` and `<tag>_http` authenticate with
+/// `auth` (TOML lines) in front of a dead upstream, with a short handshake
+/// timeout and the admin listener.
+async fn broker(tag: &str, auth: &str) -> Broker {
+    logs();
+    let dead = closed_port().await;
+    let toml = format!(
+        r#"
+[server]
+handshake_timeout = "400ms"
+shutdown_grace = "5s"
+[admin]
+bind = "127.0.0.1:0"
+[[listener]]
+name = "{tag}_bin"
+protocol = "binary"
+bind = "127.0.0.1:0"
+route = "r"
+{auth}
+[[listener]]
+name = "{tag}_http"
+protocol = "http"
+bind = "127.0.0.1:0"
+route = "r"
+{auth}
+{}"#,
+        route_toml("binary", dead, "")
+    );
+    start_broker_toml(&toml).await
+}
+
+/// Static users: alice / alice-pw.
+fn users(dir: &tempfile::TempDir) -> String {
+    let f = dir.path().join("users");
+    let hash = kyuubi_broker::auth::hash_password("alice-pw");
+    std::fs::write(&f, format!("alice:{hash}\n")).unwrap();
+    format!("auth = \"static\"\nusers_file = \"{}\"", f.display())
+}
+
+async fn send_and_read_all(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the broker closes the connection")
+        .ok();
+    out
+}
+
+fn basic(user: &str, pw: &str) -> String {
+    use base64::Engine;
+    let v = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"));
+    format!("Authorization: Basic {v}\r\n")
+}
+
+async fn http_post(addr: SocketAddr, headers: &str, body: &[u8]) -> String {
+    let mut req = format!(
+        "POST /cliservice HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-thrift\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    String::from_utf8_lossy(&send_and_read_all(addr, &req).await).into_owned()
+}
+
+/// Waits until `cond` holds for the logs of `listener` (the edge logs after
+/// it has answered, so the client may see the answer first).
+async fn logged(listener: &str, cond: impl Fn(&[(String, Value)]) -> bool) -> Vec<(String, Value)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = lines_of(listener);
+        if cond(&l) {
+            return l;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{listener}: expected log lines not written: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_refused_login_is_answered_counted_by_mechanism_and_logged_once_on_both_transports() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker("refused", &users(&dir)).await;
+    let bin = b.addrs["refused_bin"];
+    let http = b.addrs["refused_http"];
+
+    // SASL PLAIN: BAD with the one refusal text, then the connection closes
+    let reply = send_and_read_all(bin, &sasl::plain_client_hello("alice", &Secret::new("nope"))).await;
+    assert_eq!(reply.first(), Some(&(sasl::Status::Bad as u8)), "{reply:?}");
+    let text = String::from_utf8_lossy(&reply[5..]).into_owned();
+    assert_eq!(text, "kyuubi-broker: authentication failed for user 'alice'");
+
+    // HTTP Basic: 401 with the challenge
+    let resp = http_post(http, &basic("alice", "nope"), b"x").await;
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    assert!(resp.to_ascii_lowercase().contains("www-authenticate: basic"), "{resp}");
+    assert!(resp.contains("authentication failed for user 'alice'"), "{resp}");
+
+    // NOSASL: the OpenSession carries the password; the refusal is its TStatus
+    let cfg = client_cfg(Transport::Binary, bin, UpstreamSasl::Nosasl);
+    let mut c = Hs2Client::connect(&cfg, "alice", "nope").await.unwrap();
+    match c.open_session().await.unwrap_err() {
+        ClientError::Status(TStatusCode::ERROR_STATUS, msg, state) => {
+            assert_eq!(state.as_deref(), Some("28000"));
+            assert!(msg.contains("authentication failed for user 'alice'"), "{msg}");
+        }
+        other => panic!("expected a TStatus refusal, got {other:?}"),
+    }
+
+    let m = metrics(&b).await;
+    let failures = series(&m, "kyuubi_broker_auth_failures_total");
+    for (listener, mechanism) in [("refused_bin", "plain"), ("refused_http", "basic"), ("refused_bin", "nosasl")] {
+        let key = format!("listener=\"{listener}\",mechanism=\"{mechanism}\"");
+        assert_eq!(failures.get(&key), Some(&1.0), "{key} in {failures:?}");
+    }
+    let errors = series(&m, "kyuubi_broker_client_errors_total");
+    assert_eq!(
+        errors.get("listener=\"refused_bin\",kind=\"unauthenticated\""),
+        Some(&2.0),
+        "{errors:?}"
+    );
+    let logins = series(&m, "kyuubi_broker_login_duration_seconds_count");
+    assert_eq!(
+        logins.get("listener=\"refused_http\",mechanism=\"basic\",outcome=\"unauthenticated\""),
+        Some(&1.0),
+        "{logins:?}"
+    );
+    let rpcs = series(&m, "kyuubi_broker_rpc_duration_seconds_count");
+    assert_eq!(
+        rpcs.get("method=\"OpenSession\",route=\"r\",client_transport=\"binary\",upstream_transport=\"binary\",outcome=\"unauthenticated\""),
+        Some(&1.0),
+        "{rpcs:?}"
+    );
+
+    // one line per refusal: two logins and the NOSASL OpenSession
+    let bin_lines = logged("refused_bin", |l| l.len() >= 2).await;
+    let http_lines = logged("refused_http", |l| !l.is_empty()).await;
+    let msgs = |l: &[(String, Value)]| l.iter().map(|(m, _)| m.clone()).collect::<Vec<_>>();
+    assert_eq!(msgs(&http_lines), ["login failed"], "{http_lines:?}");
+    let mut got = msgs(&bin_lines);
+    got.sort();
+    assert_eq!(got, ["login failed", "rpc refused"], "{bin_lines:?}");
+    for (_, f) in bin_lines.iter().chain(&http_lines) {
+        assert_eq!(f["outcome"], "unauthenticated", "{f}");
+        assert!(!f.to_string().contains("nope"), "a password reached the log: {f}");
+    }
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_malformed_call_after_login_is_answered_closed_counted_and_logged_once() {
+    let b = broker("garbage", "auth = \"none\"\nallow_any_user = true").await;
+    let bin = b.addrs["garbage_bin"];
+    // a good handshake, then a frame that is no Thrift message
+    let mut bytes = sasl::plain_client_hello("carol", &Secret::new("pw"));
+    bytes.extend_from_slice(&[0, 0, 0, 8]);
+    bytes.extend_from_slice(b"NOTTHRFT");
+    let reply = send_and_read_all(bin, &bytes).await;
+    assert_eq!(reply, sasl::encode(sasl::Status::Complete, b""), "only the login is answered");
+
+    // over HTTP the same body is a 400 that names the problem
+    let resp = http_post(b.addrs["garbage_http"], &basic("carol", "pw"), b"NOTTHRFT").await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("malformed Thrift message"), "{resp}");
+
+    let m = metrics(&b).await;
+    let errors = series(&m, "kyuubi_broker_client_errors_total");
+    for l in ["garbage_bin", "garbage_http"] {
+        let key = format!("listener=\"{l}\",kind=\"bad_request\"");
+        assert_eq!(errors.get(&key), Some(&1.0), "{key}: {errors:?}");
+    }
+    let rpcs = series(&m, "kyuubi_broker_rpc_duration_seconds_count");
+    assert_eq!(
+        rpcs.get("method=\"invalid\",route=\"r\",client_transport=\"binary\",upstream_transport=\"binary\",outcome=\"bad_request\""),
+        Some(&1.0),
+        "{rpcs:?}"
+    );
+    let lines = logged("garbage_bin", |l| l.iter().any(|(m, _)| m == "rpc refused")).await;
+    let refused: Vec<_> = lines.iter().filter(|(m, _)| m == "rpc refused").collect();
+    assert_eq!(refused.len(), 1, "{lines:?}");
+    assert_eq!(refused[0].1["outcome"], "bad_request");
+    // the login before it was logged on its own line
+    assert!(lines.iter().any(|(m, f)| m == "client authenticated" && f["user"] == "carol"), "{lines:?}");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_handshake_timeout_closes_the_connection_and_shows_in_metrics_and_one_log_line() {
+    let b = broker("slow", "auth = \"none\"\nallow_any_user = true").await;
+    // binary: half a SASL message, then silence
+    let t0 = std::time::Instant::now();
+    let reply = send_and_read_all(b.addrs["slow_bin"], &[1, 0, 0, 0, 5, b'P']).await;
+    assert_eq!(reply, b"", "a stalled handshake gets no answer, only the close");
+    assert!(t0.elapsed() >= Duration::from_millis(400), "closed at the deadline, not before");
+    // HTTP: a request head that never ends
+    let mut s = TcpStream::connect(b.addrs["slow_http"]).await.unwrap();
+    s.write_all(b"POST /cliservice HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the broker closes a connection whose headers are late")
+        .ok();
+
+    let bin_lines = logged("slow_bin", |l| !l.is_empty()).await;
+    let http_lines = logged("slow_http", |l| !l.is_empty()).await;
+    let m = metrics(&b).await;
+    let errors = series(&m, "kyuubi_broker_client_errors_total");
+    for l in ["slow_bin", "slow_http"] {
+        let key = format!("listener=\"{l}\",kind=\"handshake_timeout\"");
+        assert_eq!(errors.get(&key), Some(&1.0), "{key}: {errors:?}");
+    }
+    let logins = series(&m, "kyuubi_broker_login_duration_seconds_count");
+    assert_eq!(
+        logins.get("listener=\"slow_bin\",mechanism=\"unknown\",outcome=\"handshake_timeout\""),
+        Some(&1.0),
+        "{logins:?}"
+    );
+    assert_eq!(bin_lines.len(), 1, "{bin_lines:?}");
+    assert_eq!(bin_lines[0].1["outcome"], "handshake_timeout");
+    assert_eq!(http_lines.len(), 1, "{http_lines:?}");
+    assert_eq!(http_lines[0].1["outcome"], "handshake_timeout");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_ldap_server_is_one_retryable_unavailable_answer_that_hides_its_address() {
+    let ldap = closed_port().await;
+    let auth = format!(
+        "auth = \"ldap\"\n[listener.ldap]\nurl = \"ldap://{ldap}\"\nuser_dn_pattern = \"uid=%s,ou=people,dc=example,dc=com\""
+    );
+    let b = broker("ldapdown", &auth).await;
+    let reply = send_and_read_all(
+        b.addrs["ldapdown_bin"],
+        &sasl::plain_client_hello("alice", &Secret::new("alice-pw")),
+    )
+    .await;
+    assert_eq!(reply.first(), Some(&(sasl::Status::Error as u8)), "{reply:?}");
+    let text = String::from_utf8_lossy(&reply[5..]).into_owned();
+    assert_eq!(text, "kyuubi-broker: authentication service unavailable; try again shortly");
+
+    let resp = http_post(b.addrs["ldapdown_http"], &basic("alice", "alice-pw"), b"x").await;
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    assert!(resp.to_ascii_lowercase().contains("retry-after: 5"), "{resp}");
+    for shown in [&text, &resp] {
+        assert!(!shown.contains(&ldap.port().to_string()), "the LDAP address leaked: {shown}");
+    }
+    let m = metrics(&b).await;
+    let errors = series(&m, "kyuubi_broker_client_errors_total");
+    for l in ["ldapdown_bin", "ldapdown_http"] {
+        let key = format!("listener=\"{l}\",kind=\"auth_unavailable\"");
+        assert_eq!(errors.get(&key), Some(&1.0), "{key}: {errors:?}");
+    }
+    // the broker's own log keeps the detail an operator needs
+    let lines = logged("ldapdown_bin", |l| !l.is_empty()).await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].1["error"].as_str().unwrap().contains(&ldap.to_string()), "{lines:?}");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_listener_whose_users_file_is_broken_stops_startup_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("users");
+    std::fs::write(&f, "alice:not-a-hash\n").unwrap();
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:0\"\nroute = \"r\"\nauth = \"static\"\nusers_file = \"{}\"\n{}",
+        f.display(),
+        route_toml("binary", "127.0.0.1:1".parse().unwrap(), "")
+    );
+    let cfg = kyuubi_broker::config::Config::from_toml(&toml, "t").expect("the file itself is valid");
+    let e = kyuubi_broker::prepare(cfg).err().expect("the authenticator cannot be built").to_string();
+    assert!(e.starts_with("listener[0].users_file:"), "{e}");
+    assert!(e.contains(":1:") && e.contains("argon2"), "{e}");
+}
