@@ -1,0 +1,233 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{
+    default_http_path, duration, invalid, normalize_path, read_env, readable, ConfigError,
+    Transport,
+};
+use crate::secret::Secret;
+
+/// How clients authenticate to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Any user name is accepted as the identity: loopback listeners only,
+    /// and only with `allow_any_user = true`.
+    None,
+    /// Bind against an LDAP server (`[listener.ldap]`).
+    Ldap,
+    /// A local users file of argon2 hashes (`users_file`).
+    Static,
+    /// SASL GSSAPI (binary) / SPNEGO (HTTP) with the broker's keytab
+    /// (`[listener.kerberos]`).
+    Kerberos,
+}
+
+/// The broker as a Kerberos service for its clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KerberosListenerConfig {
+    pub keytab: std::path::PathBuf,
+    /// e.g. `kyuubi/localhost@EXAMPLE.COM`; unset accepts any key in the keytab.
+    #[serde(default)]
+    pub principal: Option<String>,
+    /// Binary only: the SASL QOP levels offered.
+    #[serde(default = "default_qop")]
+    pub qop: Vec<crate::kerberos::Qop>,
+    #[serde(default)]
+    pub krb5_conf: Option<std::path::PathBuf>,
+}
+
+fn default_qop() -> Vec<crate::kerberos::Qop> {
+    vec![crate::kerberos::Qop::Auth]
+}
+
+/// LDAP options, as Kyuubi names them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapConfig {
+    /// One or more space-separated URLs, e.g. `ldap://127.0.0.1:3890`.
+    pub url: String,
+    /// Colon-separated DN patterns; `%s` is the user name.
+    #[serde(default)]
+    pub user_dn_pattern: Option<String>,
+    /// With `guid_key`: users are `<guid_key>=<user>,<base_dn>`; with
+    /// `bind_dn`: the search base.
+    #[serde(default)]
+    pub base_dn: Option<String>,
+    #[serde(default = "default_guid_key")]
+    pub guid_key: String,
+    /// Search for the user's DN as this account, then bind as the user.
+    #[serde(default)]
+    pub bind_dn: Option<String>,
+    #[serde(default)]
+    pub bind_password: Option<Secret>,
+    #[serde(default)]
+    pub bind_password_env: Option<String>,
+    /// Extra filter ANDed into the user search, e.g. `(objectClass=inetOrgPerson)`.
+    #[serde(default)]
+    pub user_filter: Option<String>,
+    /// The user must be a member of this group.
+    #[serde(default)]
+    pub group_dn: Option<String>,
+    #[serde(default = "default_member_attribute")]
+    pub group_member_attribute: String,
+    /// How long a successful check is remembered.
+    #[serde(default = "default_cache_ttl", with = "duration")]
+    pub cache_ttl: Duration,
+}
+
+fn default_guid_key() -> String {
+    "uid".into()
+}
+fn default_member_attribute() -> String {
+    "member".into()
+}
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub protocol: Transport,
+    pub bind: SocketAddr,
+    pub route: String,
+    pub auth: ClientAuth,
+    /// Required with `auth = "none"`: say that any user name is trusted.
+    #[serde(default)]
+    pub allow_any_user: bool,
+    #[serde(default)]
+    pub ldap: Option<LdapConfig>,
+    #[serde(default)]
+    pub kerberos: Option<KerberosListenerConfig>,
+    /// `auth = "static"`: lines of `name:<argon2 PHC hash>`.
+    #[serde(default)]
+    pub users_file: Option<std::path::PathBuf>,
+    /// Binary only: also accept raw (NOSASL) Thrift, detected by its first byte.
+    #[serde(default = "yes")]
+    pub allow_nosasl: bool,
+    /// HTTP only: the Thrift endpoint; any sub-path is accepted too.
+    #[serde(default = "default_http_path")]
+    pub http_path: String,
+    /// HTTP only: lifetime of the `hive.server2.auth` cookie.
+    #[serde(default = "default_cookie_age", with = "duration")]
+    pub cookie_max_age: Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_cookie_age() -> Duration {
+    Duration::from_secs(86400)
+}
+
+impl ListenerConfig {
+    /// The rules of one listener on its own; `key` is `listener[i]`. Its
+    /// krb5.conf goes into `krb5` for the one-per-process check.
+    pub(super) fn validate(
+        &mut self,
+        key: &str,
+        krb5: &mut Vec<(String, PathBuf)>,
+    ) -> Result<(), ConfigError> {
+        match self.auth {
+            ClientAuth::None if !self.bind.ip().is_loopback() => {
+                return Err(invalid(
+                    format!("{key}.auth"),
+                    format!(
+                        "'none' trusts any user name, but {} is not a loopback address",
+                        self.bind
+                    ),
+                    "bind this listener to 127.0.0.1 or ::1, or use ldap or static",
+                ))
+            }
+            ClientAuth::None if !self.allow_any_user => {
+                return Err(invalid(
+                    format!("{key}.auth"),
+                    "'none' trusts any user name the client sends",
+                    "add allow_any_user = true to this listener to accept that",
+                ))
+            }
+            ClientAuth::Ldap => {
+                let Some(ld) = self.ldap.as_mut() else {
+                    return Err(invalid(
+                        format!("{key}.ldap"),
+                        "auth = \"ldap\" but no [listener.ldap] table",
+                        "add url and user_dn_pattern (or base_dn, or bind_dn + base_dn)",
+                    ));
+                };
+                if ld.user_dn_pattern.is_none() && ld.base_dn.is_none() {
+                    return Err(invalid(
+                        format!("{key}.ldap"),
+                        "no way to find a user's DN",
+                        "set user_dn_pattern, or base_dn (with guid_key, or with bind_dn to search)",
+                    ));
+                }
+                if let Some(var) = ld.bind_password_env.clone() {
+                    ld.bind_password =
+                        Some(read_env(&var, &format!("{key}.ldap.bind_password_env"))?);
+                }
+                if ld.bind_dn.is_some() && ld.base_dn.is_none() {
+                    return Err(invalid(
+                        format!("{key}.ldap.base_dn"),
+                        "bind_dn needs a search base",
+                        "set base_dn",
+                    ));
+                }
+            }
+            ClientAuth::Static => {
+                // The file's contents are checked when the authenticator is
+                // built from it: parsing it here would make config depend on
+                // the auth module.
+                if self.users_file.is_none() {
+                    return Err(invalid(
+                        format!("{key}.users_file"),
+                        "auth = \"static\" but no users_file",
+                        "point users_file at lines of name:<argon2 hash>",
+                    ));
+                }
+            }
+            ClientAuth::Kerberos => {
+                let Some(k) = &self.kerberos else {
+                    return Err(invalid(
+                        format!("{key}.kerberos"),
+                        "auth = \"kerberos\" but no [listener.kerberos] table",
+                        "add keytab (and principal, e.g. \"kyuubi/localhost@EXAMPLE.COM\")",
+                    ));
+                };
+                readable(&k.keytab, &format!("{key}.kerberos.keytab"))?;
+                if k.qop.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.kerberos.qop"),
+                        "is empty",
+                        "offer at least [\"auth\"]",
+                    ));
+                }
+                if let Some(f) = &k.krb5_conf {
+                    krb5.push((format!("{key}.kerberos.krb5_conf"), f.clone()));
+                }
+            }
+            ClientAuth::None => {}
+        }
+        if self.kerberos.is_some() && self.auth != ClientAuth::Kerberos {
+            return Err(invalid(
+                format!("{key}.kerberos"),
+                "is set but auth is not \"kerberos\"",
+                "set auth = \"kerberos\" or remove the table",
+            ));
+        }
+        self.http_path = normalize_path(&self.http_path);
+        if self.protocol == Transport::Http && self.http_path.is_empty() {
+            return Err(invalid(
+                format!("{key}.http_path"),
+                "is empty",
+                "use e.g. \"cliservice\"",
+            ));
+        }
+        Ok(())
+    }
+}
