@@ -7,28 +7,48 @@
 //!    GSSAPI handshake (sans-IO in [`wire::sasl`], GSS in [`kerberos`]) or
 //!    recognises NOSASL by its first byte; [`listen::http`] checks Basic or
 //!    SPNEGO credentials or its signed `hive.server2.auth` cookie. Both ask
-//!    [`auth`] to turn credentials into a client identity.
+//!    the listener's [`auth::Authenticator`] (built at startup by [`prepare`])
+//!    to turn credentials into an [`identity::ClientIdentity`].
 //! 2. [`wire::io`] reads one Thrift message (a SASL data frame, a bare NOSASL
 //!    message, or an HTTP body), checking the size limit before allocating.
-//! 3. [`session::Call::parse`] peeks the message header ([`wire::thrift`]):
+//! 3. [`tcli::Call::parse`] peeks the message header ([`wire::thrift`]):
 //!    method, type, sequence id. Nothing else is decoded.
-//! 4. [`session::Broker::forward`] is where every RPC starts and ends (timing
-//!    into [`metrics`], logging). It picks the upstream [`upstream::Link`]: a binary client's
-//!    connection owns one; HTTP requests find theirs through the session or
+//! 4. [`session::Broker`] forwards it: a binary client's
+//!    [`session::BinaryClient`] owns its upstream [`upstream::Link`]; an HTTP
+//!    request ([`session::HttpClient`]) finds its link through the session or
 //!    operation handle ([`tcli::request_guid`]). OpenSession is the one request
 //!    rewritten ([`tcli::rewrite_open_session`]), with the upstream identity
-//!    chosen by [`session::upstream_credential`] ([`mapping`]).
+//!    chosen by [`session::upstream_credential`] ([`mapping`]); a NOSASL
+//!    client is authenticated there, from the same parse.
 //! 5. [`upstream`] sends the bytes unchanged (SASL PLAIN or GSSAPI, NOSASL, or
 //!    HTTP POST with Basic or SPNEGO) and returns the reply bytes; only
-//!    OpenSession replies and new operation handles are read.
-//! 6. The reply goes back to the client as it came; a big FetchResults reply
-//!    between binary peers is passed on as it arrives. Failures become a TStatus
-//!    error reply or an HTTP status in one place ([`error::RpcError`]).
+//!    OpenSession replies and new operation handles are read. A big reply
+//!    from a binary upstream to a binary client is passed on as it arrives
+//!    ([`upstream::Link::call_streaming`]).
+//! 6. Every outcome the client can see, success or failure, login or RPC, is
+//!    finished at the [`edge`] (timed, counted in [`metrics`] by outcome,
+//!    logged once) and answered by one function per transport
+//!    (`listen::binary::answer`, `listen::http::respond`) from the one table
+//!    in [`error::RpcError::answer`].
 //!
 //! [`run`] wires it together, serves the [`admin`] endpoints and drains
 //! connections on shutdown. Beside the data path: [`tokens`] rotates gateway
 //! tokens through [`cloud`] (emulated by [`emulator`]); [`loadgen`] drives
 //! `kyuubi-broker bench`.
+//!
+//! # Module tree
+//!
+//! Modules depend downwards only (`tests/module_tree.rs` checks it from the
+//! `use` lines):
+//!
+//! - bottom: [`secret`], [`percent`], [`metrics`], [`wire`], then [`tcli`],
+//!   [`kerberos`] and [`identity`] (who is on each side, as plain data);
+//! - [`config`] (TOML, each section validating itself), [`cloud`];
+//! - [`auth`] and [`mapping`], each with its own error type;
+//! - [`error`] (every client-visible failure and how it is answered), then
+//!   [`upstream`], [`edge`], [`session`];
+//! - top: [`listen`], [`admin`], [`tokens`], [`client`], [`loadgen`],
+//!   [`commands`], and this crate root.
 
 pub mod admin;
 pub mod auth;

@@ -21,7 +21,12 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// The top-level module a file belongs to: `src/listen/http.rs` → `listen`.
 fn module_of(src: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src).unwrap();
-    let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
     first.trim_end_matches(".rs").to_string()
 }
 
@@ -106,7 +111,10 @@ fn cycle(edges: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
 fn the_modules_import_each_other_as_a_tree_without_cycles() {
     let edges = graph();
     for (m, deps) in &edges {
-        eprintln!("{m} -> {}", deps.iter().cloned().collect::<Vec<_>>().join(", "));
+        eprintln!(
+            "{m} -> {}",
+            deps.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     assert_eq!(cycle(&edges), None, "modules import each other in a loop");
 }

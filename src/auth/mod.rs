@@ -11,7 +11,7 @@ use std::path::Path;
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::Argon2;
 
-use crate::config::{ClientAuth, ConfigError, ListenerConfig};
+use crate::config::{invalid, ClientAuth, ConfigError, ListenerConfig};
 use crate::identity::ClientIdentity;
 use crate::secret::Secret;
 
@@ -52,13 +52,8 @@ impl Authenticator {
     /// reads its users file or keytab now, so a broken one stops startup
     /// with an error naming the key instead of refusing every client later.
     pub fn from_config(l: &ListenerConfig, key: &str) -> Result<Authenticator, ConfigError> {
-        let invalid = |k: &str, problem: String, fix: &str| ConfigError::Invalid {
-            key: format!("{key}.{k}"),
-            problem,
-            fix: fix.to_string(),
-        };
-        let missing =
-            |k: &str, what: &str| invalid(k, format!("auth = \"{what}\" needs it"), "add it");
+        let bad = |k: &str, problem: String, fix: &str| invalid(format!("{key}.{k}"), problem, fix);
+        let missing = |k: &str, what: &str| bad(k, format!("auth = \"{what}\" needs it"), "add it");
         Ok(match l.auth {
             ClientAuth::None => Authenticator::AnyUser,
             ClientAuth::Ldap => Authenticator::Ldap(Box::new(ldap::LdapAuth::new(
@@ -70,7 +65,7 @@ impl Authenticator {
                     .as_deref()
                     .ok_or_else(|| missing("users_file", "static"))?;
                 Authenticator::Static(
-                    load_users(f).map_err(|e| invalid("users_file", e, "fix the file"))?,
+                    load_users(f).map_err(|e| bad("users_file", e, "fix the file"))?,
                 )
             }
             ClientAuth::Kerberos => {
@@ -84,7 +79,7 @@ impl Authenticator {
                     k.qop.clone(),
                 )
                 .map_err(|e| {
-                    invalid(
+                    bad(
                         "kerberos.keytab",
                         e.to_string(),
                         "point keytab at a keytab holding the listener's service principal",
