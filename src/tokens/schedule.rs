@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{now_ms, Lifecycle};
+use super::{Clock, Lifecycle, Reconciled, TokenError, TokenState};
 
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -46,14 +46,47 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_secs(5 * 2u64.pow(failures.min(6))).min(Duration::from_secs(300))
 }
 
+/// What the loop drives: [`Lifecycle`] against the management API, or an
+/// in-memory fake in the tests below (real I/O and paused time do not mix:
+/// the paused clock jumps ahead while a task waits on a socket).
+pub(crate) trait Rotator {
+    /// The clock `created_ms` and `delete_after_ms` are stamped with; the
+    /// loop schedules by the same one.
+    fn clock(&self) -> Clock;
+    fn state(&self) -> &TokenState;
+    async fn reconcile(&mut self, grace: Duration) -> Result<Reconciled, TokenError>;
+    async fn rotate(&mut self, grace: Duration) -> Result<String, TokenError>;
+    async fn retire_due(&mut self) -> Result<Vec<String>, TokenError>;
+}
+
+impl Rotator for Lifecycle {
+    fn clock(&self) -> Clock {
+        Lifecycle::clock(self)
+    }
+    fn state(&self) -> &TokenState {
+        Lifecycle::state(self)
+    }
+    async fn reconcile(&mut self, grace: Duration) -> Result<Reconciled, TokenError> {
+        Lifecycle::reconcile(self, grace).await
+    }
+    async fn rotate(&mut self, grace: Duration) -> Result<String, TokenError> {
+        Lifecycle::rotate(self, grace).await
+    }
+    async fn retire_due(&mut self) -> Result<Vec<String>, TokenError> {
+        Lifecycle::retire_due(self).await
+    }
+}
+
 /// Runs until `stop` is cancelled.
-pub async fn run(
-    mut lc: Lifecycle,
+pub(crate) async fn run<R: Rotator>(
+    mut lc: R,
     schedule: Schedule,
     status: Arc<Mutex<RotationStatus>>,
     stop: CancellationToken,
 ) {
-    let set = |lc: &Lifecycle, f: &dyn Fn(&mut RotationStatus)| {
+    let clock = lc.clock();
+    let now_ms = || clock.now_ms();
+    let set = |lc: &R, f: &dyn Fn(&mut RotationStatus)| {
         let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
         s.active_token_id = lc.state().active.as_ref().map(|t| t.token_id.clone());
         s.active_since_ms = lc.state().active.as_ref().map(|t| t.created_ms);
@@ -99,7 +132,7 @@ pub async fn run(
                 set(&lc, &|s| s.rotations += 1);
             }
             lc.retire_due().await?;
-            Ok::<_, super::TokenError>(())
+            Ok::<_, TokenError>(())
         }
         .await;
         match result {
@@ -129,6 +162,213 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokens::{OwnedToken, Retiring};
+
+    /// The fake's wall clock at the start of each test.
+    const T0: i64 = 1_700_000_000_000;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    fn hours(h: u64) -> Duration {
+        secs(h * 3600)
+    }
+
+    fn ms(d: Duration) -> i64 {
+        d.as_millis() as i64
+    }
+
+    /// What the fake management API saw, as milliseconds after T0, and the
+    /// failures to inject.
+    #[derive(Default)]
+    struct Api {
+        created: Vec<(i64, String)>,
+        deleted: Vec<(i64, String)>,
+        failed_creates: Vec<i64>,
+        failed_deletes: Vec<i64>,
+        /// Fail this many of the next creates.
+        fail_creates: u32,
+        /// Refuse this many of the next deletes (the token stays retiring).
+        fail_deletes: u32,
+        /// Fail writing the state after this many of the next deletes: the
+        /// token is gone, but the step fails, as `Lifecycle::retire_due`
+        /// does when its `save` fails.
+        fail_saves_after_delete: u32,
+    }
+
+    /// An in-memory [`Rotator`]: tokens `tk-1`, `tk-2`, … stamped with the
+    /// paused tokio clock, as [`Lifecycle`] stamps them.
+    struct Fake {
+        clock: Clock,
+        state: TokenState,
+        api: Arc<Mutex<Api>>,
+        next: u32,
+    }
+
+    impl Rotator for Fake {
+        fn clock(&self) -> Clock {
+            self.clock
+        }
+        fn state(&self) -> &TokenState {
+            &self.state
+        }
+        async fn reconcile(&mut self, _grace: Duration) -> Result<Reconciled, TokenError> {
+            // the fake never leaves an intent or an orphan behind
+            let retired = self.retire_due().await?;
+            Ok(Reconciled {
+                retired,
+                ..Reconciled::default()
+            })
+        }
+        async fn rotate(&mut self, grace: Duration) -> Result<String, TokenError> {
+            let now = self.clock.now_ms();
+            let mut api = self.api.lock().unwrap();
+            if api.fail_creates > 0 {
+                api.fail_creates -= 1;
+                api.failed_creates.push(now - T0);
+                return Err(TokenError::Refused("injected create failure".into()));
+            }
+            self.next += 1;
+            let id = format!("tk-{}", self.next);
+            api.created.push((now - T0, id.clone()));
+            let new = OwnedToken {
+                token_id: id.clone(),
+                name: format!("{}{}", self.state.prefix(), self.next),
+                value: "v".repeat(32),
+                created_ms: now,
+                expires_ms: None,
+            };
+            if let Some(old) = self.state.active.replace(new) {
+                self.state.retiring.push(Retiring {
+                    token: old,
+                    delete_after_ms: now + ms(grace),
+                });
+            }
+            Ok(id)
+        }
+        async fn retire_due(&mut self) -> Result<Vec<String>, TokenError> {
+            let now = self.clock.now_ms();
+            let mut api = self.api.lock().unwrap();
+            let mut done = Vec::new();
+            while let Some(i) = self
+                .state
+                .retiring
+                .iter()
+                .position(|r| r.delete_after_ms <= now)
+            {
+                if api.fail_deletes > 0 {
+                    api.fail_deletes -= 1;
+                    api.failed_deletes.push(now - T0);
+                    return Err(TokenError::Refused("injected delete failure".into()));
+                }
+                let id = self.state.retiring.remove(i).token.token_id;
+                api.deleted.push((now - T0, id.clone()));
+                if api.fail_saves_after_delete > 0 {
+                    api.fail_saves_after_delete -= 1;
+                    return Err(TokenError::Refused("injected state write failure".into()));
+                }
+                done.push(id);
+            }
+            Ok(done)
+        }
+    }
+
+    /// Lifetime 2 h at fraction 0.5: a rotation every hour; grace 10 min.
+    fn hourly() -> Schedule {
+        Schedule {
+            lifetime: hours(2),
+            fraction: 0.5,
+            min_interval: secs(60),
+            max_interval: hours(24),
+            grace: secs(600),
+        }
+    }
+
+    struct Running {
+        api: Arc<Mutex<Api>>,
+        status: Arc<Mutex<RotationStatus>>,
+        base: tokio::time::Instant,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    impl Running {
+        /// Lets paused time run to `d` after T0. Every check sits a second
+        /// off the loop's own wake-ups, so the loop has finished its step.
+        async fn at(&self, d: Duration) {
+            tokio::time::sleep_until(self.base + d).await;
+        }
+        fn api(&self) -> std::sync::MutexGuard<'_, Api> {
+            self.api.lock().unwrap()
+        }
+        fn status(&self) -> RotationStatus {
+            self.status.lock().unwrap().clone()
+        }
+    }
+
+    /// Starts the loop at T0 with token `tk-0`, created at T0, active.
+    fn start(schedule: Schedule) -> Running {
+        let clock = Clock::tokio(T0);
+        let mut state = TokenState::fresh();
+        state.active = Some(OwnedToken {
+            token_id: "tk-0".into(),
+            name: format!("{}0", state.prefix()),
+            value: "v".repeat(32),
+            created_ms: T0,
+            expires_ms: None,
+        });
+        let api = Arc::new(Mutex::new(Api::default()));
+        let fake = Fake {
+            clock,
+            state,
+            api: api.clone(),
+            next: 0,
+        };
+        let status = Arc::new(Mutex::new(RotationStatus::default()));
+        let stop = CancellationToken::new();
+        tokio::spawn(run(fake, schedule, status.clone(), stop.clone()));
+        Running {
+            api,
+            status,
+            base: tokio::time::Instant::now(),
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    fn created(r: &Running) -> Vec<(i64, String)> {
+        r.api().created.clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotations_happen_once_per_interval() {
+        let r = start(hourly());
+        r.at(hours(3) + secs(1)).await;
+        assert_eq!(
+            created(&r),
+            vec![
+                (ms(hours(1)), "tk-1".to_string()),
+                (ms(hours(2)), "tk-2".to_string()),
+                (ms(hours(3)), "tk-3".to_string()),
+            ]
+        );
+        let st = r.status();
+        assert_eq!(st.rotations, 3);
+        assert_eq!(st.active_token_id.as_deref(), Some("tk-3"));
+        assert_eq!(st.active_since_ms, Some(T0 + ms(hours(3))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_old_token_is_retired_only_after_its_grace() {
+        let r = start(hourly());
+        r.at(hours(1) + secs(599)).await;
+        assert_eq!(created(&r).len(), 1, "tk-1 replaced tk-0 at 1 h");
+        assert!(r.api().deleted.is_empty(), "tk-0 is still in its grace");
+        r.at(hours(1) + secs(601)).await;
+        assert_eq!(
+            r.api().deleted,
+            vec![(ms(hours(1) + secs(600)), "tk-0".to_string())]
+        );
+    }
 
     #[test]
     fn interval_is_a_fraction_of_the_lifetime_clamped() {
