@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use kyuubi_broker::client::{ClientError, Hs2Client};
 use kyuubi_broker::config::{Config, Transport, UpstreamConfig, UpstreamSasl};
+use kyuubi_broker::error::UpstreamError;
 use kyuubi_broker::tcli::gen::TColumn;
 use kyuubi_broker::wire::thrift::{ttype, MessageType, Writer};
 use serde_json::Value;
@@ -626,6 +627,28 @@ pub async fn scalar(
     match &rows.results.unwrap().columns.unwrap()[col] {
         TColumn::StringVal(v) => Ok(v.values[0].clone()),
         other => panic!("unexpected column {other:?}"),
+    }
+}
+
+/// Checks that `r` is the broker refusing `user`'s password login, as it
+/// refuses every wrong password or unknown user: SASL BAD on binary, HTTP
+/// 401 on HTTP, with the one refusal text. Returns that text.
+pub fn login_refused<T: std::fmt::Debug>(
+    r: Result<T, ClientError>,
+    t: Transport,
+    user: &str,
+) -> String {
+    let text = format!("authentication failed for user '{user}'");
+    let expected = match t {
+        Transport::Http => format!("HTTP 401: Authentication Error: {text}"),
+        Transport::Binary => text,
+    };
+    match r {
+        Err(ClientError::Transport(UpstreamError::AuthRejected { reason, .. })) => {
+            assert_eq!(reason, expected, "{t:?}");
+            reason
+        }
+        other => panic!("{t:?}: expected {user}'s login to be refused, got {other:?}"),
     }
 }
 
