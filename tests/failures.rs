@@ -11,6 +11,7 @@ use bytes::Bytes;
 use common::*;
 use kyuubi_broker::client::{ClientError, Hs2Client};
 use kyuubi_broker::config::{Transport, UpstreamSasl};
+use kyuubi_broker::error::UpstreamError;
 use kyuubi_broker::secret::Secret;
 use kyuubi_broker::tcli::gen::{TGetInfoReq, TGetInfoResp, TGetInfoType, TStatusCode};
 use kyuubi_broker::wire::sasl;
@@ -45,99 +46,11 @@ async fn closed_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// Failure injection on the upstream side: what the fake upstream does after
-/// accepting a connection.
-#[derive(Clone, Copy)]
-enum Misbehave {
-    /// Accept, then never send a byte.
-    Silent,
-    /// Complete SASL PLAIN, then never answer a call.
-    SaslThenSilent,
-    /// Complete SASL PLAIN, then answer every call with garbage.
-    SaslThenGarbage,
-    /// Complete SASL PLAIN, then answer with a well-formed reply to another call.
-    SaslThenWrongSeqid,
-    /// Refuse SASL PLAIN as HiveServer2 does for a wrong password.
-    SaslReject,
-}
-
-async fn misbehaving_upstream(how: Misbehave) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                if let Misbehave::Silent = how {
-                    let _ = s.read(&mut buf).await;
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    return;
-                }
-                // read the client's two messages: START "PLAIN", then the PLAIN response
-                let mut got = Vec::new();
-                let mut seen = 0;
-                while seen < 2 {
-                    match sasl::decode(&got, 1 << 20) {
-                        Ok(Some((_, n))) => {
-                            got.drain(..n);
-                            seen += 1;
-                            continue;
-                        }
-                        Ok(None) => {}
-                        Err(_) => return,
-                    }
-                    let n = s.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                }
-                if let Misbehave::SaslReject = how {
-                    let _ = s
-                        .write_all(&sasl::encode(
-                            sasl::Status::Bad,
-                            b"Error validating the login",
-                        ))
-                        .await;
-                    return;
-                }
-                let _ = s
-                    .write_all(&sasl::encode(sasl::Status::Complete, b""))
-                    .await;
-                loop {
-                    let n = s.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    match how {
-                        Misbehave::SaslThenGarbage => {
-                            let _ = s.write_all(b"\x00\x00\x00\x08NOTTHRFT").await;
-                        }
-                        Misbehave::SaslThenWrongSeqid => {
-                            let mut w = Writer::default();
-                            w.message_begin("OpenSession", MessageType::Reply, 999);
-                            w.stop();
-                            let mut frame = (w.buf.len() as u32).to_be_bytes().to_vec();
-                            frame.extend_from_slice(&w.buf);
-                            let _ = s.write_all(&frame).await;
-                        }
-                        _ => {}
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// What a binary client's OpenSession gets from a broker in front of a
 /// misbehaving upstream.
-async fn open_session_error(how: Misbehave, upstream_extra: &str) -> String {
-    let up = misbehaving_upstream(how).await;
-    let b = start_broker(&route_toml("binary", up, upstream_extra)).await;
+async fn open_session_error(fake: FakeUpstream, upstream_extra: &str) -> String {
+    let up = fake.start().await;
+    let b = start_broker(&route_toml("binary", up.addr, upstream_extra)).await;
     let mut c = binary_client(&b).await;
     let msg = status_error(c.open_session().await.unwrap_err());
     b.shutdown().await;
@@ -191,7 +104,11 @@ async fn unreachable_upstream_gives_http_client_502_with_a_text_body() {
 #[tokio::test]
 async fn silent_upstream_hits_the_connect_timeout_not_a_hang() {
     let t0 = Instant::now();
-    let msg = open_session_error(Misbehave::Silent, "connect_timeout = \"1s\"").await;
+    let msg = open_session_error(
+        FakeUpstream::binary().silent_from_accept(),
+        "connect_timeout = \"1s\"",
+    )
+    .await;
     assert!(
         msg.contains("timed out after 1.0s connecting to upstream"),
         "{msg}"
@@ -201,8 +118,8 @@ async fn silent_upstream_hits_the_connect_timeout_not_a_hang() {
 
 #[tokio::test]
 async fn stalled_upstream_reply_gives_504_to_http_clients_and_tstatus_to_binary() {
-    let up = misbehaving_upstream(Misbehave::SaslThenSilent).await;
-    let b = start_broker(&route_toml("binary", up, "read_timeout = \"1s\"")).await;
+    let up = FakeUpstream::binary().silent_after_sasl().start().await;
+    let b = start_broker(&route_toml("binary", up.addr, "read_timeout = \"1s\"")).await;
     let (status, _, body) = http_post(
         b.http,
         "/cliservice",
@@ -220,13 +137,13 @@ async fn stalled_upstream_reply_gives_504_to_http_clients_and_tstatus_to_binary(
 
 #[tokio::test]
 async fn garbage_from_upstream_is_reported_as_a_malformed_reply() {
-    let msg = open_session_error(Misbehave::SaslThenGarbage, "").await;
+    let msg = open_session_error(FakeUpstream::binary().garbage_replies(), "").await;
     assert!(msg.contains("sent a malformed reply"), "{msg}");
 }
 
 #[tokio::test]
 async fn reply_to_another_call_is_refused_and_not_relayed() {
-    let msg = open_session_error(Misbehave::SaslThenWrongSeqid, "").await;
+    let msg = open_session_error(FakeUpstream::binary().replies_with_wrong_seqid(), "").await;
     assert!(
         msg.contains("reply OpenSession #999 does not answer OpenSession #1"),
         "{msg}"
@@ -235,7 +152,11 @@ async fn reply_to_another_call_is_refused_and_not_relayed() {
 
 #[tokio::test]
 async fn upstream_refusing_credentials_is_reported_with_its_reason() {
-    let msg = open_session_error(Misbehave::SaslReject, "").await;
+    let msg = open_session_error(
+        FakeUpstream::binary().reject_sasl("Error validating the login"),
+        "",
+    )
+    .await;
     assert!(
         msg.contains("refused the broker's credentials: Error validating the login"),
         "{msg}"
@@ -272,9 +193,9 @@ async fn secrets_never_appear_in_client_errors() {
 
 #[tokio::test]
 async fn malformed_client_input_closes_only_that_connection() {
-    let sts = sts_binary().await;
+    let up = FakeUpstream::binary().start().await;
     let b = start_broker_with(
-        &route_toml("binary", sts, ""),
+        &route_toml("binary", up.addr, ""),
         "max_message_bytes = 1048576",
     )
     .await;
@@ -329,6 +250,16 @@ async fn malformed_client_input_closes_only_that_connection() {
     let rows = good.fetch(&op, 10).await.unwrap();
     assert!(rows.results.is_some());
     good.close_session(session).await.unwrap();
+    assert_eq!(
+        up.calls(),
+        [
+            "OpenSession",
+            "ExecuteStatement",
+            "FetchResults",
+            "CloseSession"
+        ],
+        "only the good session's calls reached the upstream"
+    );
     b.shutdown().await;
 }
 
@@ -390,9 +321,9 @@ async fn nosasl_client_is_recognised_by_its_first_byte_and_served() {
 
 #[tokio::test]
 async fn http_listener_answers_protocol_errors_with_the_right_status() {
-    let sts = sts_binary().await;
+    let up = FakeUpstream::binary().start().await;
     let b = start_broker_with(
-        &route_toml("binary", sts, ""),
+        &route_toml("binary", up.addr, ""),
         "max_message_bytes = 1048576",
     )
     .await;
@@ -456,13 +387,14 @@ async fn http_listener_answers_protocol_errors_with_the_right_status() {
     let h = peek_header(&body).unwrap();
     assert_eq!(h.name, "GetInfo");
     assert!(String::from_utf8_lossy(&body).contains("unknown or expired session handle"));
+    assert_eq!(up.calls(), Vec::<String>::new(), "nothing was relayed");
     b.shutdown().await;
 }
 
 #[tokio::test]
 async fn http_auth_cookie_replaces_credentials_on_later_calls() {
-    let sts = sts_binary().await;
-    let b = start_broker(&route_toml("binary", sts, "")).await;
+    let up = FakeUpstream::binary().start().await;
+    let b = start_broker(&route_toml("binary", up.addr, "")).await;
     let (s, headers, body) = http_post_bytes(
         b.http,
         "/cliservice",
@@ -494,6 +426,11 @@ async fn http_auth_cookie_replaces_credentials_on_later_calls() {
     .await;
     assert_eq!(s, 200);
     assert!(!String::from_utf8_lossy(&body).contains("unknown or expired"));
+    assert_eq!(
+        up.calls(),
+        ["OpenSession", "GetInfo"],
+        "relayed on the cookie"
+    );
     // a forged cookie is not accepted
     let forged = format!("Cookie: {}x\r\n", cookie);
     assert_eq!(
@@ -502,6 +439,7 @@ async fn http_auth_cookie_replaces_credentials_on_later_calls() {
             .0,
         401
     );
+    assert_eq!(up.calls().len(), 2, "the forged call was not relayed");
     b.shutdown().await;
 }
 
@@ -549,8 +487,8 @@ async fn an_http_doas_parameter_is_stripped_unless_impersonation_is_allowed() {
 
 #[tokio::test]
 async fn another_users_session_handle_is_refused_over_http() {
-    let sts = sts_binary().await;
-    let b = start_broker(&route_toml("binary", sts, "")).await;
+    let up = FakeUpstream::binary().start().await;
+    let b = start_broker(&route_toml("binary", up.addr, "")).await;
     let (_, _, body) = http_post_bytes(
         b.http,
         "/cliservice",
@@ -568,32 +506,33 @@ async fn another_users_session_handle_is_refused_over_http() {
     .await;
     assert_eq!(s, 200);
     assert!(String::from_utf8_lossy(&body).contains("unknown or expired session handle"));
+    assert_eq!(up.calls(), ["OpenSession"], "bob's call was not relayed");
     b.shutdown().await;
 }
 
 #[tokio::test]
 async fn shutdown_lets_the_in_flight_rpc_finish_then_refuses_new_connections() {
-    let sts = sts_binary().await;
-    let mut b = start_broker(&route_toml("binary", sts, "")).await;
+    let slow = "select sum(id % 7) from range(0, 3000000000, 1, 2)";
+    // sees each statement go on to the server: then its RPC is in flight
+    let relay = CountingRelay::watching(sts_binary().await, slow.as_bytes()).await;
+    let mut b = start_broker(&route_toml("binary", relay.addr, "")).await;
     let mut c = binary_client(&b).await;
     let mut h = http_client(&b).await;
     let session = c.open_session().await.unwrap();
     let hsession = h.open_session().await.unwrap();
-    let slow = "select sum(id % 7) from range(0, 3000000000, 1, 2)";
     let in_flight = tokio::spawn(async move {
         let r = c.execute(&session, slow).await.map(|_| ());
         (r, Instant::now())
     });
     let in_flight_http = tokio::spawn(async move { h.execute(&hsession, slow).await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::timeout(Duration::from_secs(60), relay.forwarded(2))
+        .await
+        .expect("both statements reach the server");
     let stop_at = Instant::now();
     let addr = b.binary;
     b.begin_shutdown();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        TcpStream::connect(addr).await.is_err(),
-        "no new connections after shutdown began"
-    );
+    assert!(!in_flight.is_finished() && !in_flight_http.is_finished());
+    refused_within(addr, Duration::from_secs(10)).await;
     let (r, done_at) = in_flight.await.unwrap();
     r.expect("the binary RPC in flight completes");
     in_flight_http
@@ -632,12 +571,11 @@ port = {}
         shared.port()
     ))
     .await;
-    let spawn_long = |mode: &'static str, port: u16| {
-        tokio::spawn(async move { py_client("impyla", mode, port, "long", None).await })
-    };
-    let bin = spawn_long("binary", b.binary.port());
-    let http = spawn_long("http", b.http.port());
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut bin = py_client_spawn("impyla", "binary", b.binary.port(), "long", None, &[]);
+    let mut http = py_client_spawn("impyla", "http", b.http.port(), "long", None, &[]);
+    // the doomed server runs both queries
+    bin.event("running", Duration::from_secs(120)).await;
+    http.event("running", Duration::from_secs(120)).await;
     let pid: i32 = std::fs::read_to_string(fixture_dir().join("sts-kill/pid"))
         .unwrap()
         .trim()
@@ -649,8 +587,8 @@ port = {}
         .status()
         .unwrap();
     assert!(ok.success());
-    for (name, task) in [("binary", bin), ("http", http)] {
-        let v = task.await.unwrap();
+    for (name, run) in [("binary", bin), ("http", http)] {
+        let v = run.finish().await;
         assert_eq!(v["raised"], json!(true), "{name}: {v}");
         let msg = v["message"].as_str().unwrap();
         assert!(
@@ -685,6 +623,18 @@ port = {}
 }
 
 // ---- raw protocol helpers ------------------------------------------------
+
+/// Waits until connecting to `addr` is refused: the listener has closed.
+async fn refused_within(addr: SocketAddr, within: Duration) {
+    let t0 = Instant::now();
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            t0.elapsed() < within,
+            "{addr} still accepts connections {within:?} after shutdown began"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 fn fixture_dir() -> std::path::PathBuf {
     std::env::var_os("KB_FIXTURE_DIR")
@@ -785,67 +735,15 @@ async fn http_post(
     (s, h, String::from_utf8_lossy(&b).into_owned())
 }
 
-/// An upstream that accepts SASL PLAIN, answers OpenSession, and answers
-/// FetchResults with a frame that claims 300,000 bytes but hangs up after
-/// 100,000 of them.
-async fn upstream_cut_mid_reply() -> SocketAddr {
-    use kyuubi_broker::wire::io::{Framing, MessageIo};
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut io = MessageIo::new(s, 1 << 20);
-                for _ in 0..2 {
-                    if io.read_sasl().await.is_err() {
-                        return;
-                    }
-                }
-                let _ = io.write_sasl(sasl::Status::Complete, b"").await;
-                while let Ok(msg) = io.read_message(Framing::Sasl).await {
-                    let h = peek_header(&msg).unwrap();
-                    let mut w = Writer::default();
-                    w.message_begin(h.name, MessageType::Reply, h.seqid);
-                    if h.name == "OpenSession" {
-                        // result.success = { status: { statusCode: 0 }, serverProtocolVersion,
-                        //                    sessionHandle: { sessionId: { guid, secret } } }
-                        w.field(ttype::STRUCT, 0);
-                        w.field(ttype::STRUCT, 1);
-                        w.field(ttype::I32, 1);
-                        w.i32(0);
-                        w.stop();
-                        w.field(ttype::I32, 2);
-                        w.i32(9);
-                        w.field(ttype::STRUCT, 3);
-                        w.field(ttype::STRUCT, 1);
-                        w.field(ttype::STRING, 1);
-                        w.binary(&[1; 16]);
-                        w.field(ttype::STRING, 2);
-                        w.binary(&[2; 16]);
-                        w.stop();
-                        w.stop();
-                        w.stop();
-                        w.stop();
-                        let _ = io.write_message(Framing::Sasl, &w.buf).await;
-                        continue;
-                    }
-                    let mut frame = 300_000u32.to_be_bytes().to_vec();
-                    frame.extend_from_slice(&w.buf);
-                    frame.resize(100_000, 0);
-                    let _ = io.write_raw(&frame).await;
-                    return; // hang up mid-frame
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn an_upstream_cut_mid_reply_closes_that_client_only_and_the_broker_keeps_serving() {
     use kyuubi_broker::tcli::gen::{THandleIdentifier, TOperationHandle, TOperationType};
-    let up = upstream_cut_mid_reply().await;
-    let b = start_broker(&route_toml("binary", up, "")).await;
+    // FetchResults gets a frame that claims 300,000 bytes but hangs up after 100,000
+    let up = FakeUpstream::binary()
+        .cut_mid_reply(300_000, 100_000)
+        .start()
+        .await;
+    let b = start_broker(&route_toml("binary", up.addr, "")).await;
     let op = TOperationHandle {
         operation_id: THandleIdentifier {
             guid: vec![3; 16],
@@ -861,9 +759,12 @@ async fn an_upstream_cut_mid_reply_closes_that_client_only_and_the_broker_keeps_
         // the big reply is relayed as it arrives, then breaks off: the
         // client's connection is closed, not left with a partial frame
         let t0 = Instant::now();
-        let err = c.fetch(&op, 10).await.unwrap_err().to_string();
-        assert!(t0.elapsed() < Duration::from_secs(10), "{err}");
-        assert!(!err.contains("Status("), "must be a transport error: {err}");
+        let r = c.fetch(&op, 10).await;
+        assert!(t0.elapsed() < Duration::from_secs(10), "{r:?}");
+        assert!(
+            matches!(r, Err(ClientError::Transport(UpstreamError::Closed { .. }))),
+            "must be the connection closing, not a reply: {r:?}"
+        );
     }
     b.shutdown().await;
 }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use common::*;
 use kyuubi_broker::client::{ClientError, Hs2Client};
 use kyuubi_broker::config::{Transport, UpstreamSasl};
+use kyuubi_broker::error::UpstreamError;
 use kyuubi_broker::tcli::gen::TStatusCode;
 use serde_json::json;
 
@@ -51,18 +52,8 @@ async fn ldap_client_auth_accepts_alice_and_refuses_wrong_passwords_alike() {
             "alice",
             "{t:?}"
         );
-        let wrong = current_user(addr, t, "alice", "nope")
-            .await
-            .unwrap_err()
-            .to_string();
-        let unknown = current_user(addr, t, "mallory", "nope")
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            wrong.contains("authentication failed for user 'alice'") || wrong.contains("401"),
-            "{t:?}: {wrong}"
-        );
+        let wrong = login_refused(current_user(addr, t, "alice", "nope").await, t, "alice");
+        let unknown = login_refused(current_user(addr, t, "mallory", "nope").await, t, "mallory");
         assert_eq!(
             wrong.replace("alice", "X"),
             unknown.replace("mallory", "X"),
@@ -100,16 +91,36 @@ async fn ldap_search_as_bind_dn_with_a_group_requirement() {
             .unwrap(),
         "bob"
     );
-    assert!(current_user(b.binary, Transport::Binary, "bob", "alice-pw")
-        .await
-        .is_err());
+    login_refused(
+        current_user(b.binary, Transport::Binary, "bob", "alice-pw").await,
+        Transport::Binary,
+        "bob",
+    );
     b.shutdown().await;
-    // a group nobody is in refuses everyone
-    let strict = table.replace("cn=hive-users,ou=groups", "cn=nobody,ou=groups");
+    // a required group bob is not in refuses him like a wrong password (the
+    // fixture's one group holds both users: its parent OU, with no members,
+    // stands in)
+    let strict = table.replace("cn=hive-users,ou=groups", "ou=groups");
     let b = ldap_broker(&strict, &route_toml("binary", sts_binary().await, "")).await;
-    assert!(current_user(b.binary, Transport::Binary, "bob", "bob-pw")
-        .await
-        .is_err());
+    login_refused(
+        current_user(b.binary, Transport::Binary, "bob", "bob-pw").await,
+        Transport::Binary,
+        "bob",
+    );
+    b.shutdown().await;
+    // a group that does not exist is the service's failure, not a wrong password
+    let missing = table.replace("cn=hive-users,ou=groups", "cn=nobody,ou=groups");
+    let b = ldap_broker(&missing, &route_toml("binary", sts_binary().await, "")).await;
+    for (t, addr) in [(Transport::Binary, b.binary), (Transport::Http, b.http)] {
+        // told apart by its text (over HTTP the listener still answers 401)
+        match current_user(addr, t, "bob", "bob-pw").await {
+            Err(ClientError::Transport(UpstreamError::AuthRejected { reason, .. })) => assert!(
+                reason.contains("authentication service unavailable: LDAP group lookup failed"),
+                "{t:?}: {reason}"
+            ),
+            other => panic!("{t:?}: expected the LDAP lookup failure, got {other:?}"),
+        }
+    }
     b.shutdown().await;
 }
 
@@ -197,11 +208,21 @@ async fn openldap_mapping_sends_the_mapped_account_to_an_ldap_protected_server()
     // a wrong mapped password is the upstream's refusal, named clearly
     let bad = route.replace("password = \"bob-pw\"", "password = \"stale\"");
     let b = ldap_broker(PATTERN, &bad).await;
-    let err = current_user(b.binary, Transport::Binary, "alice", "alice-pw")
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("refused the broker's credentials"), "{err}");
+    let err = match current_user(b.binary, Transport::Binary, "alice", "alice-pw").await {
+        // 08S01: the link to the upstream failed, not the client's login
+        Err(ClientError::Status(TStatusCode::ERROR_STATUS, msg, state)) => {
+            assert_eq!(state.as_deref(), Some("08S01"), "{msg}");
+            msg
+        }
+        other => panic!("expected the upstream's refusal, got {other:?}"),
+    };
+    assert!(
+        err.contains(&format!(
+            "upstream {sts} (binary, SASL PLAIN) refused the broker's credentials: \
+             Error validating the login"
+        )),
+        "{err}"
+    );
     assert!(!err.contains("stale"), "no secret in the error: {err}");
     b.shutdown().await;
 }
@@ -285,8 +306,10 @@ async fn static_users_file_authenticates_with_argon2() {
             .unwrap(),
         "carol"
     );
-    assert!(current_user(b.http, Transport::Http, "carol", "wrong")
-        .await
-        .is_err());
+    login_refused(
+        current_user(b.http, Transport::Http, "carol", "wrong").await,
+        Transport::Http,
+        "carol",
+    );
     b.shutdown().await;
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::*;
 use kyuubi_broker::client::{ClientError, Hs2Client};
 use kyuubi_broker::config::{Transport, UpstreamSasl};
+use kyuubi_broker::error::UpstreamError;
 use kyuubi_broker::tcli::gen::TStatusCode;
 
 const KDC: &str = "/tmp/hs2-kdc";
@@ -173,6 +174,12 @@ async fn beeline_with_a_ticket_authenticates_to_the_broker_at_each_qop_and_over_
     )
     .await;
     assert!(!run.stdout.contains("alice,100000"), "{}", run.stdout);
+    assert!(
+        run.stderr
+            .contains("No common protection layer between client and server"),
+        "{}",
+        run.stderr
+    );
     b.shutdown().await;
 }
 
@@ -223,18 +230,22 @@ async fn clients_without_a_ticket_or_with_a_password_are_refused_clearly() {
     )
     .await;
     assert!(!run.ok, "a ticket-less beeline must fail: {}", run.stdout);
+    assert!(run.stderr.contains("GSS initiate failed"), "{}", run.stderr);
 
     // user + password (SASL PLAIN, HTTP Basic) on a Kerberos listener
-    let err = Hs2Client::connect(
+    let plain = Hs2Client::connect(
         &client_cfg(Transport::Binary, b.binary, UpstreamSasl::Plain),
         "alice",
         "alice-pw",
     )
-    .await
-    .err()
-    .expect("PLAIN refused")
-    .to_string();
-    assert!(err.contains("takes Kerberos only"), "{err}");
+    .await;
+    match plain.err() {
+        // SASL BAD from the listener
+        Some(ClientError::Transport(UpstreamError::AuthRejected { reason, .. })) => {
+            assert!(reason.contains("takes Kerberos only"), "{reason}")
+        }
+        other => panic!("PLAIN must be refused, got {other:?}"),
+    }
     let mut http = Hs2Client::connect(
         &client_cfg(Transport::Http, b.http, UpstreamSasl::Plain),
         "alice",
@@ -242,8 +253,13 @@ async fn clients_without_a_ticket_or_with_a_password_are_refused_clearly() {
     )
     .await
     .unwrap();
-    let err = http.open_session().await.unwrap_err().to_string();
-    assert!(err.contains("401") && err.contains("Kerberos"), "{err}");
+    match http.open_session().await {
+        Err(ClientError::Transport(UpstreamError::AuthRejected { reason, .. })) => assert!(
+            reason.starts_with("HTTP 401: ") && reason.contains("Kerberos"),
+            "{reason}"
+        ),
+        other => panic!("HTTP Basic must be refused with 401, got {other:?}"),
+    }
 
     // and the broker still serves a proper client
     let cc = kinit(dir.path(), "alice");
@@ -314,11 +330,19 @@ async fn the_broker_authenticates_to_kerberos_servers_as_the_mapped_principal() 
     );
     let wrong = kerberos_mapping(&upstream).replace("bob.keytab", "alice.keytab");
     let b = start_broker(&wrong).await;
-    let err = current_user(b.binary, Transport::Binary, "alice", "x")
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("bob@EXAMPLE.COM"), "{err}");
+    match current_user(b.binary, Transport::Binary, "alice", "x").await {
+        // 08S01: the broker could not authenticate upstream, not a refusal of alice
+        Err(ClientError::Status(TStatusCode::ERROR_STATUS, msg, state)) => {
+            assert_eq!(state.as_deref(), Some("08S01"), "{msg}");
+            assert!(
+                msg.contains(
+                    "refused the broker's credentials: Kerberos: credentials for bob@EXAMPLE.COM"
+                ),
+                "{msg}"
+            );
+        }
+        other => panic!("expected the broker's own credential failure, got {other:?}"),
+    }
     b.shutdown().await;
 }
 
@@ -342,14 +366,16 @@ async fn kerberos_mapping_example_maps_alice_and_refuses_bob() {
             "bob",
             "{t:?}"
         );
-        let err = current_user(addr, t, "bob", "bob-pw")
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("user bob has no account mapping on computing resource sts-kerberos"),
-            "{err}"
-        );
+        match current_user(addr, t, "bob", "bob-pw").await {
+            Err(ClientError::Status(TStatusCode::ERROR_STATUS, msg, state)) => {
+                assert_eq!(
+                    msg,
+                    "user bob has no account mapping on computing resource sts-kerberos"
+                );
+                assert_eq!(state.as_deref(), Some("28000"));
+            }
+            other => panic!("{t:?}: bob must be refused, got {other:?}"),
+        }
     }
     b.shutdown().await;
 }

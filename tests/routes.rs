@@ -1,6 +1,7 @@
 //! Route behaviour against the real Spark Thrift Server: which identity the
 //! upstream sees, the token-in-path form, and upstream sessions closed when
-//! clients leave or the broker stops.
+//! clients leave or the broker stops; and, against a fake upstream, how the
+//! broker holds and releases its upstream connections.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use kyuubi_broker::client::{ClientError, Hs2Client};
 use kyuubi_broker::config::{Transport, UpstreamSasl};
-use kyuubi_broker::tcli::gen::TSessionHandle;
+use kyuubi_broker::tcli::gen::{TSessionHandle, TStatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -113,7 +114,14 @@ async fn token_is_sent_as_a_path_segment_with_basic_credentials() {
     let mut c = Hs2Client::connect(&cfg(Transport::Binary, b.binary), "alice", "alice-pw")
         .await
         .unwrap();
-    let err = c.open_session().await.unwrap_err();
+    let err = match c.open_session().await {
+        // 08S01: the upstream link failed
+        Err(ClientError::Status(TStatusCode::ERROR_STATUS, msg, state)) => {
+            assert_eq!(state.as_deref(), Some("08S01"), "{msg}");
+            msg
+        }
+        other => panic!("expected the upstream's 503 as an error status, got {other:?}"),
+    };
     let head = seen.await.unwrap();
     assert!(
         head.starts_with(&format!("POST /cliservice/token/{token} HTTP/1.1\r\n")),
@@ -128,8 +136,8 @@ async fn token_is_sent_as_a_path_segment_with_basic_credentials() {
             .contains("content-type: application/x-thrift"),
         "{head}"
     );
-    let msg = err.to_string();
-    assert!(msg.contains("token/****") && !msg.contains(token), "{msg}");
+    assert!(err.contains("answered HTTP 503"), "{err}");
+    assert!(err.contains("token/****") && !err.contains(token), "{err}");
     b.shutdown().await;
 }
 
@@ -212,7 +220,9 @@ async fn http_upstream_connections_are_reused_across_rpcs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_an_http_clients_session_releases_its_upstream_connection_and_operations() {
-    let relay = CountingRelay::start(sts_binary().await).await;
+    // only the broker's connection handling is in question: a fake answers
+    let up = FakeUpstream::binary().start().await;
+    let relay = CountingRelay::start(up.addr).await;
     let b = start_broker(&route_toml("binary", relay.addr, "")).await;
     let mut c = Hs2Client::connect(&cfg(Transport::Http, b.http), "alice", "alice-pw")
         .await
@@ -233,11 +243,17 @@ async fn closing_an_http_clients_session_releases_its_upstream_connection_and_op
         released,
         "the upstream connection is closed with the session"
     );
-    let err = c.fetch(&op, 1).await.unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("unknown or expired operation handle"),
-        "{err}"
+    match c.fetch(&op, 1).await {
+        Err(ClientError::Status(TStatusCode::INVALID_HANDLE_STATUS, msg, state)) => {
+            assert!(msg.contains("unknown or expired operation handle"), "{msg}");
+            assert_eq!(state.as_deref(), Some("HY000"));
+        }
+        other => panic!("expected an invalid-handle status, got {other:?}"),
+    }
+    assert_eq!(
+        up.calls(),
+        ["OpenSession", "ExecuteStatement", "CloseSession"],
+        "the fetch on the closed session was not relayed"
     );
     b.shutdown().await;
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kyuubi_broker::client::Hs2Client;
-use kyuubi_broker::cloud::client::{ApiClient, Endpoint, Retry};
+use kyuubi_broker::cloud::client::{ApiClient, ApiError, Endpoint, Retry};
 use kyuubi_broker::cloud::credentials::CloudCredential;
 use kyuubi_broker::cloud::request::KyuubiRef;
 use kyuubi_broker::config::{Transport, UpstreamSasl};
@@ -333,7 +333,12 @@ async fn throttling_and_server_errors_during_rotation_are_survived() {
         ..Faults::default()
     })
     .await;
-    assert!(lc.rotate(Duration::ZERO).await.is_err());
+    match lc.rotate(Duration::ZERO).await {
+        Err(TokenError::Api(ApiError::Api { action, status, .. })) => {
+            assert_eq!((action, status), ("CreateKyuubiToken", 503))
+        }
+        other => panic!("expected the create's 503, got {other:?}"),
+    }
     assert!(lc.state().intent.is_some());
     assert!(matches!(
         lc.rotate(Duration::ZERO).await,

@@ -9,16 +9,18 @@
 //! working one is never lost. Only tokens whose name carries this broker's
 //! instance prefix are ever deleted.
 
+mod clock;
 pub mod schedule;
 mod state;
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rand::Rng;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+pub use clock::Clock;
 pub use state::{Intent, OwnedToken, Retiring, StateError, TokenState};
 
 use crate::cloud::client::{utc_timestamp, ApiClient, ApiError, TokenInfo};
@@ -47,13 +49,6 @@ pub fn generate_value() -> String {
         .collect()
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as i64
-}
-
 /// Test hook: `KYUUBI_BROKER_FAILPOINT=<step>` aborts the process at that
 /// step, to prove recovery from a crash there.
 fn failpoint(step: &str) {
@@ -80,6 +75,7 @@ pub struct Lifecycle {
     /// Auto-expiry requested on created tokens.
     pub expire_days: Option<i32>,
     live: watch::Sender<Option<Secret>>,
+    clock: Clock,
 }
 
 impl Lifecycle {
@@ -100,7 +96,19 @@ impl Lifecycle {
             state,
             expire_days,
             live,
+            clock: Clock::system(),
         })
+    }
+
+    /// Stamps `created_ms` and `delete_after_ms` from `clock` instead of
+    /// the system clock.
+    pub fn with_clock(mut self, clock: Clock) -> Lifecycle {
+        self.clock = clock;
+        self
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
     }
 
     /// The live token value, updated on every rotation.
@@ -184,7 +192,7 @@ impl Lifecycle {
         if let Some(old) = self.state.active.replace(new) {
             self.state.retiring.push(Retiring {
                 token: old,
-                delete_after_ms: now_ms() + grace.as_millis() as i64,
+                delete_after_ms: self.clock.now_ms() + grace.as_millis() as i64,
             });
         }
     }
@@ -197,11 +205,11 @@ impl Lifecycle {
                 "an earlier rotation was interrupted; reconcile first".into(),
             ));
         }
-        let started = now_ms();
+        let started = self.clock.now_ms();
         let name = format!(
             "{}{}",
             self.state.prefix(),
-            utc_timestamp(SystemTime::now())
+            utc_timestamp(self.clock.now_system_time())
                 .replace([':', '-'], "")
                 .to_lowercase()
         );
@@ -239,7 +247,7 @@ impl Lifecycle {
 
     /// Deletes retiring tokens whose grace has passed. Returns their ids.
     pub async fn retire_due(&mut self) -> Result<Vec<String>, TokenError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let due: Vec<Retiring> = self
             .state
             .retiring

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{now_ms, Lifecycle};
+use super::{Clock, Lifecycle, Reconciled, TokenError, TokenState};
 
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -42,23 +42,112 @@ pub struct RotationStatus {
     pub last_error: Option<String>,
 }
 
+/// Wait before retry number `failures` (1-based): 5 s doubling, capped at 5 min.
 fn backoff(failures: u32) -> Duration {
-    Duration::from_secs(5 * 2u64.pow(failures.min(6))).min(Duration::from_secs(300))
+    let doublings = failures.saturating_sub(1).min(6);
+    Duration::from_secs(5 * 2u64.pow(doublings)).min(Duration::from_secs(300))
+}
+
+/// The failure streak of one kind of step. Rotation and retirement keep one
+/// each: sharing it let a failed delete bring the next rotation forward, and
+/// a successful delete cut a failing rotation's backoff short.
+#[derive(Default)]
+struct Retry {
+    failures: u32,
+    /// No attempt before this.
+    not_before_ms: Option<i64>,
+    /// When the last failure happened, and what it was.
+    last_error: Option<(i64, String)>,
+}
+
+impl Retry {
+    fn succeeded(&mut self) {
+        *self = Retry::default();
+    }
+
+    fn failed(&mut self, now: i64, e: &TokenError) -> Duration {
+        self.failures += 1;
+        let wait = backoff(self.failures);
+        self.not_before_ms = Some(now + wait.as_millis() as i64);
+        self.last_error = Some((now, e.to_string()));
+        wait
+    }
+
+    /// When a step due at `due` may run.
+    fn delay(&self, due: i64) -> i64 {
+        self.not_before_ms.map_or(due, |t| t.max(due))
+    }
+}
+
+fn rotate_at(st: &TokenState, schedule: &Schedule, rotation: &Retry, now: i64) -> i64 {
+    let due = match (&st.intent, &st.active) {
+        (Some(_), _) | (_, None) => now,
+        (None, Some(t)) => t.created_ms + schedule.interval().as_millis() as i64,
+    };
+    rotation.delay(due)
+}
+
+fn retire_at(st: &TokenState, retirement: &Retry) -> i64 {
+    match st.retiring.iter().map(|r| r.delete_after_ms).min() {
+        Some(due) => retirement.delay(due),
+        // a failed pass left nothing retiring: one more (empty) pass ends the streak
+        None => retirement.not_before_ms.unwrap_or(i64::MAX),
+    }
+}
+
+/// What the loop drives: [`Lifecycle`] against the management API, or an
+/// in-memory fake in the tests below (real I/O and paused time do not mix:
+/// the paused clock jumps ahead while a task waits on a socket).
+pub(crate) trait Rotator {
+    /// The clock `created_ms` and `delete_after_ms` are stamped with; the
+    /// loop schedules by the same one.
+    fn clock(&self) -> Clock;
+    fn state(&self) -> &TokenState;
+    async fn reconcile(&mut self, grace: Duration) -> Result<Reconciled, TokenError>;
+    async fn rotate(&mut self, grace: Duration) -> Result<String, TokenError>;
+    async fn retire_due(&mut self) -> Result<Vec<String>, TokenError>;
+}
+
+impl Rotator for Lifecycle {
+    fn clock(&self) -> Clock {
+        Lifecycle::clock(self)
+    }
+    fn state(&self) -> &TokenState {
+        Lifecycle::state(self)
+    }
+    async fn reconcile(&mut self, grace: Duration) -> Result<Reconciled, TokenError> {
+        Lifecycle::reconcile(self, grace).await
+    }
+    async fn rotate(&mut self, grace: Duration) -> Result<String, TokenError> {
+        Lifecycle::rotate(self, grace).await
+    }
+    async fn retire_due(&mut self) -> Result<Vec<String>, TokenError> {
+        Lifecycle::retire_due(self).await
+    }
 }
 
 /// Runs until `stop` is cancelled.
-pub async fn run(
-    mut lc: Lifecycle,
+pub(crate) async fn run<R: Rotator>(
+    mut lc: R,
     schedule: Schedule,
     status: Arc<Mutex<RotationStatus>>,
     stop: CancellationToken,
 ) {
-    let set = |lc: &Lifecycle, f: &dyn Fn(&mut RotationStatus)| {
+    let clock = lc.clock();
+    let set = |lc: &R, f: &dyn Fn(&mut RotationStatus)| {
         let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
         s.active_token_id = lc.state().active.as_ref().map(|t| t.token_id.clone());
         s.active_since_ms = lc.state().active.as_ref().map(|t| t.created_ms);
         s.expires_ms = lc.state().active.as_ref().and_then(|t| t.expires_ms);
         f(&mut s);
+    };
+    let failures = |s: &mut RotationStatus, rotation: &Retry, retirement: &Retry| {
+        s.consecutive_failures = rotation.failures.max(retirement.failures);
+        s.last_error = [rotation, retirement]
+            .into_iter()
+            .filter_map(|r| r.last_error.as_ref())
+            .max_by_key(|(at, _)| *at)
+            .map(|(_, msg)| msg.clone());
     };
     match lc.reconcile(schedule.grace).await {
         Ok(r) => info!(?r, "token state reconciled"),
@@ -68,60 +157,50 @@ pub async fn run(
         }
     }
     set(&lc, &|_| {});
-    let mut failures = 0u32;
-    let mut retry_at: Option<i64> = None;
+    let mut rotation = Retry::default();
+    let mut retirement = Retry::default();
     loop {
-        let st = lc.state();
-        let rotate_at = match (&st.intent, &st.active) {
-            (Some(_), _) | (_, None) => now_ms(),
-            (None, Some(t)) => t.created_ms + schedule.interval().as_millis() as i64,
-        };
-        let rotate_at = retry_at.unwrap_or(rotate_at);
-        let retire_at = st
-            .retiring
-            .iter()
-            .map(|r| r.delete_after_ms)
-            .min()
-            .unwrap_or(i64::MAX);
-        let wake = rotate_at.min(retire_at);
-        let wait = Duration::from_millis((wake - now_ms()).max(0) as u64);
+        let now = clock.now_ms();
+        let rotate_at = rotate_at(lc.state(), &schedule, &rotation, now);
+        let wake = rotate_at.min(retire_at(lc.state(), &retirement));
+        let wait = Duration::from_millis((wake - now).max(0) as u64);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        let now = now_ms();
-        let result = async {
-            if lc.state().intent.is_some() {
-                lc.reconcile(schedule.grace).await?;
+        if clock.now_ms() >= rotate_at {
+            let step = async {
+                if lc.state().intent.is_some() {
+                    lc.reconcile(schedule.grace).await?;
+                }
+                lc.rotate(schedule.grace).await
             }
-            if now >= rotate_at {
-                lc.rotate(schedule.grace).await?;
-                set(&lc, &|s| s.rotations += 1);
+            .await;
+            let rotated = step.is_ok();
+            match step {
+                Ok(_) => rotation.succeeded(),
+                Err(e) => {
+                    let wait = rotation.failed(clock.now_ms(), &e);
+                    let n = rotation.failures;
+                    warn!(error = %e, failures = n, "token rotation failed; retrying in {wait:?}");
+                }
             }
-            lc.retire_due().await?;
-            Ok::<_, super::TokenError>(())
+            set(&lc, &|s| {
+                s.rotations += u64::from(rotated);
+                failures(s, &rotation, &retirement);
+            });
         }
-        .await;
-        match result {
-            Ok(()) => {
-                failures = 0;
-                retry_at = None;
-                set(&lc, &|s| {
-                    s.consecutive_failures = 0;
-                    s.last_error = None;
-                });
+        // read afresh: with no grace the rotation just made the old token due
+        if clock.now_ms() >= retire_at(lc.state(), &retirement) {
+            match lc.retire_due().await {
+                Ok(_) => retirement.succeeded(),
+                Err(e) => {
+                    let wait = retirement.failed(clock.now_ms(), &e);
+                    let n = retirement.failures;
+                    warn!(error = %e, failures = n, "retiring an old token failed; retrying in {wait:?}");
+                }
             }
-            Err(e) => {
-                failures += 1;
-                let wait = backoff(failures);
-                warn!(error = %e, failures, "token rotation step failed; retrying in {wait:?}");
-                retry_at = Some(now_ms() + wait.as_millis() as i64);
-                let msg = e.to_string();
-                set(&lc, &|s| {
-                    s.consecutive_failures = failures;
-                    s.last_error = Some(msg.clone());
-                });
-            }
+            set(&lc, &|s| failures(s, &rotation, &retirement));
         }
     }
 }
@@ -129,6 +208,335 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokens::{OwnedToken, Retiring};
+
+    /// The fake's wall clock at the start of each test.
+    const T0: i64 = 1_700_000_000_000;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    fn hours(h: u64) -> Duration {
+        secs(h * 3600)
+    }
+
+    fn ms(d: Duration) -> i64 {
+        d.as_millis() as i64
+    }
+
+    /// What the fake management API saw, as milliseconds after T0, and the
+    /// failures to inject.
+    #[derive(Default)]
+    struct Api {
+        created: Vec<(i64, String)>,
+        deleted: Vec<(i64, String)>,
+        failed_creates: Vec<i64>,
+        failed_deletes: Vec<i64>,
+        /// Fail this many of the next creates.
+        fail_creates: u32,
+        /// Refuse this many of the next deletes (the token stays retiring).
+        fail_deletes: u32,
+        /// Fail writing the state after this many of the next deletes: the
+        /// token is gone, but the step fails, as `Lifecycle::retire_due`
+        /// does when its `save` fails.
+        fail_saves_after_delete: u32,
+    }
+
+    /// An in-memory [`Rotator`]: tokens `tk-1`, `tk-2`, … stamped with the
+    /// paused tokio clock, as [`Lifecycle`] stamps them.
+    struct Fake {
+        clock: Clock,
+        state: TokenState,
+        api: Arc<Mutex<Api>>,
+        next: u32,
+    }
+
+    impl Rotator for Fake {
+        fn clock(&self) -> Clock {
+            self.clock
+        }
+        fn state(&self) -> &TokenState {
+            &self.state
+        }
+        async fn reconcile(&mut self, _grace: Duration) -> Result<Reconciled, TokenError> {
+            // the fake never leaves an intent or an orphan behind
+            let retired = self.retire_due().await?;
+            Ok(Reconciled {
+                retired,
+                ..Reconciled::default()
+            })
+        }
+        async fn rotate(&mut self, grace: Duration) -> Result<String, TokenError> {
+            let now = self.clock.now_ms();
+            let mut api = self.api.lock().unwrap();
+            if api.fail_creates > 0 {
+                api.fail_creates -= 1;
+                api.failed_creates.push(now - T0);
+                return Err(TokenError::Refused("injected create failure".into()));
+            }
+            self.next += 1;
+            let id = format!("tk-{}", self.next);
+            api.created.push((now - T0, id.clone()));
+            let new = OwnedToken {
+                token_id: id.clone(),
+                name: format!("{}{}", self.state.prefix(), self.next),
+                value: "v".repeat(32),
+                created_ms: now,
+                expires_ms: None,
+            };
+            if let Some(old) = self.state.active.replace(new) {
+                self.state.retiring.push(Retiring {
+                    token: old,
+                    delete_after_ms: now + ms(grace),
+                });
+            }
+            Ok(id)
+        }
+        async fn retire_due(&mut self) -> Result<Vec<String>, TokenError> {
+            let now = self.clock.now_ms();
+            let mut api = self.api.lock().unwrap();
+            let mut done = Vec::new();
+            while let Some(i) = self
+                .state
+                .retiring
+                .iter()
+                .position(|r| r.delete_after_ms <= now)
+            {
+                if api.fail_deletes > 0 {
+                    api.fail_deletes -= 1;
+                    api.failed_deletes.push(now - T0);
+                    return Err(TokenError::Refused("injected delete failure".into()));
+                }
+                let id = self.state.retiring.remove(i).token.token_id;
+                api.deleted.push((now - T0, id.clone()));
+                if api.fail_saves_after_delete > 0 {
+                    api.fail_saves_after_delete -= 1;
+                    return Err(TokenError::Refused("injected state write failure".into()));
+                }
+                done.push(id);
+            }
+            Ok(done)
+        }
+    }
+
+    /// Lifetime 2 h at fraction 0.5: a rotation every hour; grace 10 min.
+    fn hourly() -> Schedule {
+        Schedule {
+            lifetime: hours(2),
+            fraction: 0.5,
+            min_interval: secs(60),
+            max_interval: hours(24),
+            grace: secs(600),
+        }
+    }
+
+    struct Running {
+        api: Arc<Mutex<Api>>,
+        status: Arc<Mutex<RotationStatus>>,
+        base: tokio::time::Instant,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    impl Running {
+        /// Lets paused time run to `d` after T0. Every check sits a second
+        /// off the loop's own wake-ups, so the loop has finished its step.
+        async fn at(&self, d: Duration) {
+            tokio::time::sleep_until(self.base + d).await;
+        }
+        fn api(&self) -> std::sync::MutexGuard<'_, Api> {
+            self.api.lock().unwrap()
+        }
+        fn status(&self) -> RotationStatus {
+            self.status.lock().unwrap().clone()
+        }
+    }
+
+    /// Starts the loop at T0 with token `tk-0`, created at T0, active.
+    fn start(schedule: Schedule) -> Running {
+        let clock = Clock::tokio(T0);
+        let mut state = TokenState::fresh();
+        state.active = Some(OwnedToken {
+            token_id: "tk-0".into(),
+            name: format!("{}0", state.prefix()),
+            value: "v".repeat(32),
+            created_ms: T0,
+            expires_ms: None,
+        });
+        let api = Arc::new(Mutex::new(Api::default()));
+        let fake = Fake {
+            clock,
+            state,
+            api: api.clone(),
+            next: 0,
+        };
+        let status = Arc::new(Mutex::new(RotationStatus::default()));
+        let stop = CancellationToken::new();
+        tokio::spawn(run(fake, schedule, status.clone(), stop.clone()));
+        Running {
+            api,
+            status,
+            base: tokio::time::Instant::now(),
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    fn created(r: &Running) -> Vec<(i64, String)> {
+        r.api().created.clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotations_happen_once_per_interval() {
+        let r = start(hourly());
+        r.at(hours(3) + secs(1)).await;
+        assert_eq!(
+            created(&r),
+            vec![
+                (ms(hours(1)), "tk-1".to_string()),
+                (ms(hours(2)), "tk-2".to_string()),
+                (ms(hours(3)), "tk-3".to_string()),
+            ]
+        );
+        let st = r.status();
+        assert_eq!(st.rotations, 3);
+        assert_eq!(st.active_token_id.as_deref(), Some("tk-3"));
+        assert_eq!(st.active_since_ms, Some(T0 + ms(hours(3))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_old_token_is_retired_only_after_its_grace() {
+        let r = start(hourly());
+        r.at(hours(1) + secs(599)).await;
+        assert_eq!(created(&r).len(), 1, "tk-1 replaced tk-0 at 1 h");
+        assert!(r.api().deleted.is_empty(), "tk-0 is still in its grace");
+        r.at(hours(1) + secs(601)).await;
+        assert_eq!(
+            r.api().deleted,
+            vec![(ms(hours(1) + secs(600)), "tk-0".to_string())]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_rotation_is_retried_with_backoff_and_shown_in_status() {
+        let r = start(hourly());
+        r.api().fail_creates = 8;
+        // 5 s doubling, capped at 300 s
+        let gaps = [5, 10, 20, 40, 80, 160, 300, 300];
+        let mut attempt = hours(1);
+        let mut attempts = vec![ms(attempt)];
+        for (n, gap) in gaps.iter().enumerate() {
+            r.at(attempt + secs(1)).await;
+            let st = r.status();
+            assert_eq!(st.consecutive_failures, n as u32 + 1, "{st:?}");
+            assert_eq!(st.last_error.as_deref(), Some("injected create failure"));
+            assert_eq!(st.active_token_id.as_deref(), Some("tk-0"), "still serving");
+            attempt += secs(*gap);
+            attempts.push(ms(attempt));
+        }
+        r.at(attempt + secs(1)).await;
+        attempts.pop();
+        assert_eq!(r.api().failed_creates, attempts);
+        assert_eq!(created(&r), vec![(ms(attempt), "tk-1".to_string())]);
+        let st = r.status();
+        assert_eq!((st.consecutive_failures, st.last_error), (0, None));
+        assert_eq!(st.rotations, 1);
+        // the next rotation counts from the token that was made
+        r.at(attempt + hours(1) + secs(1)).await;
+        assert_eq!(created(&r)[1], (ms(attempt + hours(1)), "tk-2".to_string()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_retirement_is_retried_with_backoff_and_creates_no_token() {
+        let r = start(hourly());
+        r.api().fail_deletes = 3;
+        let due = hours(1) + secs(600);
+        r.at(due + secs(1)).await;
+        let st = r.status();
+        assert_eq!(st.consecutive_failures, 1, "{st:?}");
+        assert_eq!(st.last_error.as_deref(), Some("injected delete failure"));
+        // retried after 5, 10 and 20 s; only deletes, never a new token
+        r.at(due + secs(36)).await;
+        assert_eq!(
+            created(&r),
+            vec![(ms(hours(1)), "tk-1".to_string())],
+            "a retirement retry must not rotate"
+        );
+        assert_eq!(
+            r.api().failed_deletes,
+            vec![ms(due), ms(due + secs(5)), ms(due + secs(15))]
+        );
+        assert_eq!(r.api().deleted, vec![(ms(due + secs(35)), "tk-0".into())]);
+        let st = r.status();
+        assert_eq!((st.consecutive_failures, st.last_error), (0, None));
+        assert_eq!(st.rotations, 1);
+        // and the rotation schedule is where it was
+        r.at(hours(2) + secs(1)).await;
+        assert_eq!(created(&r).len(), 2);
+        assert_eq!(created(&r)[1], (ms(hours(2)), "tk-2".to_string()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_retirement_does_not_make_the_next_wake_up_rotate() {
+        let r = start(hourly());
+        r.api().fail_saves_after_delete = 1;
+        let due = hours(1) + secs(600);
+        r.at(due + secs(1)).await;
+        assert_eq!(r.api().deleted, vec![(ms(due), "tk-0".to_string())]);
+        let st = r.status();
+        assert_eq!(st.consecutive_failures, 1, "{st:?}");
+        assert_eq!(
+            st.last_error.as_deref(),
+            Some("injected state write failure")
+        );
+        // its retry finds nothing left to retire, which ends the streak
+        r.at(due + secs(6)).await;
+        let st = r.status();
+        assert_eq!((st.consecutive_failures, st.last_error), (0, None));
+        // and up to the next rotation, no token is made
+        r.at(hours(2) - secs(1)).await;
+        assert_eq!(
+            created(&r),
+            vec![(ms(hours(1)), "tk-1".to_string())],
+            "a retirement failure must not create a token"
+        );
+        r.at(hours(2) + secs(1)).await;
+        assert_eq!(created(&r)[1..], [(ms(hours(2)), "tk-2".to_string())]);
+        assert_eq!(r.status().rotations, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_rotation_and_a_due_retirement_keep_their_own_schedules() {
+        // grace as long as the interval: tk-0's deletion is due at 2 h,
+        // exactly when the rotation after tk-1 is
+        let r = start(Schedule {
+            grace: hours(1),
+            ..hourly()
+        });
+        r.at(hours(1) + secs(1)).await;
+        r.api().fail_creates = 2;
+        r.at(hours(2) + secs(1)).await;
+        assert_eq!(
+            r.api().deleted,
+            vec![(ms(hours(2)), "tk-0".to_string())],
+            "deleted on time despite the failed rotation"
+        );
+        assert_eq!(
+            r.api().failed_creates,
+            vec![ms(hours(2))],
+            "the retirement's success does not cut the rotation's backoff short"
+        );
+        assert_eq!(r.status().consecutive_failures, 1);
+        r.at(hours(2) + secs(16)).await;
+        assert_eq!(
+            r.api().failed_creates,
+            vec![ms(hours(2)), ms(hours(2) + secs(5))]
+        );
+        assert_eq!(
+            created(&r)[1..],
+            [(ms(hours(2) + secs(15)), "tk-2".to_string())]
+        );
+        assert_eq!(r.status().consecutive_failures, 0);
+    }
 
     #[test]
     fn interval_is_a_fraction_of_the_lifetime_clamped() {
@@ -151,8 +559,9 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        assert_eq!(backoff(1), Duration::from_secs(10));
-        assert_eq!(backoff(20), Duration::from_secs(300));
+    fn backoff_is_5_s_doubling_capped_at_5_min() {
+        let waits: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
     }
 }

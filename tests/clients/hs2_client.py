@@ -9,8 +9,11 @@ Scenarios:
                    show tables, GetTables/GetColumns, drop
   fetch N          select N rows x 2 columns; row count and checksums
   error            a failing statement; the server's message
-  cancel           start a long query, cancel it, check the state, run another
-  long             run a long query until it fails; how long that took
+  cancel           start a long query, cancel it once it runs, check the state,
+                   run another
+  long             start a long query, print {"event": "running"} once the
+                   server runs it, then wait until it ends or fails; how long
+                   that took
   query SQL        run one statement; its rows (as strings)
 """
 import argparse
@@ -162,14 +165,49 @@ def state_name(cur, args):
     return ttypes.TOperationState._VALUES_TO_NAMES[cur.poll().operationState]
 
 
+PENDING = ("INITIALIZED_STATE", "PENDING_STATE")
+EXECUTING = PENDING + ("RUNNING_STATE",)
+
+
+def submit(cur, args, sql):
+    if args.client == "impyla":
+        cur.execute_async(sql)
+    else:
+        cur.execute(sql, async_=True)
+
+
+def poll_state(cur, args):
+    """One GetOperationStatus, not retried (impyla's own wait retries HTTP
+    errors, which would hide the first failure behind later ones)."""
+    if args.client == "impyla":
+        from impala._thrift_gen.TCLIService.ttypes import TGetOperationStatusReq, TOperationState
+
+        op = cur._last_operation
+        resp = op._rpc("GetOperationStatus", TGetOperationStatusReq(operationHandle=op.handle), False)
+        name = TOperationState._VALUES_TO_NAMES[resp.operationState]
+    else:
+        from TCLIService import ttypes
+
+        resp = cur.poll()
+        name = ttypes.TOperationState._VALUES_TO_NAMES[resp.operationState]
+    if name == "ERROR_STATE":
+        raise RuntimeError(f"ERROR_STATE: {resp.errorMessage}")
+    return name
+
+
+def wait_while(cur, args, states):
+    """Polls until the operation leaves `states`; returns the state it reached."""
+    while True:
+        state = poll_state(cur, args)
+        if state not in states:
+            return state
+        time.sleep(0.05)
+
+
 def cancel(conn, args):
     cur = conn.cursor()
-    if args.client == "impyla":
-        cur.execute_async(LONG_QUERY)
-    else:
-        cur.execute(LONG_QUERY, async_=True)
-    time.sleep(2)
-    before = state_name(cur, args)
+    submit(cur, args, LONG_QUERY)
+    before = wait_while(cur, args, PENDING)
     t0 = time.time()
     if args.client == "impyla":
         op = cur._last_operation
@@ -188,11 +226,13 @@ def cancel(conn, args):
 def long(conn, args):
     cur = conn.cursor()
     t0 = time.time()
-    print(json.dumps({"started": True}), flush=True)
     try:
-        cur.execute(LONG_QUERY)
-        cur.fetchall()
-        return {"raised": False, "seconds": time.time() - t0}
+        submit(cur, args, LONG_QUERY)
+        state = wait_while(cur, args, PENDING)
+        if state == "RUNNING_STATE":
+            print(json.dumps({"event": "running"}), flush=True)
+        state = wait_while(cur, args, EXECUTING)
+        return {"raised": False, "state": state, "seconds": time.time() - t0}
     except Exception as e:
         return {"raised": True, "message": f"{type(e).__name__}: {e}", "seconds": time.time() - t0}
 
