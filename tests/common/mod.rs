@@ -639,9 +639,10 @@ pub fn login_refused<T: std::fmt::Debug>(
     t: Transport,
     user: &str,
 ) -> String {
-    let text = format!("authentication failed for user '{user}'");
+    // the one refusal text, whatever was wrong (user, password, group)
+    let text = format!("kyuubi-broker: authentication failed for user '{user}'");
     let expected = match t {
-        Transport::Http => format!("HTTP 401: Authentication Error: {text}"),
+        Transport::Http => format!("HTTP 401: {text}"),
         Transport::Binary => text,
     };
     match r {
