@@ -6,9 +6,7 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -20,7 +18,7 @@ use kyuubi_broker::tcli::gen::TStatusCode;
 use kyuubi_broker::wire::sasl;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Every log line of this test binary, as JSON.
 fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
@@ -71,31 +69,8 @@ fn lines_of(listener: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// `name{labels} value` lines of one metric, by label text.
-fn series(text: &str, name: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(name))
-        .filter_map(|rest| {
-            let (labels, value) = rest.strip_prefix('{')?.rsplit_once("} ")?;
-            Some((labels.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 async fn metrics(b: &Broker) -> String {
-    kyuubi_broker::cloud::client::install_tls_provider();
-    let r = reqwest::get(format!("http://{}/metrics", b.addrs["admin"]))
-        .await
-        .unwrap();
-    r.text().await.unwrap()
-}
-
-async fn closed_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    admin_get(b.addrs["admin"], "/metrics").await.1
 }
 
 /// A broker whose listeners `<tag>_bin` and `<tag>_http` authenticate with
@@ -137,33 +112,6 @@ fn users(dir: &tempfile::TempDir) -> String {
     format!("auth = \"static\"\nusers_file = \"{}\"", f.display())
 }
 
-async fn send_and_read_all(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("the broker closes the connection")
-        .ok();
-    out
-}
-
-fn basic(user: &str, pw: &str) -> String {
-    use base64::Engine;
-    let v = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"));
-    format!("Authorization: Basic {v}\r\n")
-}
-
-async fn http_post(addr: SocketAddr, headers: &str, body: &[u8]) -> String {
-    let mut req = format!(
-        "POST /cliservice HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-thrift\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    String::from_utf8_lossy(&send_and_read_all(addr, &req).await).into_owned()
-}
-
 /// Waits until `cond` holds for the logs of `listener` (the edge logs after
 /// it has answered, so the client may see the answer first).
 async fn logged(listener: &str, cond: impl Fn(&[(String, Value)]) -> bool) -> Vec<(String, Value)> {
@@ -202,16 +150,13 @@ async fn a_refused_login_is_answered_counted_by_mechanism_and_logged_once_on_bot
     );
 
     // HTTP Basic: 401 with the challenge
-    let resp = http_post(http, &basic("alice", "nope"), b"x").await;
-    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
-    assert!(
-        resp.to_ascii_lowercase()
-            .contains("www-authenticate: basic"),
-        "{resp}"
-    );
-    assert!(
-        resp.contains("authentication failed for user 'alice'"),
-        "{resp}"
+    let (status, head, body) = http_post(http, "/cliservice", &basic("alice", "nope"), b"x").await;
+    assert_eq!(status, 401, "{body}");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("www-authenticate: basic"), "{head}");
+    assert_eq!(
+        body,
+        "kyuubi-broker: authentication failed for user 'alice'"
     );
 
     // NOSASL: the OpenSession carries the password; the refusal is its TStatus
@@ -291,9 +236,15 @@ async fn a_malformed_call_after_login_is_answered_closed_counted_and_logged_once
     );
 
     // over HTTP the same body is a 400 that names the problem
-    let resp = http_post(b.addrs["garbage_http"], &basic("carol", "pw"), b"NOTTHRFT").await;
-    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
-    assert!(resp.contains("malformed Thrift message"), "{resp}");
+    let (status, _, body) = http_post(
+        b.addrs["garbage_http"],
+        "/cliservice",
+        &basic("carol", "pw"),
+        b"NOTTHRFT",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("malformed Thrift message"), "{body}");
 
     let m = metrics(&b).await;
     let errors = series(&m, "kyuubi_broker_client_errors_total");
@@ -390,13 +341,15 @@ async fn an_unreachable_ldap_server_is_one_retryable_unavailable_answer_that_hid
         "kyuubi-broker: authentication service unavailable; try again shortly"
     );
 
-    let resp = http_post(b.addrs["ldapdown_http"], &basic("alice", "alice-pw"), b"x").await;
-    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    let http = b.addrs["ldapdown_http"];
+    let (status, head, resp) =
+        http_post(http, "/cliservice", &basic("alice", "alice-pw"), b"x").await;
+    assert_eq!(status, 503, "{resp}");
     assert!(
-        resp.to_ascii_lowercase().contains("retry-after: 5"),
-        "{resp}"
+        head.to_ascii_lowercase().contains("retry-after: 5"),
+        "{head}"
     );
-    for shown in [&text, &resp] {
+    for shown in [&text, &resp, &head] {
         assert!(
             !shown.contains(&ldap.port().to_string()),
             "the LDAP address leaked: {shown}"

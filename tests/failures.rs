@@ -17,8 +17,7 @@ use kyuubi_broker::tcli::gen::{TGetInfoReq, TGetInfoResp, TGetInfoType, TStatusC
 use kyuubi_broker::wire::sasl;
 use kyuubi_broker::wire::thrift::{peek_header, ttype, MessageType, Writer};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 async fn binary_client(b: &Broker) -> Hs2Client {
     Hs2Client::connect(
@@ -38,12 +37,6 @@ async fn http_client(b: &Broker) -> Hs2Client {
     )
     .await
     .unwrap()
-}
-
-/// A port nothing listens on.
-async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
 }
 
 /// What a binary client's OpenSession gets from a broker in front of a
@@ -678,61 +671,6 @@ fn session_guid(reply: &[u8]) -> [u8; 16] {
         .unwrap()
         .expect("session handle")
         .0
-}
-
-fn basic(user: &str, pw: &str) -> String {
-    use base64::Engine;
-    format!(
-        "Authorization: Basic {}\r\n",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
-    )
-}
-
-async fn send_and_read_all(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out))
-        .await
-        .expect("the broker closes the connection")
-        .ok();
-    out
-}
-
-async fn raw_http(addr: SocketAddr, req: &[u8]) -> String {
-    String::from_utf8_lossy(&send_and_read_all(addr, req).await).into_owned()
-}
-
-async fn http_post_bytes(
-    addr: SocketAddr,
-    path: &str,
-    headers: &str,
-    body: &[u8],
-) -> (u16, String, Vec<u8>) {
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-thrift\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    let raw = send_and_read_all(addr, &req).await;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("an HTTP response");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, head, raw[split + 4..].to_vec())
-}
-
-async fn http_post(
-    addr: SocketAddr,
-    path: &str,
-    headers: &str,
-    body: &[u8],
-) -> (u16, String, String) {
-    let (s, h, b) = http_post_bytes(addr, path, headers, body).await;
-    (s, h, String::from_utf8_lossy(&b).into_owned())
 }
 
 #[tokio::test]

@@ -4,32 +4,12 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-
 use common::*;
 use kyuubi_broker::client::Hs2Client;
 use kyuubi_broker::config::{Transport, UpstreamSasl};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kyuubi-broker");
 const ADMIN: &str = "[admin]\nbind = \"127.0.0.1:0\"\n";
-
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    kyuubi_broker::cloud::client::install_tls_provider();
-    let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
-    (r.status().as_u16(), r.text().await.unwrap())
-}
-
-/// `name{labels} value` lines of one metric, by label text.
-fn series(text: &str, name: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(name))
-        .filter_map(|rest| {
-            let (labels, value) = rest.strip_prefix('{')?.rsplit_once("} ")?;
-            Some((labels.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc_metrics_carry_their_labels_after_real_traffic_and_overhead_is_never_negative() {
@@ -40,7 +20,7 @@ async fn rpc_metrics_carry_their_labels_after_real_traffic_and_overhead_is_never
         let v = py_client("impyla", mode, port, "query", Some("select 1")).await;
         assert_eq!(v["rows"][0][0], "1", "{v}");
     }
-    let (code, text) = get(admin, "/metrics").await;
+    let (code, text) = admin_get(admin, "/metrics").await;
     assert_eq!(code, 200);
     let count = series(&text, "kyuubi_broker_rpc_duration_seconds_count");
     for client in ["binary", "http"] {
@@ -97,7 +77,7 @@ async fn status_shows_sessions_per_user_and_latency_and_masks_tokens() {
     let op = c.execute(&s, "select 1").await.unwrap();
     c.fetch(&op, 10).await.unwrap();
 
-    let (code, body) = get(admin, "/status").await;
+    let (code, body) = admin_get(admin, "/status").await;
     assert_eq!(code, 200);
     assert!(!body.contains("s3cr3t"), "token leaked: {body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -117,13 +97,13 @@ async fn status_shows_sessions_per_user_and_latency_and_masks_tokens() {
     );
 
     // readiness: the token gateway is down, so not ready, and says which
-    let (code, body) = get(admin, "/readyz").await;
+    let (code, body) = admin_get(admin, "/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(
         body.contains("\"route\": \"gw\"") && !body.contains("s3cr3t"),
         "{body}"
     );
-    assert_eq!(get(admin, "/healthz").await.0, 200);
+    assert_eq!(admin_get(admin, "/healthz").await.0, 200);
 
     // the CLI prints the same table
     let out = tokio::process::Command::new(BIN)
@@ -143,7 +123,7 @@ async fn status_shows_sessions_per_user_and_latency_and_masks_tokens() {
     );
 
     c.close_session(s).await.unwrap();
-    let v: serde_json::Value = serde_json::from_str(&get(admin, "/status").await.1).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&admin_get(admin, "/status").await.1).unwrap();
     assert_eq!(v["sessions"], serde_json::json!([]));
     b.shutdown().await;
 }

@@ -19,6 +19,8 @@ use kyuubi_broker::error::UpstreamError;
 use kyuubi_broker::tcli::gen::TColumn;
 use kyuubi_broker::wire::thrift::{ttype, MessageType, Writer};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -942,4 +944,88 @@ fn hs2_answer(call: &Call, id: u64) -> Vec<u8> {
     w.buf.extend_from_slice(&body);
     w.stop();
     w.buf
+}
+
+// ---- raw protocol helpers ------------------------------------------------
+
+/// A port nothing listens on.
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// An `Authorization: Basic` header line.
+pub fn basic(user: &str, pw: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Authorization: Basic {}\r\n",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+    )
+}
+
+/// Sends `bytes` on a new connection and reads until the broker closes it.
+pub async fn send_and_read_all(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out))
+        .await
+        .expect("the broker closes the connection")
+        .ok();
+    out
+}
+
+pub async fn raw_http(addr: SocketAddr, req: &[u8]) -> String {
+    String::from_utf8_lossy(&send_and_read_all(addr, req).await).into_owned()
+}
+
+/// A raw HTTP/1.1 POST with `headers` (CRLF-terminated lines): status, head, body.
+pub async fn http_post_bytes(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-thrift\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    let raw = send_and_read_all(addr, &req).await;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head, raw[split + 4..].to_vec())
+}
+
+pub async fn http_post(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String, String) {
+    let (s, h, b) = http_post_bytes(addr, path, headers, body).await;
+    (s, h, String::from_utf8_lossy(&b).into_owned())
+}
+
+/// `name{labels} value` lines of one Prometheus metric, by label text.
+pub fn series(text: &str, name: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter_map(|rest| {
+            let (labels, value) = rest.strip_prefix('{')?.rsplit_once("} ")?;
+            Some((labels.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// GET on a broker's admin listener: status and body.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    kyuubi_broker::cloud::client::install_tls_provider();
+    let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
 }
