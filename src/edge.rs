@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use crate::config::Transport;
-use crate::error::RpcError;
+use crate::error::{Blame, RpcError};
 use crate::metrics::{Metrics, Observation};
 use crate::tcli::{self, Call};
 
@@ -115,7 +115,7 @@ impl Edge {
             Err(e) => e.kind(),
         };
         if let Err(e) = result {
-            if e.upstream_kind().is_none() {
+            if e.blame() == Blame::Client {
                 self.metrics.client_error(&self.listener, outcome);
             }
             if e.is_auth_failure() {
@@ -146,6 +146,24 @@ impl Edge {
         self.log_rpc(ex, method, total, result);
     }
 
+    /// A NOSASL client's login, which happens inside its OpenSession: the
+    /// login histogram gets it, and a success its log line. A refusal is
+    /// counted and logged once, as the OpenSession it failed.
+    pub fn nosasl_login(
+        &self,
+        peer: SocketAddr,
+        user: &str,
+        took: Duration,
+        outcome: &'static str,
+    ) {
+        self.metrics.login(&self.listener, "nosasl", outcome, took);
+        if outcome == "ok" {
+            let (listener, user) = (&*self.listener, loggable(user));
+            let took_us = took.as_micros() as u64;
+            info!(listener, %peer, %user, mechanism = "nosasl", took_us, "client authenticated");
+        }
+    }
+
     fn log_login(&self, ex: &Exchange<'_>, total: Duration, result: Result<usize, &RpcError>) {
         let (listener, peer, mechanism) = (&*self.listener, ex.peer, ex.mechanism);
         let user = loggable(ex.user);
@@ -157,7 +175,8 @@ impl Edge {
             }
             Ok(_) => info!(listener, %peer, %user, mechanism, took_us, "client authenticated"),
             Err(e) => {
-                warn!(listener, %peer, %user, mechanism, took_us, outcome = e.kind(), error = %e, "login failed")
+                let error = loggable_error(e);
+                warn!(listener, %peer, %user, mechanism, took_us, outcome = e.kind(), %error, "login failed")
             }
         }
     }
@@ -180,48 +199,75 @@ impl Edge {
         };
         let (total_us, upstream_us) = (total.as_micros() as u64, ex.upstream.as_micros() as u64);
         let slow = !self.slow_rpc.is_zero() && total >= self.slow_rpc;
-        match result {
-            Ok(bytes) if slow => warn!(
-                method = %wire, listener, route, %peer, user = %loggable(ex.user),
+        let user = loggable(ex.user);
+        if slow {
+            // one line that also carries the statement, whatever the outcome
+            let (outcome, error) = match result {
+                Ok(_) => ("ok", Cow::Borrowed("")),
+                Err(e) => (e.kind(), loggable_error(e)),
+            };
+            warn!(
+                method = %wire, listener, route, %peer, %user,
                 total_ms = total.as_millis() as u64, upstream_ms = ex.upstream.as_millis() as u64,
-                resp_bytes = bytes,
+                outcome, %error,
                 statement = ex.statement.as_ref().map(loggable_statement).unwrap_or_default(),
                 "slow rpc"
-            ),
+            );
+            return;
+        }
+        match result {
             Ok(bytes) => debug!(
                 method = %wire, seqid, listener, route, total_us, upstream_us,
                 req_bytes = ex.request_bytes, resp_bytes = bytes, "rpc ok"
             ),
             Err(e) if e.upstream_kind().is_some() => warn!(
                 method = %wire, seqid, listener, route, %peer, total_us, upstream_us,
-                outcome = e.kind(), error = %e, "rpc failed"
+                outcome = e.kind(), error = %loggable_error(e), "rpc failed"
             ),
+            // everyday refusals, and probes that are not Thrift at all
             Err(
                 e @ (RpcError::UnknownHandle(_)
                 | RpcError::NoMapping(_)
                 | RpcError::ShuttingDown
+                | RpcError::NotThrift { .. }
                 | RpcError::RelayBroken { .. }),
             ) => info!(
-                method = %wire, seqid, listener, route, %peer, user = %loggable(ex.user),
-                total_us, outcome = e.kind(), error = %e, "rpc refused"
+                method = %wire, seqid, listener, route, %peer, %user,
+                total_us, outcome = e.kind(), error = %loggable_error(e), "rpc refused"
             ),
             Err(e) => warn!(
-                method = %wire, seqid, listener, route, %peer, user = %loggable(ex.user),
-                total_us, outcome = e.kind(), error = %e, "rpc refused"
+                method = %wire, seqid, listener, route, %peer, %user,
+                total_us, outcome = e.kind(), error = %loggable_error(e), "rpc refused"
             ),
         }
     }
 }
 
+/// An error for a log line: its text may quote the client (a user name, a
+/// SASL payload), so it is escaped and cut like other client text.
+fn loggable_error(e: &RpcError) -> Cow<'static, str> {
+    Cow::Owned(loggable_max(&e.to_string(), 512).into_owned())
+}
+
 /// Client-supplied text for a log line: at most 128 characters, control
 /// characters escaped, so a client cannot forge or flood log lines.
 pub fn loggable(s: &str) -> Cow<'_, str> {
-    const MAX: usize = 128;
-    if s.len() <= MAX && !s.chars().any(char::is_control) {
+    loggable_max(s, 128)
+}
+
+fn loggable_max(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max && !s.chars().any(char::is_control) {
         return Cow::Borrowed(s);
     }
-    let mut out: String = s.chars().take(MAX).flat_map(|c| c.escape_debug()).collect();
-    if s.chars().count() > MAX {
+    let mut out = String::with_capacity(s.len().min(max) + 8);
+    for c in s.chars().take(max) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if s.chars().count() > max {
         out.push('…');
     }
     Cow::Owned(out)

@@ -78,13 +78,18 @@ pub enum Side {
 pub enum RpcError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    /// The client sent bytes that are not a TCLIService call (or not a SASL
-    /// message during the handshake); the stream may be out of step.
+    /// The client sent bytes that are not a message at all (a broken frame,
+    /// a header that does not parse, not SASL during the handshake): the
+    /// stream is out of step, so the connection is closed after the answer.
+    #[error("malformed request from client: {0}")]
+    Malformed(String),
+    /// A well-framed call the broker cannot use (a body that does not
+    /// decode, a handle missing): answered, and the connection goes on.
     #[error("bad request from client: {0}")]
     BadRequest(String),
     /// A declared size above the limit, refused before allocating.
-    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    #[error("message {}exceeds the limit of {max} bytes", .len.map(|n| format!("of {n} bytes ")).unwrap_or_default())]
+    TooLarge { len: Option<usize>, max: usize },
     /// An HTTP request that is not a Thrift call at this endpoint (wrong
     /// method, path or content type); `status` is what the client gets.
     #[error("{text}")]
@@ -117,17 +122,29 @@ impl From<FrameError> for RpcError {
     /// A framing failure on the client's connection.
     fn from(e: FrameError) -> Self {
         match e {
-            FrameError::TooLarge { len, max } => RpcError::TooLarge { len, max },
-            other => RpcError::BadRequest(other.to_string()),
+            FrameError::TooLarge { len, max } => RpcError::TooLarge {
+                len: Some(len),
+                max,
+            },
+            other => RpcError::Malformed(other.to_string()),
         }
     }
+}
+
+/// Who caused a failure: what the metrics count it as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// What the client sent, or who it is (`client_errors_total`).
+    Client,
+    /// The broker or a service it relies on (an LDAP server, shutdown).
+    Broker,
+    /// The upstream (`upstream_errors_total`).
+    Upstream,
 }
 
 /// How a failure is answered, whatever the transport.
 #[derive(Debug, Clone)]
 pub struct Answer {
-    /// The `outcome` label in metrics and logs.
-    pub outcome: &'static str,
     pub status: ReplyStatus,
     pub sql_state: &'static str,
     /// For HTTP clients: `None` means a Thrift reply in an HTTP 200.
@@ -147,6 +164,7 @@ pub struct Answer {
 #[derive(Clone, Copy)]
 struct Rule {
     outcome: &'static str,
+    blame: Blame,
     status: ReplyStatus,
     sql_state: &'static str,
     http: Option<StatusCode>,
@@ -158,35 +176,46 @@ struct Rule {
 impl Rule {
     /// The link failed (upstream, timeout, shutdown): 08S01, communication
     /// link failure, which JDBC drivers treat as worth retrying.
-    const LINK: Rule = Rule {
-        outcome: "",
-        status: ReplyStatus::Error,
-        sql_state: "08S01",
-        http: Some(StatusCode::BAD_GATEWAY),
-        sasl: sasl::Status::Error,
-        retryable: true,
-        close: false,
-    };
+    fn link(outcome: &'static str, blame: Blame) -> Rule {
+        Rule {
+            outcome,
+            blame,
+            status: ReplyStatus::Error,
+            sql_state: "08S01",
+            http: Some(StatusCode::BAD_GATEWAY),
+            sasl: sasl::Status::Error,
+            retryable: true,
+            close: false,
+        }
+    }
+
     /// What the client sent cannot be served.
-    const CLIENT: Rule = Rule {
-        outcome: "",
-        status: ReplyStatus::Error,
-        sql_state: "HY000",
-        http: Some(StatusCode::BAD_REQUEST),
-        sasl: sasl::Status::Error,
-        retryable: false,
-        close: false,
-    };
+    fn client(outcome: &'static str) -> Rule {
+        Rule {
+            outcome,
+            blame: Blame::Client,
+            status: ReplyStatus::Error,
+            sql_state: "HY000",
+            http: Some(StatusCode::BAD_REQUEST),
+            sasl: sasl::Status::Error,
+            retryable: false,
+            close: false,
+        }
+    }
+
     /// Who the client is may not do this: 28000, invalid authorization.
-    const REFUSAL: Rule = Rule {
-        outcome: "",
-        status: ReplyStatus::Error,
-        sql_state: "28000",
-        http: Some(StatusCode::UNAUTHORIZED),
-        sasl: sasl::Status::Bad,
-        retryable: false,
-        close: false,
-    };
+    fn refusal(outcome: &'static str) -> Rule {
+        Rule {
+            outcome,
+            blame: Blame::Client,
+            status: ReplyStatus::Error,
+            sql_state: "28000",
+            http: Some(StatusCode::UNAUTHORIZED),
+            sasl: sasl::Status::Bad,
+            retryable: false,
+            close: false,
+        }
+    }
 }
 
 impl RpcError {
@@ -195,22 +224,25 @@ impl RpcError {
         self.rule().outcome
     }
 
-    /// Whether the failure came from the upstream (counted per route in
-    /// `upstream_errors_total`; every other failure is a client error).
-    pub fn upstream_kind(&self) -> Option<&'static str> {
-        match self {
-            RpcError::Upstream(e) => Some(e.kind()),
-            RpcError::RelayBroken {
-                side: Side::Upstream,
-                ..
-            } => Some("relay_broken"),
-            _ => None,
-        }
+    /// Who caused the failure.
+    pub fn blame(&self) -> Blame {
+        self.rule().blame
     }
 
-    /// The failed login attempts: refused, unusable or not checkable.
+    /// The upstream's failures, by kind (counted per route in
+    /// `upstream_errors_total`).
+    pub fn upstream_kind(&self) -> Option<&'static str> {
+        let r = self.rule();
+        (r.blame == Blame::Upstream).then_some(r.outcome)
+    }
+
+    /// A login the client got wrong: refused, or no usable credentials (an
+    /// authentication service that is down is the broker's failure).
     pub fn is_auth_failure(&self) -> bool {
-        matches!(self, RpcError::Auth(_))
+        matches!(
+            self,
+            RpcError::Auth(AuthError::Refused(_) | AuthError::Unusable(_))
+        )
     }
 
     /// The one table of how failures are answered.
@@ -218,67 +250,59 @@ impl RpcError {
         use StatusCode as H;
         match self {
             RpcError::Upstream(e) => Rule {
-                outcome: e.kind(),
                 http: Some(e.http_status()),
-                ..Rule::LINK
+                ..Rule::link(e.kind(), Blame::Upstream)
             },
-            RpcError::BadRequest(_) => Rule {
-                outcome: "bad_request",
-                http: Some(H::BAD_REQUEST),
+            RpcError::Malformed(_) => Rule {
                 close: true,
-                ..Rule::CLIENT
+                ..Rule::client("bad_request")
             },
+            RpcError::BadRequest(_) => Rule::client("bad_request"),
             RpcError::TooLarge { .. } => Rule {
-                outcome: "too_large",
                 http: Some(H::PAYLOAD_TOO_LARGE),
                 close: true,
-                ..Rule::CLIENT
+                ..Rule::client("too_large")
             },
             RpcError::NotThrift { status, .. } => Rule {
-                outcome: "bad_request",
                 http: Some(*status),
-                ..Rule::CLIENT
+                ..Rule::client("bad_request")
             },
             RpcError::UnknownHandle(_) => Rule {
-                outcome: "unknown_handle",
                 status: ReplyStatus::InvalidHandle,
                 http: None,
-                ..Rule::CLIENT
+                ..Rule::client("unknown_handle")
             },
             RpcError::ShuttingDown => Rule {
-                outcome: "shutting_down",
                 http: Some(H::SERVICE_UNAVAILABLE),
                 close: true,
-                ..Rule::LINK
+                ..Rule::link("shutting_down", Blame::Broker)
             },
             RpcError::Auth(AuthError::Unavailable(_)) => Rule {
-                outcome: "auth_unavailable",
                 http: Some(H::SERVICE_UNAVAILABLE),
-                ..Rule::LINK
+                ..Rule::link("auth_unavailable", Blame::Broker)
             },
-            RpcError::Auth(_) => Rule {
-                outcome: "unauthenticated",
-                http: Some(H::UNAUTHORIZED),
-                ..Rule::REFUSAL
-            },
+            RpcError::Auth(_) => Rule::refusal("unauthenticated"),
             RpcError::NoMapping(_) => Rule {
-                outcome: "no_mapping",
                 http: None,
-                ..Rule::REFUSAL
+                ..Rule::refusal("no_mapping")
             },
             RpcError::HandshakeTimeout(_) => Rule {
-                outcome: "handshake_timeout",
                 http: Some(H::REQUEST_TIMEOUT),
                 close: true,
-                ..Rule::LINK
+                ..Rule::link("handshake_timeout", Blame::Client)
             },
-            RpcError::RelayBroken { side, .. } => Rule {
-                outcome: match side {
-                    Side::Upstream => "relay_broken",
-                    Side::Client => "client_closed",
-                },
+            RpcError::RelayBroken {
+                side: Side::Upstream,
+                ..
+            } => Rule {
                 close: true,
-                ..Rule::LINK
+                ..Rule::link("relay_broken", Blame::Upstream)
+            },
+            RpcError::RelayBroken {
+                side: Side::Client, ..
+            } => Rule {
+                close: true,
+                ..Rule::link("client_closed", Blame::Client)
             },
         }
     }
@@ -296,7 +320,6 @@ impl RpcError {
             _ => format!("kyuubi-broker: {self}"),
         };
         Answer {
-            outcome: r.outcome,
             status: r.status,
             sql_state: r.sql_state,
             http: r.http,
@@ -329,7 +352,9 @@ mod tests {
         assert_eq!(a.sasl, sasl::Status::Error);
         assert!(a.retryable && a.text.contains("authentication service unavailable"));
         assert!(!a.text.contains("ldap://"), "{}", a.text);
-        assert_eq!(a.outcome, "auth_unavailable");
+        assert_eq!(e.kind(), "auth_unavailable");
+        assert_eq!(e.blame(), Blame::Broker);
+        assert!(!e.is_auth_failure(), "an outage is not a wrong password");
         // the log line keeps the detail
         assert!(e.to_string().contains("ldap://10.0.0.5:389"));
     }

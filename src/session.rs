@@ -64,16 +64,6 @@ pub enum Out {
     Relayed(usize),
 }
 
-impl Out {
-    /// Bytes in the reply.
-    pub fn size(&self) -> usize {
-        match self {
-            Out::Reply(b) => b.len(),
-            Out::Relayed(n) => *n,
-        }
-    }
-}
-
 /// One binary client connection: it owns one upstream link (opened at its
 /// first OpenSession) and the sessions opened on it.
 pub struct BinaryClient {
@@ -83,6 +73,11 @@ pub struct BinaryClient {
     /// `None` for a NOSASL client until its OpenSession names the user.
     identity: Option<ClientIdentity>,
     peer: std::net::SocketAddr,
+    /// The user a NOSASL client named, until (and after) it is checked.
+    claimed: String,
+    /// A NOSASL login that just happened: how long it took, and whether it
+    /// passed (the listener reports it at the edge).
+    login: Option<(Duration, bool)>,
     link: Option<Link>,
     /// Sessions opened on this connection (guid, secret).
     sessions: Vec<(Guid, Vec<u8>)>,
@@ -100,14 +95,25 @@ impl BinaryClient {
             auth,
             identity,
             peer,
+            claimed: String::new(),
+            login: None,
             link: None,
             sessions: Vec::new(),
         }
     }
 
-    /// The authenticated user; empty before a NOSASL client's OpenSession.
+    /// The authenticated user, or the one a NOSASL client claims to be
+    /// (empty before its first OpenSession).
     pub fn user(&self) -> &str {
-        self.identity.as_ref().map_or("", |i| i.user.as_str())
+        self.identity
+            .as_ref()
+            .map_or(self.claimed.as_str(), |i| i.user.as_str())
+    }
+
+    /// The NOSASL login the last call performed, if it did: its duration
+    /// and whether it passed.
+    pub fn take_login(&mut self) -> Option<(Duration, bool)> {
+        self.login.take()
     }
 }
 
@@ -249,9 +255,12 @@ impl Broker {
     ) -> Result<Bytes, RpcError> {
         let info = tcli::read_open_session(&msg)?;
         if c.identity.is_none() {
-            let user = info.username.clone().unwrap_or_default();
+            c.claimed = info.username.clone().unwrap_or_default();
             let password = Secret::new(info.password.clone().unwrap_or_default());
-            c.identity = Some(c.auth.authenticate(&user, password, c.peer).await?);
+            let t0 = Instant::now();
+            let checked = c.auth.authenticate(&c.claimed, password, c.peer).await;
+            c.login = Some((t0.elapsed(), checked.is_ok()));
+            c.identity = Some(checked?);
         }
         let identity = c.identity.as_ref().expect("authenticated above");
         let reuse = match &c.link {

@@ -16,6 +16,7 @@ use kyuubi_broker::config::{Transport, UpstreamSasl};
 use kyuubi_broker::secret::Secret;
 use kyuubi_broker::tcli::gen::TStatusCode;
 use kyuubi_broker::wire::sasl;
+use kyuubi_broker::wire::thrift::{ttype, MessageType, Writer};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -190,11 +191,14 @@ async fn a_refused_login_is_answered_counted_by_mechanism_and_logged_once_on_bot
         "{errors:?}"
     );
     let logins = series(&m, "kyuubi_broker_login_duration_seconds_count");
-    assert_eq!(
-        logins.get("listener=\"refused_http\",mechanism=\"basic\",outcome=\"unauthenticated\""),
-        Some(&1.0),
-        "{logins:?}"
-    );
+    for (l, mechanism) in [
+        ("refused_http", "basic"),
+        ("refused_bin", "plain"),
+        ("refused_bin", "nosasl"),
+    ] {
+        let key = format!("listener=\"{l}\",mechanism=\"{mechanism}\",outcome=\"unauthenticated\"");
+        assert_eq!(logins.get(&key), Some(&1.0), "{key}: {logins:?}");
+    }
     let rpcs = series(&m, "kyuubi_broker_rpc_duration_seconds_count");
     assert_eq!(
         rpcs.get("method=\"OpenSession\",route=\"r\",client_transport=\"binary\",upstream_transport=\"binary\",outcome=\"unauthenticated\""),
@@ -212,6 +216,7 @@ async fn a_refused_login_is_answered_counted_by_mechanism_and_logged_once_on_bot
     assert_eq!(got, ["login failed", "rpc refused"], "{bin_lines:?}");
     for (_, f) in bin_lines.iter().chain(&http_lines) {
         assert_eq!(f["outcome"], "unauthenticated", "{f}");
+        assert_eq!(f["user"], "alice", "the user who tried: {f}");
         assert!(
             !f.to_string().contains("nope"),
             "a password reached the log: {f}"
@@ -235,6 +240,27 @@ async fn a_malformed_call_after_login_is_answered_closed_counted_and_logged_once
         "only the login is answered"
     );
 
+    // a well-framed OpenSession whose body does not decode is answered, and
+    // the stream is still in step: the same connection answers it again
+    let mut c = Hs2Client::connect(
+        &client_cfg(Transport::Binary, bin, UpstreamSasl::Plain),
+        "carol",
+        "pw",
+    )
+    .await
+    .unwrap();
+    let mut w = Writer::default();
+    w.message_begin("OpenSession", MessageType::Call, 7);
+    w.field(ttype::STRUCT, 1);
+    w.field(ttype::STRING, 1);
+    w.buf.extend_from_slice(&[0x7f, 0xff, 0xff, 0xff]);
+    let bad = bytes::Bytes::from(w.buf);
+    for _ in 0..2 {
+        let reply = c.call_raw(bad.clone()).await.expect("answered, not closed");
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        assert!(text.contains("bad request from client"), "{text}");
+    }
+
     // over HTTP the same body is a 400 that names the problem
     let (status, _, body) = http_post(
         b.addrs["garbage_http"],
@@ -248,9 +274,9 @@ async fn a_malformed_call_after_login_is_answered_closed_counted_and_logged_once
 
     let m = metrics(&b).await;
     let errors = series(&m, "kyuubi_broker_client_errors_total");
-    for l in ["garbage_bin", "garbage_http"] {
+    for (l, n) in [("garbage_bin", 3.0), ("garbage_http", 1.0)] {
         let key = format!("listener=\"{l}\",kind=\"bad_request\"");
-        assert_eq!(errors.get(&key), Some(&1.0), "{key}: {errors:?}");
+        assert_eq!(errors.get(&key), Some(&n), "{key}: {errors:?}");
     }
     let rpcs = series(&m, "kyuubi_broker_rpc_duration_seconds_count");
     assert_eq!(
@@ -258,10 +284,16 @@ async fn a_malformed_call_after_login_is_answered_closed_counted_and_logged_once
         Some(&1.0),
         "{rpcs:?}"
     );
-    let lines = logged("garbage_bin", |l| l.iter().any(|(m, _)| m == "rpc refused")).await;
-    let refused: Vec<_> = lines.iter().filter(|(m, _)| m == "rpc refused").collect();
-    assert_eq!(refused.len(), 1, "{lines:?}");
-    assert_eq!(refused[0].1["outcome"], "bad_request");
+    // one line per refused call: the unframed one and the two undecodable ones
+    let refused_lines =
+        |l: &[(String, Value)]| l.iter().filter(|(m, _)| m == "rpc refused").count();
+    let lines = logged("garbage_bin", |l| refused_lines(l) >= 3).await;
+    assert_eq!(refused_lines(&lines), 3, "{lines:?}");
+    for (m, f) in &lines {
+        if m == "rpc refused" {
+            assert_eq!(f["outcome"], "bad_request", "{f}");
+        }
+    }
     // the login before it was logged on its own line
     assert!(
         lines
@@ -297,8 +329,30 @@ async fn a_handshake_timeout_closes_the_connection_and_shows_in_metrics_and_one_
         .expect("the broker closes a connection whose headers are late")
         .ok();
 
+    // a keep-alive connection that served a request and then idles is closed
+    // by the same timer, but that is no failed handshake
+    let mut s = TcpStream::connect(b.addrs["slow_http"]).await.unwrap();
+    let req = format!(
+        "POST /cliservice HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-thrift\r\nContent-Length: 1\r\n{}\r\nx",
+        basic("carol", "pw")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the broker closes the idle keep-alive connection")
+        .ok();
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
+        "answered first"
+    );
+
     let bin_lines = logged("slow_bin", |l| !l.is_empty()).await;
-    let http_lines = logged("slow_http", |l| !l.is_empty()).await;
+    let http_lines = logged("slow_http", |l| l.len() >= 2).await;
+    let http_lines: Vec<_> = http_lines
+        .into_iter()
+        .filter(|(_, f)| f["outcome"] != "bad_request")
+        .collect();
     let m = metrics(&b).await;
     let errors = series(&m, "kyuubi_broker_client_errors_total");
     for l in ["slow_bin", "slow_http"] {
@@ -355,11 +409,23 @@ async fn an_unreachable_ldap_server_is_one_retryable_unavailable_answer_that_hid
             "the LDAP address leaked: {shown}"
         );
     }
+    // the broker's failure, not the client's: no client error, no auth failure
     let m = metrics(&b).await;
-    let errors = series(&m, "kyuubi_broker_client_errors_total");
-    for l in ["ldapdown_bin", "ldapdown_http"] {
-        let key = format!("listener=\"{l}\",kind=\"auth_unavailable\"");
-        assert_eq!(errors.get(&key), Some(&1.0), "{key}: {errors:?}");
+    let logins = series(&m, "kyuubi_broker_login_duration_seconds_count");
+    for (l, mechanism) in [("ldapdown_bin", "plain"), ("ldapdown_http", "basic")] {
+        let key =
+            format!("listener=\"{l}\",mechanism=\"{mechanism}\",outcome=\"auth_unavailable\"");
+        assert_eq!(logins.get(&key), Some(&1.0), "{key}: {logins:?}");
+    }
+    for name in [
+        "kyuubi_broker_client_errors_total",
+        "kyuubi_broker_auth_failures_total",
+    ] {
+        let counted = series(&m, name);
+        assert!(
+            !counted.keys().any(|k| k.contains("ldapdown")),
+            "{name}: {counted:?}"
+        );
     }
     // the broker's own log keeps the detail an operator needs
     let lines = logged("ldapdown_bin", |l| !l.is_empty()).await;

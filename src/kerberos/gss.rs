@@ -90,7 +90,8 @@ fn layer_for<C: SecurityContext + Send + 'static>(
 /// The broker's own service credentials, from its keytab.
 pub struct Acceptor {
     cred: Cred,
-    /// For messages: the principal, or "any principal in `keytab`".
+    /// For messages to clients: the principal, or "any principal in the
+    /// listener's keytab" (never the keytab's path).
     pub describe: String,
     pub qop: Vec<Qop>,
 }
@@ -110,7 +111,7 @@ impl Acceptor {
             cred,
             describe: principal
                 .map(str::to_string)
-                .unwrap_or_else(|| format!("any principal in {}", keytab.display())),
+                .unwrap_or_else(|| "any principal in the listener's keytab".into()),
             qop,
         })
     }

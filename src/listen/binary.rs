@@ -101,6 +101,7 @@ async fn answer(
             io.write_sasl(sasl::Status::Complete, b"").await
         }
         (Ok(Done::Reply(r)), Stage::Rpc { framing, .. }) => io.write_message(framing, &r).await,
+        // relayed: already written; a login has no RPC reply and vice versa
         (Ok(_), _) => Ok(()),
         (Err(e), stage) => {
             let a = e.answer();
@@ -213,7 +214,8 @@ async fn connection(
                     framing,
                     reply_to: h.as_ref().map(|h| (h.name, h.seqid)),
                 };
-                answer(&mut io, stage, &listener, &ex, Err(e.into())).await;
+                let e = RpcError::Malformed(e.to_string());
+                answer(&mut io, stage, &listener, &ex, Err(e)).await;
                 break;
             }
         };
@@ -231,6 +233,15 @@ async fn connection(
             )
             .await
         };
+        if let Some((took, passed)) = client.take_login() {
+            let outcome = match &result {
+                Err(e) if !passed => e.kind(),
+                _ => "ok",
+            };
+            listener
+                .edge
+                .nosasl_login(peer, client.user(), took, outcome);
+        }
         let ex = Exchange {
             upstream,
             request_bytes,
@@ -338,12 +349,12 @@ async fn handshake(
             ));
         }
         b'G' | b'P' | b'H' => {
-            return Err(HandshakeEnd::Failed(RpcError::BadRequest(
+            return Err(HandshakeEnd::Failed(RpcError::Malformed(
                 "looks like HTTP; this is the binary listener (use the HTTP listener for transportMode=http)".into(),
             )))
         }
         b => {
-            return Err(HandshakeEnd::Failed(RpcError::BadRequest(format!(
+            return Err(HandshakeEnd::Failed(RpcError::Malformed(format!(
                 "not a HiveServer2 client (first byte {b:#04x})"
             ))))
         }
@@ -363,9 +374,9 @@ async fn handshake(
             Err(e @ SaslError::PeerFailure(_)) => {
                 // the client gave up: it waits for nothing
                 p.awaits_answer = false;
-                return Err(HandshakeEnd::Failed(RpcError::BadRequest(e.to_string())));
+                return Err(HandshakeEnd::Failed(RpcError::Malformed(e.to_string())));
             }
-            Err(e) => return Err(HandshakeEnd::Failed(RpcError::BadRequest(e.to_string()))),
+            Err(e) => return Err(HandshakeEnd::Failed(RpcError::Malformed(e.to_string()))),
         };
         p.user = creds.user.clone();
         return match listener
@@ -392,7 +403,7 @@ async fn gssapi_handshake(
 ) -> Result<Authenticated, HandshakeEnd> {
     let gave_up = |p: &mut Progress, m: &sasl::Message| {
         p.awaits_answer = false;
-        HandshakeEnd::Failed(RpcError::BadRequest(format!(
+        HandshakeEnd::Failed(RpcError::Malformed(format!(
             "client gave up: {}",
             String::from_utf8_lossy(&m.payload)
         )))

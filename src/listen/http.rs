@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,7 +68,12 @@ pub async fn serve(
     let span = tracing::debug_span!("http", listener = %listener.l.config.name, %peer);
     let sh = shared.clone();
     let hl = listener.clone();
+    // hyper's header timeout also ends idle keep-alive connections: only a
+    // connection that never sent a request head in time failed a handshake
+    let served = Arc::new(AtomicBool::new(false));
+    let seen = served.clone();
     let svc = service_fn(move |req| {
+        seen.store(true, Ordering::Relaxed);
         let (listener, shared) = (hl.clone(), sh.clone());
         async move { Ok::<_, Infallible>(handle(req, peer, &listener, &shared).await) }
     });
@@ -88,11 +94,12 @@ pub async fn serve(
     match result {
         // hyper closes a connection whose request head is late: the client
         // sees the close, the edge records why
-        Err(e) if e.is_timeout() => {
+        Err(e) if e.is_timeout() && !served.load(Ordering::Relaxed) => {
             let e = RpcError::HandshakeTimeout(shared.server.handshake_timeout);
-            let ex = Exchange::new(Kind::Unparsed, peer, "", "unknown", started);
+            let ex = Exchange::new(Kind::Login, peer, "", "unknown", started);
             listener.l.edge.finish(&ex, Err(&e));
         }
+        Err(e) if e.is_timeout() => debug!(parent: &span, "idle keep-alive connection closed"),
         Err(e) => debug!(parent: &span, error = %e, "HTTP connection ended with an error"),
         Ok(()) => {}
     }
@@ -303,8 +310,8 @@ async fn handle(
         Ok(b) => b.to_bytes(),
         Err(e) => {
             let e = match e.downcast_ref::<http_body_util::LengthLimitError>() {
-                Some(_) => RpcError::TooLarge { len: max + 1, max },
-                None => RpcError::BadRequest(format!("cannot read the request body: {e}")),
+                Some(_) => RpcError::TooLarge { len: None, max },
+                None => RpcError::Malformed(format!("cannot read the request body: {e}")),
             };
             let ex = Exchange::new(Kind::Unparsed, peer, user, mechanism, started);
             return respond(listener, &ex, Err(e), extra);
@@ -314,7 +321,12 @@ async fn handle(
         Ok(c) => c,
         Err(e) => {
             let ex = Exchange::new(Kind::Unparsed, peer, user, mechanism, started);
-            return respond(listener, &ex, Err(e.into()), extra);
+            return respond(
+                listener,
+                &ex,
+                Err(RpcError::Malformed(e.to_string())),
+                extra,
+            );
         }
     };
     let client = HttpClient {
