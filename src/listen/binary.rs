@@ -1,7 +1,7 @@
 //! Binary TCLIService listener: SASL PLAIN or GSSAPI handshake (or NOSASL,
 //! recognised by its first byte), then one message at a time through the
 //! broker. Every outcome the client sees, from the handshake on, is written
-//! by [`answer`].
+//! by `answer`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! Thrift-over-HTTP listener: one POST per RPC to the configured path (or any
 //! sub-path), Basic or SPNEGO credentials or the broker's `hive.server2.auth`
-//! cookie. Every response, success or refusal, is built by [`respond`].
+//! cookie. Every response, success or refusal, is built by `respond`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
