@@ -158,9 +158,8 @@ impl Edge {
     ) {
         self.metrics.login(&self.listener, "nosasl", outcome, took);
         if outcome == "ok" {
-            let (listener, user) = (&*self.listener, loggable(user));
-            let took_us = took.as_micros() as u64;
-            info!(listener, %peer, %user, mechanism = "nosasl", took_us, "client authenticated");
+            let ex = Exchange::new(Kind::Login, peer, user, "nosasl", Instant::now());
+            self.log_login(&ex, took, Ok(0));
         }
     }
 
@@ -188,6 +187,11 @@ impl Edge {
         total: Duration,
         result: Result<usize, &RpcError>,
     ) {
+        let slow = !self.slow_rpc.is_zero() && total >= self.slow_rpc;
+        // the common case, on every RPC: nothing to build unless it is shown
+        if result.is_ok() && !slow && !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
         let (listener, route, peer) = (&*self.listener, &*self.route, ex.peer);
         let wire = match ex.kind {
             Kind::Call(c) => loggable(c.wire_name()),
@@ -198,7 +202,6 @@ impl Edge {
             _ => 0,
         };
         let (total_us, upstream_us) = (total.as_micros() as u64, ex.upstream.as_micros() as u64);
-        let slow = !self.slow_rpc.is_zero() && total >= self.slow_rpc;
         let user = loggable(ex.user);
         if slow {
             // one line that also carries the statement, whatever the outcome
