@@ -13,6 +13,13 @@ pub struct AdminConfig {
     /// Required to bind anywhere but loopback: /status names users and routes.
     #[serde(default)]
     pub allow_remote: bool,
+    /// Admin connections served at once (scrapers and operators are few).
+    #[serde(default = "default_admin_connections")]
+    pub max_connections: usize,
+}
+
+fn default_admin_connections() -> usize {
+    16
 }
 
 fn default_admin_bind() -> SocketAddr {
@@ -26,6 +33,13 @@ impl AdminConfig {
                 "admin.bind",
                 format!("{} is not a loopback address", self.bind),
                 "bind 127.0.0.1:10019, or set allow_remote = true to expose metrics and status",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid(
+                "admin.max_connections",
+                "must be at least 1",
+                "remove it to use 16",
             ));
         }
         Ok(())

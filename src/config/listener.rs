@@ -78,6 +78,17 @@ pub struct LdapConfig {
     /// How long a successful check is remembered.
     #[serde(default = "default_cache_ttl", with = "duration")]
     pub cache_ttl: Duration,
+    /// Connecting to an LDAP server, per URL tried.
+    #[serde(default = "default_ldap_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Each LDAP operation (bind, search); an LDAP server slower than this
+    /// is "authentication service unavailable".
+    #[serde(default = "default_ldap_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+fn default_ldap_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_guid_key() -> String {
@@ -117,6 +128,10 @@ pub struct ListenerConfig {
     /// HTTP only: lifetime of the `hive.server2.auth` cookie.
     #[serde(default = "default_cookie_age", with = "duration")]
     pub cookie_max_age: Duration,
+    /// Client connections this listener serves at once (within
+    /// `server.max_connections`); unset: no cap of its own.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 fn yes() -> bool {
@@ -219,6 +234,27 @@ impl ListenerConfig {
                 "is set but auth is not \"kerberos\"",
                 "set auth = \"kerberos\" or remove the table",
             ));
+        }
+        if self.max_connections == Some(0) {
+            return Err(invalid(
+                format!("{key}.max_connections"),
+                "must be at least 1",
+                "remove it to leave this listener to server.max_connections",
+            ));
+        }
+        if let Some(ld) = &self.ldap {
+            for (k, d) in [
+                ("connect_timeout", ld.connect_timeout),
+                ("timeout", ld.timeout),
+            ] {
+                if d.is_zero() {
+                    return Err(invalid(
+                        format!("{key}.ldap.{k}"),
+                        "must be longer than 0s",
+                        "remove it to use 5s",
+                    ));
+                }
+            }
         }
         self.http_path = normalize_path(&self.http_path);
         if self.protocol == Transport::Http && self.http_path.is_empty() {

@@ -1,0 +1,1 @@
+//! Connection caps, deny list, HTTP and admin header/body timeouts.

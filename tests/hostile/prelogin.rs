@@ -1,0 +1,1 @@
+//! Before login: oversized and NUL-flooded SASL messages, handshake-phase size caps, malformed PLAIN.
