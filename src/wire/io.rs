@@ -76,6 +76,12 @@ impl MessageIo {
         }
     }
 
+    /// The largest message accepted from now on: the handshake cap until the
+    /// client is authenticated, then the server's `max_message_bytes`.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     /// From now on every SASL data frame is wrapped/unwrapped by `layer`.
     pub fn set_layer(&mut self, layer: Option<Box<dyn SecurityLayer>>) {
         self.layer = layer;
