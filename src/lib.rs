@@ -41,7 +41,7 @@
 //! Modules depend downwards only (`tests/module_tree.rs` checks it from the
 //! `use` lines):
 //!
-//! - bottom: [`secret`], [`percent`], [`metrics`], [`wire`], then [`tcli`],
+//! - bottom: [`secret`], [`percent`], [`metrics`], [`audit`], [`wire`], then [`tcli`],
 //!   [`kerberos`] and [`identity`] (who is on each side, as plain data);
 //! - [`config`] (TOML, each section validating itself), [`cloud`];
 //! - [`auth`] and [`mapping`], each with its own error type;
@@ -51,6 +51,7 @@
 //!   [`commands`], and this crate root.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod cloud;
