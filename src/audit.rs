@@ -32,11 +32,6 @@ pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// Whether an event belongs to the audit log.
-pub fn is_audit(meta: &tracing::Metadata<'_>) -> bool {
-    meta.target() == TARGET
-}
-
 /// Where the audit layer writes: one queued line per event.
 #[derive(Clone)]
 pub struct AuditSink {
@@ -133,7 +128,11 @@ where
         .with_current_span(false)
         .with_span_list(false)
         .with_writer(sink)
-        .with_filter(tracing_subscriber::filter::filter_fn(is_audit))
+        // a static per-callsite filter: other targets' callsites stay
+        // disabled (cached), so debug! elsewhere costs nothing
+        .with_filter(
+            tracing_subscriber::filter::Targets::new().with_target(TARGET, tracing::Level::TRACE),
+        )
 }
 
 #[cfg(test)]

@@ -160,6 +160,9 @@ impl Edge {
         if outcome == "ok" {
             let ex = Exchange::new(Kind::Login, peer, user, "nosasl", Instant::now());
             self.log_login(&ex, took, Ok(0));
+        } else {
+            let (listener, user) = (&*self.listener, loggable(user));
+            info!(target: "audit", event = "login_failed", listener, %peer, %user, mechanism = "nosasl", outcome, "audit: login failed");
         }
     }
 
@@ -167,6 +170,20 @@ impl Edge {
         let (listener, peer, mechanism) = (&*self.listener, ex.peer, ex.mechanism);
         let user = loggable(ex.user);
         let took_us = total.as_micros() as u64;
+        match result {
+            // every HTTP request without a cookie logs in: debug keeps the
+            // ordinary log quiet; the audit file takes every level
+            Ok(_) if self.client == Transport::Http => {
+                debug!(target: "audit", event = "login_ok", listener, %peer, %user, mechanism, "audit: login ok")
+            }
+            Ok(_) => {
+                info!(target: "audit", event = "login_ok", listener, %peer, %user, mechanism, "audit: login ok")
+            }
+            Err(e) => {
+                let outcome = e.kind();
+                info!(target: "audit", event = "login_failed", listener, %peer, %user, mechanism, outcome, "audit: login failed")
+            }
+        }
         match result {
             // an HTTP client without cookie support logs in on every request
             Ok(_) if self.client == Transport::Http => {
