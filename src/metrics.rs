@@ -72,6 +72,12 @@ struct RouteLabels {
     route: Arc<str>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    listener: Arc<str>,
+    reason: &'static str,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// 10 µs to about 11 minutes, doubling: microseconds to minutes.
@@ -111,6 +117,9 @@ pub struct Metrics {
     logins: Histograms<LoginLabels>,
     auth_failures: Family<MechanismLabels, Counter>,
     client_errors: Family<ClientErrorLabels, Counter>,
+    handles_refused: Family<RouteLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
+    logins_throttled: Family<RefusalLabels, Counter>,
     connections: Family<ListenerLabels, Gauge>,
     sessions: Family<RouteLabels, Gauge>,
     token_age: Gauge<f64, AtomicU64>,
@@ -195,6 +204,24 @@ impl Metrics {
             "Client exchanges that failed for a reason other than the upstream (bad input, refused login, timeout, unknown handle, shutdown), by kind",
             client_errors.clone(),
         );
+        let handles_refused = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "handles_refused",
+            "Requests naming a session or operation handle their client did not open, refused before the upstream, by route",
+            handles_refused.clone(),
+        );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Client connections refused at a cap or by the deny list, by listener and reason",
+            refusals.clone(),
+        );
+        let logins_throttled = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "logins_throttled",
+            "Logins refused unchecked after repeated failures (per user and address, or per address), by listener and reason",
+            logins_throttled.clone(),
+        );
         let connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "client_connections",
@@ -232,6 +259,9 @@ impl Metrics {
             logins,
             auth_failures,
             client_errors,
+            handles_refused,
+            refusals,
+            logins_throttled,
             connections,
             sessions,
             token_age,
@@ -358,6 +388,32 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .entry((route.to_string(), user.to_string()))
             .or_default() += 1;
+    }
+
+    pub fn handle_refused(&self, route: &Arc<str>) {
+        self.handles_refused
+            .get_or_create(&RouteLabels {
+                route: route.clone(),
+            })
+            .inc();
+    }
+
+    pub fn connection_refused(&self, listener: &Arc<str>, reason: &'static str) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn login_throttled(&self, listener: &Arc<str>, reason: &'static str) {
+        self.logins_throttled
+            .get_or_create(&RefusalLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
     }
 
     pub fn session_closed(&self, route: &Arc<str>, user: &str) {

@@ -81,7 +81,14 @@ pub struct BinaryClient {
     link: Option<Link>,
     /// Sessions opened on this connection (guid, secret).
     sessions: Vec<(Guid, Vec<u8>)>,
+    /// Operations started on this connection, with their session.
+    operations: HashMap<Guid, Guid>,
 }
+
+/// Open operations one binary connection may hold. Beyond it, calls that
+/// start an operation are refused (a client that never closes operations
+/// would otherwise grow this table and the upstream's without bound).
+pub const MAX_OPERATIONS_PER_CONNECTION: usize = 10_000;
 
 impl BinaryClient {
     pub fn new(
@@ -99,6 +106,7 @@ impl BinaryClient {
             login: None,
             link: None,
             sessions: Vec::new(),
+            operations: HashMap::new(),
         }
     }
 
@@ -227,20 +235,71 @@ impl Broker {
                 .map(Out::Reply);
         }
         let link = c.link.clone().ok_or(RpcError::UnknownHandle("session"))?;
-        // read before the message goes upstream: the request names the session
-        let closing = match call.method {
-            "CloseSession" => tcli::request_guid(&msg, &peek_header(&msg)?)?,
-            _ => None,
-        };
-        let out = relay_call(&link, call, msg, sink, &c.route.target, upstream).await?;
-        if let Some(g) = closing {
-            let before = c.sessions.len();
-            c.sessions.retain(|(s, _)| *s != g);
-            if c.sessions.len() < before {
-                self.metrics.session_closed(&c.route.name, c.user());
+        // read before the message goes upstream: only handles opened on this
+        // connection are forwarded (a handle is a bearer secret, but one
+        // user must never drive another's session or read its rows)
+        let guid = self.owned_by_connection(c, call, &msg)?;
+        let creates = tcli::creates_operation(call.method);
+        if creates && c.operations.len() >= MAX_OPERATIONS_PER_CONNECTION {
+            return Err(RpcError::BadRequest(format!(
+                "{MAX_OPERATIONS_PER_CONNECTION} operations are open on this connection; \
+                 close some (CloseOperation) before starting more"
+            )));
+        }
+        if creates {
+            // small, and read whole: the new operation handle is in it
+            let reply = timed(upstream, link.call(msg)).await?;
+            let h = check_reply(&reply, call, &c.route.target, &link).await?;
+            let op = tcli::reply_operation_guid(&reply, &h)
+                .map_err(|e| malformed(&c.route.target, e))?;
+            if let Some(op) = op {
+                c.operations.insert(op, guid);
             }
+            return Ok(Out::Reply(reply));
+        }
+        let out = relay_call(&link, call, msg, sink, &c.route.target, upstream).await?;
+        match call.method {
+            "CloseOperation" => {
+                c.operations.remove(&guid);
+            }
+            "CloseSession" => {
+                let before = c.sessions.len();
+                c.sessions.retain(|(s, _)| *s != guid);
+                c.operations.retain(|_, session| *session != guid);
+                if c.sessions.len() < before {
+                    self.metrics.session_closed(&c.route.name, c.user());
+                }
+            }
+            _ => {}
         }
         Ok(out)
+    }
+
+    /// The handle a binary client's request names, if this connection
+    /// opened it; otherwise the request is refused before it is forwarded.
+    fn owned_by_connection(
+        &self,
+        c: &BinaryClient,
+        call: &Call,
+        msg: &[u8],
+    ) -> Result<Guid, RpcError> {
+        let h = peek_header(msg)?;
+        let guid = tcli::request_guid(msg, &h)?.ok_or_else(|| {
+            RpcError::BadRequest(format!("{} without a handle", call.wire_name()))
+        })?;
+        let session = || c.sessions.iter().any(|(s, _)| *s == guid);
+        let operation = || c.operations.contains_key(&guid);
+        let (owned, what) = match call.scope {
+            Scope::Operation => (operation(), "operation"),
+            Scope::Unknown if operation() => (true, "operation"),
+            _ => (session(), "session"),
+        };
+        if owned {
+            return Ok(guid);
+        }
+        info!(target: "audit", event = "handle_refused", route = %c.route.name, user = %crate::edge::loggable(c.user()), peer = %c.peer, method = call.wire_name(), what, "audit: handle refused");
+        self.metrics.handle_refused(&c.route.name);
+        Err(RpcError::UnknownHandle(what))
     }
 
     /// OpenSession from a binary client: a NOSASL client is authenticated
@@ -350,10 +409,19 @@ impl Broker {
         for key in stripped {
             warn!(user = %crate::edge::loggable(&identity.user), key = %crate::edge::loggable(&key), peer = %identity.addr, "stripped a client-supplied setting: possible spoofing attempt");
         }
+        // The request's username/password are always replaced: a NOSASL
+        // upstream reads the mapped account there; any other upstream gets
+        // the mapped user and no password, so a NOSASL client's own password
+        // never leaves the broker.
+        let nosasl_upstream =
+            target.transport == Transport::Binary && target.sasl == UpstreamSasl::Nosasl;
+        let password = if nosasl_upstream {
+            cred.password.expose().to_string()
+        } else {
+            String::new()
+        };
         let edit = OpenSessionEdit {
-            credentials: (target.transport == Transport::Binary
-                && target.sasl == UpstreamSasl::Nosasl)
-                .then(|| (cred.user.clone(), cred.password.expose().to_string())),
+            credentials: Some((cred.user.clone(), password)),
             configuration: Some(conf),
         };
         let msg = Bytes::from(tcli::rewrite_open_session(msg, &edit)?);
@@ -399,11 +467,16 @@ impl Broker {
             },
             _ => (self.sessions.get(&guid).await, "session"),
         };
-        let owned = found.ok_or(RpcError::UnknownHandle(what))?;
-        // Handles are bearer secrets; still, never let one user drive another's session.
-        if c.identity.user != owned.user {
-            return Err(RpcError::UnknownHandle(what));
-        }
+        // Handles are bearer secrets; still, never let one user drive
+        // another's session, nor reach one opened on another route.
+        let owned = match found {
+            Some(o) if c.identity.user == o.user && *c.route.name == *o.route => o,
+            _ => {
+                info!(target: "audit", event = "handle_refused", route = %c.route.name, user = %crate::edge::loggable(&c.identity.user), peer = %c.identity.addr, method = call.wire_name(), what, "audit: handle refused");
+                self.metrics.handle_refused(&c.route.name);
+                return Err(RpcError::UnknownHandle(what));
+            }
+        };
         Ok((owned, guid))
     }
 

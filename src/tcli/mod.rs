@@ -140,8 +140,63 @@ fn guid_at(buf: &[u8], start: usize, path: &[i16]) -> Result<Option<Guid>, WireE
 
 /// The handle GUID of a session- or operation-scoped request
 /// (args.req(1).handle(1).identifier(1).guid(1) in both cases).
+///
+/// This decides whose session a request reaches, so it reads the path the
+/// way the upstream will: every struct on the path is walked to its end,
+/// and a field on the path that appears twice is refused (a Thrift decoder
+/// keeps the last one, so checking the first would check the wrong
+/// handle). A handle must be a 16-byte GUID with its secret beside it.
 pub fn request_guid(msg: &[u8], h: &MessageHeader<'_>) -> Result<Option<Guid>, WireError> {
-    guid_at(msg, h.body_offset, &[1, 1, 1, 1])
+    let mut at = h.body_offset;
+    for (depth, want) in [1i16, 1, 1].into_iter().enumerate() {
+        match unique_field(msg, at, want)? {
+            Some((ttype::STRUCT, pos)) => at = pos,
+            Some(_) => {
+                return Err(WireError::Malformed(format!(
+                    "handle path field {want} at depth {depth} is not a struct"
+                )))
+            }
+            None => return Ok(None),
+        }
+    }
+    // `at` is the THandleIdentifier: guid (1) and secret (2), once each
+    let guid = match unique_field(msg, at, 1)? {
+        Some((ttype::STRING, pos)) => {
+            let b = Reader::at(msg, pos).binary()?;
+            let g: Guid = b.try_into().map_err(|_| {
+                WireError::Malformed(format!("handle guid of {} bytes, expected 16", b.len()))
+            })?;
+            g
+        }
+        Some(_) => return Err(WireError::Malformed("handle guid is not binary".into())),
+        None => return Err(WireError::Malformed("handle without a guid".into())),
+    };
+    match unique_field(msg, at, 2)? {
+        Some((ttype::STRING, _)) => Ok(Some(guid)),
+        _ => Err(WireError::Malformed(
+            "handle without a binary secret".into(),
+        )),
+    }
+}
+
+/// The value position and wire type of field `want` of the struct whose
+/// body starts at `start`, walking the whole struct: `Malformed` if the
+/// field appears more than once.
+fn unique_field(buf: &[u8], start: usize, want: i16) -> Result<Option<(u8, usize)>, WireError> {
+    let mut r = Reader::at(buf, start);
+    let mut hit = None;
+    while let Some((t, id)) = r.field_begin()? {
+        if id == want {
+            if hit.is_some() {
+                return Err(WireError::Malformed(format!(
+                    "field {want} appears twice on the handle path"
+                )));
+            }
+            hit = Some((t, r.pos()));
+        }
+        r.skip(t)?;
+    }
+    Ok(hit)
 }
 
 /// The operation GUID in a reply of a [`creates_operation`] method.
