@@ -140,7 +140,8 @@ async fn connection(
     listener: Arc<Listener>,
     shared: Arc<Shared>,
 ) {
-    let mut io = MessageIo::new(stream, shared.server.max_message_bytes);
+    // nothing big is accepted from a client that has not logged in yet
+    let mut io = MessageIo::new(stream, shared.server.handshake_max_bytes);
     let started = Instant::now();
     let limit = shared.server.handshake_timeout;
     let mut progress = Progress::default();
@@ -161,6 +162,7 @@ async fn connection(
             }
             // COMPLETE goes out unwrapped; every later frame through the layer
             io.set_layer(layer);
+            io.set_max(shared.server.max_message_bytes);
             (Framing::Sasl, Some(identity))
         }
         Err(HandshakeEnd::Closed) => {
@@ -177,6 +179,11 @@ async fn connection(
         }
     };
     let mechanism = progress.mechanism;
+    // A NOSASL client logs in with its first message, an OpenSession, which
+    // must arrive within the handshake's time (one timer per connection,
+    // before login only; none on the RPC path after it).
+    let mut login_by =
+        (framing == Framing::Bare).then(|| tokio::time::Instant::from_std(started + limit));
     let mut client = BinaryClient::new(
         listener.route.clone(),
         listener.auth.clone(),
@@ -184,10 +191,24 @@ async fn connection(
         peer,
     );
     loop {
-        let msg = tokio::select! {
-            biased;
-            _ = shared.cancel.cancelled() => break,
-            m = io.read_message(framing) => m,
+        let msg = match login_by {
+            None => tokio::select! {
+                biased;
+                _ = shared.cancel.cancelled() => break,
+                m = io.read_message(framing) => m,
+            },
+            Some(deadline) => tokio::select! {
+                biased;
+                _ = shared.cancel.cancelled() => break,
+                m = io.read_message(framing) => m,
+                _ = tokio::time::sleep_until(deadline) => {
+                    let ex = Exchange::new(Kind::Login, peer, "", mechanism, started);
+                    let stage = Stage::Handshake { sasl: false };
+                    let e = RpcError::HandshakeTimeout(limit);
+                    answer(&mut io, stage, &listener, &ex, Err(e)).await;
+                    break;
+                }
+            },
         };
         let started = Instant::now();
         let msg = match msg {
@@ -219,6 +240,19 @@ async fn connection(
                 break;
             }
         };
+        if login_by.is_some() && call.scope != crate::tcli::Scope::OpenSession {
+            let ex = Exchange::new(Kind::Call(&call), peer, "", mechanism, started);
+            let stage = Stage::Rpc {
+                framing,
+                reply_to: Some((call.wire_name(), call.seqid)),
+            };
+            let e = RpcError::Auth(AuthError::Unusable(format!(
+                "{} before OpenSession: a NOSASL client logs in with its first message, an OpenSession",
+                call.wire_name()
+            )));
+            answer(&mut io, stage, &listener, &ex, Err(e)).await;
+            break;
+        }
         let request_bytes = msg.len();
         let statement = listener.edge.statement_of(&call, &msg);
         let mut upstream = Duration::ZERO;
@@ -233,6 +267,7 @@ async fn connection(
             )
             .await
         };
+        let mut refused = false;
         if let Some((took, passed)) = client.take_login() {
             let outcome = match &result {
                 Err(e) if !passed => e.kind(),
@@ -241,6 +276,12 @@ async fn connection(
             listener
                 .edge
                 .nosasl_login(peer, client.user(), took, outcome);
+            if passed {
+                login_by = None;
+                io.set_max(shared.server.max_message_bytes);
+            }
+            // a refused login ends the connection: no second guess on it
+            refused = !passed;
         }
         let ex = Exchange {
             upstream,
@@ -252,7 +293,9 @@ async fn connection(
             framing,
             reply_to: Some((call.wire_name(), call.seqid)),
         };
-        if answer(&mut io, stage, &listener, &ex, result.map(Done::from)).await == Flow::Close {
+        if answer(&mut io, stage, &listener, &ex, result.map(Done::from)).await == Flow::Close
+            || refused
+        {
             break;
         }
     }

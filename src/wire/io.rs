@@ -59,6 +59,8 @@ pub struct MessageIo {
     max: usize,
     /// Set after a SASL handshake with QOP above `auth`.
     layer: Option<Box<dyn SecurityLayer>>,
+    /// Where the walk of a bare message being read stands.
+    scanner: thrift::BareScanner,
 }
 
 impl MessageIo {
@@ -73,6 +75,7 @@ impl MessageIo {
             buf: BytesMut::with_capacity(8 * 1024),
             max,
             layer: None,
+            scanner: thrift::BareScanner::default(),
         }
     }
 
@@ -204,18 +207,28 @@ impl MessageIo {
         self.write_parts(prefix, head).await
     }
 
+    /// A bare message has no length prefix: the scanner finds its end as
+    /// the bytes arrive, resuming where it stopped (a trickling client
+    /// costs no more than a fast one).
     async fn read_bare(&mut self) -> Result<Bytes, FrameError> {
         loop {
-            match thrift::message_len(&self.buf) {
-                Ok(n) => return Ok(self.buf.split_to(n).freeze()),
-                Err(thrift::WireError::Incomplete) if self.buf.len() <= self.max => {}
-                Err(thrift::WireError::Incomplete) => {
+            match self.scanner.advance(&self.buf) {
+                Ok(Some(n)) if n <= self.max => {
+                    self.scanner.reset();
+                    return Ok(self.buf.split_to(n).freeze());
+                }
+                Ok(None) if self.buf.len() <= self.max => {}
+                Ok(_) => {
+                    self.scanner.reset();
                     return Err(FrameError::TooLarge {
                         len: self.buf.len(),
                         max: self.max,
-                    })
+                    });
                 }
-                Err(e) => return Err(FrameError::Malformed(e.to_string())),
+                Err(e) => {
+                    self.scanner.reset();
+                    return Err(FrameError::Malformed(e.to_string()));
+                }
             }
             self.fill(self.buf.is_empty()).await?;
         }

@@ -125,12 +125,20 @@ pub struct PlainCredentials {
 
 /// Parses a PLAIN response: `[authzid] NUL authcid NUL passwd` (RFC 4616).
 pub fn parse_plain(payload: &[u8]) -> Result<PlainCredentials, SaslError> {
-    let parts: Vec<&[u8]> = payload.split(|b| *b == 0).collect();
-    let [_authzid, user, password] = parts[..] else {
+    // at most three pieces, whatever the payload holds: a payload of NULs
+    // must not become millions of slices; a NUL in the password is malformed
+    let mut parts = payload.splitn(3, |b| *b == 0);
+    let (Some(_authzid), Some(user), Some(password)) = (parts.next(), parts.next(), parts.next())
+    else {
         return Err(SaslError::Malformed(
             "PLAIN response must be [authzid] NUL user NUL password".into(),
         ));
     };
+    if password.contains(&0) {
+        return Err(SaslError::Malformed(
+            "PLAIN response must be [authzid] NUL user NUL password".into(),
+        ));
+    }
     let user = std::str::from_utf8(user)
         .map_err(|_| SaslError::Malformed("PLAIN user name is not UTF-8".into()))?;
     if user.is_empty() {
@@ -218,6 +226,22 @@ pub fn plain_client_hello(user: &str, password: &Secret) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_plain_response_of_nul_bytes_is_malformed_without_splitting_it_all() {
+        for payload in [
+            vec![0u8; 16 << 20],
+            b"\0alice\0pw\0more".to_vec(),
+            vec![0u8; 3],
+        ] {
+            match parse_plain(&payload) {
+                Err(SaslError::Malformed(_)) | Err(SaslError::Rejected(_)) => {}
+                other => panic!("{} bytes: {other:?}", payload.len()),
+            }
+        }
+        let ok = parse_plain(b"\0alice\0pw").unwrap();
+        assert_eq!((ok.user.as_str(), ok.password.expose()), ("alice", "pw"));
+    }
     use super::*;
 
     const MAX: usize = 1 << 20;

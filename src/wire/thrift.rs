@@ -247,6 +247,179 @@ pub fn message_len(buf: &[u8]) -> Result<usize, WireError> {
     Ok(r.pos())
 }
 
+/// Finds where a bare (NOSASL) message ends while its bytes arrive, without
+/// walking it again from the start for every new chunk: the walk's state
+/// (position, the open structs and containers) is kept between calls, and
+/// every step either completes or leaves the state as it was, so each byte
+/// is examined a bounded number of times whatever the chunking. Agrees with
+/// [`message_len`] on every input.
+#[derive(Debug, Default)]
+pub struct BareScanner {
+    /// Where the walk stands; 0 until the header has been read.
+    pos: usize,
+    stack: Vec<Frame>,
+    /// The wire type of the value at `pos`, when one is due.
+    value: Option<u8>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Frame {
+    Struct,
+    /// `remaining` more elements of one (list, set) or two (map) types.
+    Elems {
+        types: [u8; 2],
+        arity: u8,
+        next: u8,
+        remaining: u64,
+    },
+    /// Bytes to pass over: a string's body, a run of fixed-width elements.
+    Skip(usize),
+}
+
+impl BareScanner {
+    /// The length of the message at the start of `buf` once it is all
+    /// there (`Ok(None)` until then). `buf` must be the same bytes as on
+    /// the previous call, possibly with more appended; call
+    /// [`BareScanner::reset`] after taking the message.
+    pub fn advance(&mut self, buf: &[u8]) -> Result<Option<usize>, WireError> {
+        if self.pos == 0 {
+            match peek_header(buf) {
+                Ok(h) => {
+                    self.pos = h.body_offset;
+                    self.stack.push(Frame::Struct);
+                }
+                Err(WireError::Incomplete) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        loop {
+            if let Some(t) = self.value {
+                match self.value_step(buf, t)? {
+                    true => self.value = None,
+                    false => return Ok(None),
+                }
+                continue;
+            }
+            let Some(top) = self.stack.last_mut() else {
+                return Ok(Some(self.pos));
+            };
+            let avail = &buf[self.pos.min(buf.len())..];
+            match top {
+                Frame::Skip(n) => {
+                    let k = (*n).min(avail.len());
+                    *n -= k;
+                    self.pos += k;
+                    if *n > 0 {
+                        return Ok(None);
+                    }
+                    self.stack.pop();
+                }
+                Frame::Elems { remaining: 0, .. } => {
+                    self.stack.pop();
+                }
+                Frame::Elems {
+                    types,
+                    arity,
+                    next,
+                    remaining,
+                } => {
+                    self.value = Some(types[*next as usize]);
+                    *next += 1;
+                    if *next == *arity {
+                        *next = 0;
+                        *remaining -= 1;
+                    }
+                }
+                Frame::Struct => match avail.first() {
+                    None => return Ok(None),
+                    Some(&ttype::STOP) => {
+                        self.pos += 1;
+                        self.stack.pop();
+                    }
+                    Some(&t) if avail.len() >= 3 => {
+                        self.pos += 3;
+                        self.value = Some(t);
+                    }
+                    Some(_) => return Ok(None),
+                },
+            }
+        }
+    }
+
+    /// Starts over for the next message.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        self.stack.clear();
+        self.value = None;
+    }
+
+    /// Takes the value of type `t` at `pos` (or opens it); false if more
+    /// bytes are needed first (nothing is consumed then).
+    fn value_step(&mut self, buf: &[u8], t: u8) -> Result<bool, WireError> {
+        // the same depth rule as `Reader::skip`: a value's depth is the
+        // number of frames it sits in
+        if self.stack.len() > MAX_DEPTH {
+            return Err(malformed("nesting deeper than 64"));
+        }
+        let avail = &buf[self.pos.min(buf.len())..];
+        let be32 = |b: &[u8]| i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let count = |n: i32, what: &str| {
+            u64::try_from(n).map_err(|_| malformed(format!("negative {what} length {n}")))
+        };
+        if let Some(w) = fixed_width(t) {
+            return Ok(match avail.len() >= w {
+                true => {
+                    self.pos += w;
+                    true
+                }
+                false => false,
+            });
+        }
+        let (head, frame) = match t {
+            ttype::STRING if avail.len() >= 4 => {
+                (4, Frame::Skip(count(be32(avail), "string")? as usize))
+            }
+            ttype::STRUCT => (0, Frame::Struct),
+            ttype::MAP if avail.len() >= 6 => {
+                let (kt, vt) = (avail[0], avail[1]);
+                let n = count(be32(&avail[2..]), "map")?;
+                (6, elems([kt, vt], 2, n)?)
+            }
+            ttype::SET | ttype::LIST if avail.len() >= 5 => {
+                let n = count(be32(&avail[1..]), "list")?;
+                (5, elems([avail[0], 0], 1, n)?)
+            }
+            ttype::STRING | ttype::MAP | ttype::SET | ttype::LIST => return Ok(false),
+            other => return Err(malformed(format!("unknown wire type {other}"))),
+        };
+        self.pos += head;
+        self.stack.push(frame);
+        Ok(true)
+    }
+}
+
+/// The frame for `n` elements: fixed-width ones are one run of bytes.
+fn elems(types: [u8; 2], arity: u8, n: u64) -> Result<Frame, WireError> {
+    let width: Option<usize> = types[..arity as usize]
+        .iter()
+        .map(|t| fixed_width(*t))
+        .sum();
+    Ok(match width {
+        Some(w) => Frame::Skip(
+            usize::try_from(n)
+                .ok()
+                .and_then(|n| n.checked_mul(w))
+                .ok_or_else(|| malformed("list too long"))?,
+        ),
+        None => Frame::Elems {
+            types,
+            arity,
+            next: 0,
+            remaining: n,
+        },
+    })
+}
+
 /// Follows a path of struct field ids from `start` (which must point at a
 /// struct body) and returns a reader positioned at the last field's value,
 /// with its wire type. `None` if a field on the path is absent.
@@ -326,6 +499,122 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
+    /// Every prefix of `msg`, fed to one scanner as it grows, gives what
+    /// `message_len` gives for the whole buffer (and `None` before).
+    fn scan_agrees(msg: &[u8]) {
+        let want = message_len(msg);
+        let mut s = BareScanner::default();
+        for end in 0..=msg.len() {
+            match s.advance(&msg[..end]) {
+                Ok(None) if end < msg.len() => continue,
+                Ok(Some(n)) => {
+                    assert_eq!(Ok(n), want, "complete at {end} of {}", msg.len());
+                    return;
+                }
+                Ok(None) => {
+                    assert_eq!(want, Err(WireError::Incomplete), "all {} bytes", msg.len());
+                    return;
+                }
+                Err(e) => {
+                    assert_eq!(Err(e), want, "error at {end}");
+                    return;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_bare_scanner_agrees_with_message_len_at_every_split() {
+        let mut w = Writer::default();
+        w.message_begin("ExecuteStatement", MessageType::Call, 3);
+        w.field(ttype::STRUCT, 1);
+        w.field(ttype::STRING, 2);
+        w.string("select 1");
+        w.field(ttype::MAP, 3);
+        w.u8(ttype::STRING);
+        w.u8(ttype::STRING);
+        w.i32(2);
+        for s in ["a", "b", "c", "d"] {
+            w.string(s);
+        }
+        w.field(ttype::LIST, 4);
+        w.u8(ttype::I64);
+        w.i32(3);
+        for _ in 0..3 {
+            w.buf.extend_from_slice(&7i64.to_be_bytes());
+        }
+        w.field(ttype::LIST, 5);
+        w.u8(ttype::STRUCT);
+        w.i32(2);
+        for _ in 0..2 {
+            w.field(ttype::BOOL, 1);
+            w.u8(1);
+            w.stop();
+        }
+        w.field(ttype::DOUBLE, 6);
+        w.buf.extend_from_slice(&1.5f64.to_be_bytes());
+        w.stop();
+        w.stop();
+        let msg = w.buf.clone();
+        scan_agrees(&msg);
+        let mut trailing = msg.clone();
+        trailing.extend_from_slice(b"next message");
+        scan_agrees(&trailing);
+        // every truncation and every single-byte corruption, too
+        for cut in 0..msg.len() {
+            scan_agrees(&msg[..cut]);
+            for b in [0u8, 1, 0x7f, 0xff] {
+                let mut bad = msg.clone();
+                bad[cut] = b;
+                scan_agrees(&bad);
+            }
+        }
+    }
+
+    #[test]
+    fn the_bare_scanner_refuses_nesting_like_message_len() {
+        for depth in [63usize, 64, 65, 66, 200] {
+            let mut w = Writer::default();
+            w.message_begin("GetInfo", MessageType::Call, 1);
+            for _ in 0..depth {
+                w.field(ttype::STRUCT, 1);
+            }
+            w.field(ttype::BYTE, 2);
+            w.u8(1);
+            for _ in 0..=depth {
+                w.stop();
+            }
+            scan_agrees(&w.buf);
+        }
+    }
+
+    #[test]
+    fn a_message_trickled_one_byte_at_a_time_is_found_whole() {
+        let mut w = Writer::default();
+        w.message_begin("ExecuteStatement", MessageType::Call, 1);
+        w.field(ttype::STRUCT, 1);
+        for i in 0..30_000i16 {
+            w.field(ttype::I32, i);
+            w.i32(1);
+        }
+        w.field(ttype::STRING, 2);
+        w.binary(&vec![b'x'; 300_000]);
+        w.stop();
+        w.stop();
+        let msg = w.buf;
+        let mut s = BareScanner::default();
+        let mut found = None;
+        // one byte at a time (a walk from the start per chunk would take
+        // ~10^11 steps here)
+        for end in 0..=msg.len() {
+            if let Some(n) = s.advance(&msg[..end]).unwrap() {
+                found = Some(n);
+                break;
+            }
+        }
+        assert_eq!(found, Some(msg.len()));
+    }
+
     use super::*;
 
     fn call(name: &str, body: impl FnOnce(&mut Writer)) -> Vec<u8> {
