@@ -67,7 +67,7 @@ async fn another_users_operation_and_session_handles_are_refused_on_binary_and_h
     alice.close_session(a_session).await.unwrap();
     let m = admin_metrics(&b).await;
     let refused = series(&m, "kyuubi_broker_handles_refused_total");
-    assert_eq!(refused.values().sum::<f64>(), 6.0, "{refused:?}");
+    assert_eq!(refused.values().sum::<f64>() as u64, 6, "{refused:?}");
     b.shutdown().await;
 }
 
