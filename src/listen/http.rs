@@ -249,6 +249,8 @@ fn respond(
         Ok(reply) => thrift(reply),
         Err(e) => {
             let a = e.answer();
+            // a malformed body was read whole: the connection can go on
+            let close = a.close && !matches!(e, RpcError::Malformed(_));
             match (a.http, ex.kind) {
                 (Some(status), _) => {
                     let mut r = text(status, a.text);
@@ -267,7 +269,7 @@ fn respond(
                     }
                     // the body may be unread (a refusal, a timeout): the
                     // connection cannot carry another request
-                    if a.close {
+                    if close {
                         h.insert(CONNECTION, http::HeaderValue::from_static("close"));
                     }
                     r
