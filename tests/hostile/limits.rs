@@ -193,7 +193,7 @@ async fn http_body_trickle_is_answered_408_after_the_body_timeout() {
 
 #[tokio::test]
 async fn an_unauthenticated_huge_post_is_refused_without_reading_its_body() {
-    // a listener that checks passwords: the none-auth one takes anyone
+    // no credentials at all: refused 401 from the headers alone
     let toml = broker_toml("", false);
     let b = start_broker_toml(&toml).await;
     let mut s = TcpStream::connect(b.http).await.unwrap();
