@@ -1,7 +1,9 @@
 //! The admin listener (default 127.0.0.1:10019): `/metrics` (Prometheus),
 //! `/healthz` (the process serves), `/readyz` (listeners up and every
 //! upstream reachable), `/status` (JSON: routes, live sessions per user,
-//! per-method latency, tokens masked).
+//! per-method latency, tokens masked). A small connection cap refuses (503)
+//! rather than queues, and each request's head must arrive within the
+//! handshake timeout, so slow clients cannot keep a scraper out for long.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,12 +17,14 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::config::ServerConfig;
 use crate::metrics::{LiveSessions, MethodRow};
 use crate::session::Broker;
 
@@ -227,9 +231,80 @@ async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
     }
 }
 
+/// The admin listener's limits: `admin.max_connections` served at once,
+/// as many more answered with a 503 (beyond that, closed at once), and
+/// the server's header and body timeouts.
+pub struct AdminLimits {
+    serving: Arc<Semaphore>,
+    refusing: Arc<Semaphore>,
+    max: usize,
+    header_timeout: Duration,
+    body_timeout: Duration,
+}
+
+impl AdminLimits {
+    pub fn new(admin: Option<&crate::config::AdminConfig>, server: &ServerConfig) -> AdminLimits {
+        let max = admin.map_or(16, |a| a.max_connections);
+        AdminLimits {
+            serving: Arc::new(Semaphore::new(max)),
+            refusing: Arc::new(Semaphore::new(max)),
+            max,
+            header_timeout: server.handshake_timeout,
+            body_timeout: server.http_body_timeout,
+        }
+    }
+
+    fn builder(&self) -> http1::Builder {
+        let mut b = http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(self.header_timeout)
+            .max_buf_size(16 * 1024);
+        b
+    }
+}
+
+/// The admin endpoints take no body: a request with one is answered without
+/// reading it, and the connection is closed rather than drained, so a body
+/// sent slowly holds nothing. The timeout bounds a request in any case.
+async fn guarded(
+    req: Request<Incoming>,
+    state: &AdminState,
+    limit: Duration,
+) -> Response<Full<Bytes>> {
+    let has_body = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || req.headers().contains_key(http::header::TRANSFER_ENCODING);
+    let mut r = match tokio::time::timeout(limit, handle(req, state)).await {
+        Ok(r) => r,
+        Err(_) => reply(
+            StatusCode::REQUEST_TIMEOUT,
+            "text/plain",
+            "request timed out\n",
+        ),
+    };
+    if has_body {
+        r.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    r
+}
+
+const ADMIN_LISTENER: &str = "admin";
+
 /// Serves until `cancel`.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
-    info!(addr = ?listener.local_addr().ok(), "admin listener up (/metrics /healthz /readyz /status)");
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    limits: AdminLimits,
+    cancel: CancellationToken,
+) {
+    info!(addr = ?listener.local_addr().ok(), max_connections = limits.max, "admin listener up (/metrics /healthz /readyz /status)");
+    let limits = Arc::new(limits);
+    let name: Arc<str> = ADMIN_LISTENER.into();
     loop {
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -243,17 +318,53 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
             },
         };
         let st = state.clone();
+        let lim = limits.clone();
+        let Ok(permit) = limits.serving.clone().try_acquire_owned() else {
+            state.broker.metrics.connection_refused(&name, "listener");
+            info!(target: "audit", event = "cap_refused", listener = ADMIN_LISTENER,
+                reason = "listener", client = %peer.ip(), limit = limits.max);
+            let Ok(refusing) = limits.refusing.clone().try_acquire_owned() else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let max = lim.max;
+                let svc = service_fn(move |_req| async move {
+                    let mut r = reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("kyuubi-broker admin: too many connections (admin.max_connections = {max}); try again shortly\n"),
+                    );
+                    r.headers_mut().insert(
+                        http::header::RETRY_AFTER,
+                        http::HeaderValue::from_static("1"),
+                    );
+                    Ok::<_, Infallible>(r)
+                });
+                let conn = lim
+                    .builder()
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), svc);
+                if let Err(e) = conn.await {
+                    debug!(%peer, error = %e, "refused admin connection ended with an error");
+                }
+                drop(refusing);
+            });
+            continue;
+        };
         tokio::spawn(async move {
+            let body_timeout = lim.body_timeout;
             let svc = service_fn(move |req| {
                 let st = st.clone();
-                async move { Ok::<_, Infallible>(handle(req, &st).await) }
+                async move { Ok::<_, Infallible>(guarded(req, &st, body_timeout).await) }
             });
-            if let Err(e) = http1::Builder::new()
+            if let Err(e) = lim
+                .builder()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
                 debug!(%peer, error = %e, "admin connection ended with an error");
             }
+            drop(permit);
         });
     }
 }

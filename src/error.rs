@@ -110,6 +110,55 @@ pub enum RpcError {
     /// a frame, so its connection must be closed.
     #[error("reply relay broken on the {} side: {detail}", match .side { Side::Client => "client", Side::Upstream => "upstream" })]
     RelayBroken { side: Side, detail: String },
+    /// A connection cap is reached: refused, the client may retry later.
+    #[error("too many connections: {} ({} = {limit}); try again later", .cap.what(), .cap.key())]
+    Limit { cap: Cap, limit: usize },
+    /// The client's address is in `server.deny_clients`.
+    #[error("connections from this address are not accepted")]
+    Denied,
+    /// An HTTP request body that did not arrive in time.
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(std::time::Duration),
+}
+
+/// Which connection cap refused a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    Global,
+    Listener,
+    PerIp,
+    PerUser,
+}
+
+impl Cap {
+    /// The `reason` label of `connections_refused_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Cap::Global => "global",
+            Cap::Listener => "listener",
+            Cap::PerIp => "per_ip",
+            Cap::PerUser => "per_user",
+        }
+    }
+
+    /// The setting the client's administrator would raise.
+    pub fn key(self) -> &'static str {
+        match self {
+            Cap::Global => "server.max_connections",
+            Cap::Listener => "listener max_connections",
+            Cap::PerIp => "server.max_connections_per_ip",
+            Cap::PerUser => "server.max_connections_per_user",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Cap::Global => "the broker serves its maximum number of connections",
+            Cap::Listener => "this listener serves its maximum number of connections",
+            Cap::PerIp => "this client address has its maximum number of connections open",
+            Cap::PerUser => "this user has their maximum number of connections open",
+        }
+    }
 }
 
 impl From<WireError> for RpcError {
@@ -303,6 +352,26 @@ impl RpcError {
             } => Rule {
                 close: true,
                 ..Rule::link("client_closed", Blame::Client)
+            },
+            // 08004: the server rejected the connection
+            RpcError::Limit { .. } => Rule {
+                sql_state: "08004",
+                http: Some(H::SERVICE_UNAVAILABLE),
+                sasl: sasl::Status::Bad,
+                close: true,
+                ..Rule::link("limit", Blame::Client)
+            },
+            RpcError::Denied => Rule {
+                sql_state: "08004",
+                http: Some(H::FORBIDDEN),
+                sasl: sasl::Status::Bad,
+                close: true,
+                ..Rule::refusal("denied")
+            },
+            RpcError::BodyTimeout(_) => Rule {
+                http: Some(H::REQUEST_TIMEOUT),
+                close: true,
+                ..Rule::link("body_timeout", Blame::Client)
             },
         }
     }

@@ -80,7 +80,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -185,15 +184,16 @@ pub async fn run(
         Some(t) => Some(tokens::start(t, rotation_stop.clone()).await),
         None => None,
     };
+    let broker = Arc::new(Broker::new(
+        &config,
+        rotation.as_ref().map(|r| r.live.clone()),
+    ));
     let shared = Arc::new(Shared {
-        broker: Arc::new(Broker::new(
-            &config,
-            rotation.as_ref().map(|r| r.live.clone()),
-        )),
+        limits: listen::limits::Limits::new(&config.server, broker.metrics.clone()),
+        broker,
         server: config.server.clone(),
         cancel: CancellationToken::new(),
         tracker: TaskTracker::new(),
-        permits: Arc::new(Semaphore::new(config.server.max_connections)),
     });
     let accept_loops = TaskTracker::new();
     let mut admin_socket = None;
@@ -228,6 +228,7 @@ pub async fn run(
             auth: format!("{:?}", lc.auth).to_lowercase(),
         });
         let sh = shared.clone();
+        let gate = listen::limits::Gate::new(&lc.name, lc.max_connections);
         match l.config.protocol {
             Transport::Binary => {
                 let lc = Arc::new(l);
@@ -235,8 +236,9 @@ pub async fn run(
                 accept_loops.spawn(listen::accept_loop(
                     bound.tcp,
                     shared.clone(),
-                    move |s, peer, permit| {
-                        listen::binary::serve(s, peer, lc.clone(), sh.clone(), permit)
+                    gate,
+                    move |s, peer, admission| {
+                        listen::serve_binary(s, peer, lc.clone(), sh.clone(), admission)
                     },
                 ));
             }
@@ -246,8 +248,9 @@ pub async fn run(
                 accept_loops.spawn(listen::accept_loop(
                     bound.tcp,
                     shared.clone(),
-                    move |s, peer, permit| {
-                        listen::http::serve(s, peer, hl.clone(), sh.clone(), permit)
+                    gate,
+                    move |s, peer, admission| {
+                        listen::http::serve(s, peer, hl.clone(), sh.clone(), admission)
                     },
                 ));
             }
@@ -261,7 +264,8 @@ pub async fn run(
             rotation: rotation.clone(),
             started: std::time::Instant::now(),
         });
-        accept_loops.spawn(admin::serve(tcp, state, shared.cancel.clone()));
+        let limits = admin::AdminLimits::new(config.admin.as_ref(), &config.server);
+        accept_loops.spawn(admin::serve(tcp, state, limits, shared.cancel.clone()));
     }
     shutdown.await;
     info!("shutting down: no new connections; waiting for in-flight RPCs");

@@ -68,6 +68,12 @@ struct ClientErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    listener: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: Arc<str>,
 }
@@ -121,6 +127,7 @@ pub struct Metrics {
     refusals: Family<RefusalLabels, Counter>,
     logins_throttled: Family<RefusalLabels, Counter>,
     connections: Family<ListenerLabels, Gauge>,
+    refused: Family<RefusedLabels, Counter>,
     sessions: Family<RouteLabels, Gauge>,
     token_age: Gauge<f64, AtomicU64>,
     token_expiry: Gauge<f64, AtomicU64>,
@@ -228,6 +235,12 @@ impl Metrics {
             "Open client connections (binary) or in-flight requests' connections (HTTP), by listener",
             connections.clone(),
         );
+        let refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Client connections refused at a cap or by the deny list, by listener and reason (denied, global, listener, per_ip, per_user)",
+            refused.clone(),
+        );
         let sessions = Family::<RouteLabels, Gauge>::default();
         registry.register(
             "sessions",
@@ -263,6 +276,7 @@ impl Metrics {
             refusals,
             logins_throttled,
             connections,
+            refused,
             sessions,
             token_age,
             token_expiry,
@@ -334,6 +348,16 @@ impl Metrics {
             .get_or_create(&MechanismLabels {
                 listener: listener.clone(),
                 mechanism,
+            })
+            .inc();
+    }
+
+    /// A connection refused by a cap or the deny list.
+    pub fn connection_refused(&self, listener: &Arc<str>, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels {
+                listener: listener.clone(),
+                reason,
             })
             .inc();
     }

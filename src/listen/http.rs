@@ -5,13 +5,14 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
 use http::header::{
-    ALLOW, AUTHORIZATION, CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE, WWW_AUTHENTICATE,
+    ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE,
+    WWW_AUTHENTICATE,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -20,10 +21,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 use super::cookie::CookieJar;
+use super::limits::{Refusal, Slot, UserSlot};
 use super::{Listener, Shared};
 use crate::auth::AuthError;
 use crate::edge::{Exchange, Kind};
@@ -57,13 +58,31 @@ impl HttpListener {
     }
 }
 
+/// hyper's smallest allowed read buffer.
+const MIN_BUF: usize = 8192;
+
+/// The connection settings every request of this listener is read under:
+/// its head within `handshake_timeout` and `handshake_max_bytes` (a request
+/// is not authenticated before its head is in).
+fn builder(shared: &Shared) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(shared.server.handshake_timeout)
+        .max_buf_size(shared.server.handshake_max_bytes.max(MIN_BUF));
+    b
+}
+
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     listener: Arc<HttpListener>,
     shared: Arc<Shared>,
-    permit: OwnedSemaphorePermit,
+    admission: Result<Slot, Refusal>,
 ) {
+    let slot = match admission {
+        Ok(s) => s,
+        Err(r) => return refuse(stream, peer, listener, shared, r).await,
+    };
     let _open = shared.broker.metrics.connection(&listener.l.config.name);
     let span = tracing::debug_span!("http", listener = %listener.l.config.name, %peer);
     let sh = shared.clone();
@@ -72,16 +91,16 @@ pub async fn serve(
     // connection that never sent a request head in time failed a handshake
     let served = Arc::new(AtomicBool::new(false));
     let seen = served.clone();
+    // the user this connection counts against, from its first
+    // authenticated request on
+    let user = Arc::new(Mutex::new(None::<UserSlot>));
     let svc = service_fn(move |req| {
         seen.store(true, Ordering::Relaxed);
-        let (listener, shared) = (hl.clone(), sh.clone());
-        async move { Ok::<_, Infallible>(handle(req, peer, &listener, &shared).await) }
+        let (listener, shared, user) = (hl.clone(), sh.clone(), user.clone());
+        async move { Ok::<_, Infallible>(handle(req, peer, &listener, &shared, &user).await) }
     });
     let started = Instant::now();
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(shared.server.handshake_timeout)
-        .serve_connection(TokioIo::new(stream), svc);
+    let conn = builder(&shared).serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -100,10 +119,53 @@ pub async fn serve(
             listener.l.edge.finish(&ex, Err(&e));
         }
         Err(e) if e.is_timeout() => debug!(parent: &span, "idle keep-alive connection closed"),
+        // hyper answered 431 itself; the edge still records it
+        Err(e) if e.is_parse_too_large() => {
+            let max = shared.server.handshake_max_bytes.max(MIN_BUF);
+            let e = RpcError::TooLarge { len: None, max };
+            let ex = Exchange::new(Kind::Unparsed, peer, "", "unknown", started);
+            listener.l.edge.finish(&ex, Err(&e));
+        }
         Err(e) => debug!(parent: &span, error = %e, "HTTP connection ended with an error"),
         Ok(()) => {}
     }
-    drop(permit);
+    drop(slot);
+}
+
+/// A connection refused at a cap: its one request is answered with the
+/// refusal (a 503 naming the cap, with Retry-After), then it is closed.
+/// The request's head is read under the handshake limits; a small body is
+/// drained first so that closing does not reset the connection before the
+/// client has read the answer.
+async fn refuse(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<HttpListener>,
+    shared: Arc<Shared>,
+    refusal: Refusal,
+) {
+    let refusal = Arc::new(Mutex::new(Some(refusal)));
+    let hl = listener.clone();
+    let sh = shared.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let (listener, shared, refusal) = (hl.clone(), sh.clone(), refusal.clone());
+        async move {
+            let started = Instant::now();
+            let max = shared.server.handshake_max_bytes;
+            let body = Limited::new(req.into_body(), max).collect();
+            let _ = tokio::time::timeout(shared.server.http_body_timeout, body).await;
+            let taken = refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let e = taken.map_or(RpcError::ShuttingDown, |r| r.error);
+            let ex = Exchange::new(Kind::Unparsed, peer, "", "unknown", started);
+            Ok::<_, Infallible>(respond(&listener, &ex, Err(e), Extra::default()))
+        }
+    });
+    let conn = builder(&shared)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
+    if let Err(e) = conn.await {
+        debug!(listener = %listener.l.config.name, %peer, error = %e, "refused HTTP connection ended with an error");
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
@@ -187,6 +249,8 @@ fn respond(
         Ok(reply) => thrift(reply),
         Err(e) => {
             let a = e.answer();
+            // a malformed body was read whole: the connection can go on
+            let close = a.close && !matches!(e, RpcError::Malformed(_));
             match (a.http, ex.kind) {
                 (Some(status), _) => {
                     let mut r = text(status, a.text);
@@ -202,6 +266,11 @@ fn respond(
                     }
                     if a.retryable && status == StatusCode::SERVICE_UNAVAILABLE {
                         h.insert(RETRY_AFTER, http::HeaderValue::from_static("5"));
+                    }
+                    // the body may be unread (a refusal, a timeout): the
+                    // connection cannot carry another request
+                    if close {
+                        h.insert(CONNECTION, http::HeaderValue::from_static("close"));
                     }
                     r
                 }
@@ -274,6 +343,7 @@ async fn handle(
     peer: SocketAddr,
     listener: &HttpListener,
     shared: &Shared,
+    user_slot: &Mutex<Option<UserSlot>>,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
     if let Err(e) = check_request(&req, &listener.l.config, shared) {
@@ -305,14 +375,15 @@ async fn handle(
     };
     let (user, mechanism) = (login.identity.user.as_str(), login.mechanism);
     let started = Instant::now();
+    if let Err(e) = count_user(user_slot, listener, shared, user, peer) {
+        let ex = Exchange::new(Kind::Unparsed, peer, user, mechanism, started);
+        return respond(listener, &ex, Err(e), extra);
+    }
+    // only now, with the credentials checked, is the body read
     let max = shared.server.max_message_bytes;
-    let body = match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => b.to_bytes(),
+    let body = match read_body(req.into_body(), max, shared.server.http_body_timeout).await {
+        Ok(b) => b,
         Err(e) => {
-            let e = match e.downcast_ref::<http_body_util::LengthLimitError>() {
-                Some(_) => RpcError::TooLarge { len: None, max },
-                None => RpcError::Malformed(format!("cannot read the request body: {e}")),
-            };
             let ex = Exchange::new(Kind::Unparsed, peer, user, mechanism, started);
             return respond(listener, &ex, Err(e), extra);
         }
@@ -348,6 +419,48 @@ async fn handle(
         ..Exchange::new(Kind::Call(&call), peer, user, mechanism, started)
     };
     respond(listener, &ex, result, extra)
+}
+
+/// Counts this connection against `user`'s cap, once per connection (again
+/// only if a later request authenticates as someone else).
+fn count_user(
+    slot: &Mutex<Option<UserSlot>>,
+    listener: &HttpListener,
+    shared: &Shared,
+    user: &str,
+    peer: SocketAddr,
+) -> Result<(), RpcError> {
+    let mut held = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if held.as_ref().is_some_and(|s| s.user() == user) {
+        return Ok(());
+    }
+    // the connection stops counting for its earlier user either way
+    *held = None;
+    *held = Some(
+        shared
+            .limits
+            .user_slot(&listener.l.edge.listener, user, peer.ip())?,
+    );
+    Ok(())
+}
+
+/// The whole body, at most `max` bytes, within `limit`. The timer is armed
+/// only if the body is not already in (the common small request).
+async fn read_body(body: Incoming, max: usize, limit: Duration) -> Result<Bytes, RpcError> {
+    let collect = Limited::new(body, max).collect();
+    tokio::pin!(collect);
+    let collected = tokio::select! {
+        biased;
+        r = &mut collect => r,
+        _ = tokio::time::sleep(limit) => return Err(RpcError::BodyTimeout(limit)),
+    };
+    match collected {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(match e.downcast_ref::<http_body_util::LengthLimitError>() {
+            Some(_) => RpcError::TooLarge { len: None, max },
+            None => RpcError::Malformed(format!("cannot read the request body: {e}")),
+        }),
+    }
 }
 
 /// A SPNEGO token from `Authorization: Negotiate <base64>`.

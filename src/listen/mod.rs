@@ -1,17 +1,19 @@
 //! Client side: accept loops for the binary and HTTP listeners. Each
 //! connection runs in its own task; handshakes happen inside that task, under
-//! a timeout, so a slow client never blocks `accept`.
+//! a timeout, so a slow client never blocks `accept`. Caps are checked after
+//! accept ([`limits`]), so a client over a cap is told so instead of waiting
+//! in the backlog.
 
 pub mod binary;
 mod cookie;
 pub mod http;
+pub mod limits;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
@@ -20,6 +22,8 @@ use crate::auth::Authenticator;
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::edge::Edge;
 use crate::session::{Broker, Route};
+
+use self::limits::{Admission, Gate, Limits, Refusal, Slot};
 
 /// One configured listener: its authenticator, its route, and its side of
 /// the edge (where every outcome of its clients is recorded).
@@ -62,24 +66,23 @@ pub struct Shared {
     pub server: ServerConfig,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
-    pub permits: Arc<Semaphore>,
+    pub limits: Arc<Limits>,
 }
 
-/// Accepts until shutdown; calls `serve` in a tracked task per connection.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, shared: Arc<Shared>, serve: F)
-where
-    F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+/// Accepts until shutdown; calls `serve` in a tracked task per connection
+/// with the admission decision: a slot, or the refusal to answer. A denied
+/// client is closed here, before anything is read.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    gate: Arc<Gate>,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Result<Slot, Refusal>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut backoff = Duration::from_millis(10);
     loop {
-        let permit = tokio::select! {
-            _ = shared.cancel.cancelled() => return,
-            p = shared.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let accepted = tokio::select! {
             _ = shared.cancel.cancelled() => return,
             a = listener.accept() => a,
@@ -87,7 +90,12 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
-                shared.tracker.spawn(serve(stream, peer, permit));
+                let admission = match shared.limits.admit(&gate, peer.ip()) {
+                    Admission::Admitted(slot) => Ok(slot),
+                    Admission::Refused(r) => Err(r),
+                    Admission::Close => continue,
+                };
+                shared.tracker.spawn(serve(stream, peer, admission));
             }
             Err(e) => {
                 // e.g. EMFILE: back off instead of spinning
@@ -100,4 +108,22 @@ where
             }
         }
     }
+}
+
+/// The binary listener's entry until `binary::serve` takes the admission
+/// itself (and answers a refusal with a TStatus or SASL BAD): an admitted
+/// connection keeps its slot for its lifetime; a refused one is closed.
+pub async fn serve_binary(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+    admission: Result<Slot, Refusal>,
+) {
+    let Ok(slot) = admission else { return };
+    let permit = Arc::new(tokio::sync::Semaphore::new(1))
+        .try_acquire_owned()
+        .expect("a fresh semaphore has a permit");
+    binary::serve(stream, peer, listener, shared, permit).await;
+    drop(slot);
 }
