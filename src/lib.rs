@@ -238,7 +238,7 @@ pub async fn run(
                     shared.clone(),
                     gate,
                     move |s, peer, admission| {
-                        listen::serve_binary(s, peer, lc.clone(), sh.clone(), admission)
+                        listen::binary::serve(s, peer, lc.clone(), sh.clone(), admission)
                     },
                 ));
             }

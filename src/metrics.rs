@@ -124,7 +124,6 @@ pub struct Metrics {
     auth_failures: Family<MechanismLabels, Counter>,
     client_errors: Family<ClientErrorLabels, Counter>,
     handles_refused: Family<RouteLabels, Counter>,
-    refusals: Family<RefusalLabels, Counter>,
     logins_throttled: Family<RefusalLabels, Counter>,
     connections: Family<ListenerLabels, Gauge>,
     refused: Family<RefusedLabels, Counter>,
@@ -217,12 +216,6 @@ impl Metrics {
             "Requests naming a session or operation handle their client did not open, refused before the upstream, by route",
             handles_refused.clone(),
         );
-        let refusals = Family::<RefusalLabels, Counter>::default();
-        registry.register(
-            "connections_refused",
-            "Client connections refused at a cap or by the deny list, by listener and reason",
-            refusals.clone(),
-        );
         let logins_throttled = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "logins_throttled",
@@ -273,7 +266,6 @@ impl Metrics {
             auth_failures,
             client_errors,
             handles_refused,
-            refusals,
             logins_throttled,
             connections,
             refused,
@@ -418,15 +410,6 @@ impl Metrics {
         self.handles_refused
             .get_or_create(&RouteLabels {
                 route: route.clone(),
-            })
-            .inc();
-    }
-
-    pub fn connection_refused(&self, listener: &Arc<str>, reason: &'static str) {
-        self.refusals
-            .get_or_create(&RefusalLabels {
-                listener: listener.clone(),
-                reason,
             })
             .inc();
     }

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
 use tracing::{debug, Instrument};
 
+use super::limits::{Refusal, Slot};
 use super::{Listener, Shared};
 use crate::auth::AuthError;
 use crate::edge::{Exchange, Kind};
@@ -28,19 +28,66 @@ const SASL_START: u8 = 1;
 /// First byte of a strict TBinaryProtocol message.
 const THRIFT_STRICT: u8 = 0x80;
 
+/// An admitted connection keeps its slot for its lifetime; a refused one
+/// (a cap) is told why in its own protocol, then closed.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     listener: Arc<Listener>,
     shared: Arc<Shared>,
-    permit: OwnedSemaphorePermit,
+    admission: Result<Slot, Refusal>,
 ) {
     let _open = shared.broker.metrics.connection(&listener.config.name);
     let span = tracing::info_span!("conn", listener = %listener.config.name, %peer);
-    connection(stream, peer, listener, shared)
-        .instrument(span)
-        .await;
-    drop(permit);
+    match admission {
+        Ok(slot) => {
+            connection(stream, peer, listener, shared)
+                .instrument(span)
+                .await;
+            drop(slot);
+        }
+        Err(r) => {
+            let limit = shared.server.handshake_timeout;
+            let _ = timeout(limit, refuse(stream, peer, &listener, &shared, r.error))
+                .instrument(span)
+                .await;
+        }
+    }
+}
+
+/// Answers a connection refused at accept: reads its first message (under
+/// the handshake cap) and answers it with `error`, a SASL BAD or a Thrift
+/// error reply, whichever its client speaks.
+async fn refuse(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: &Listener,
+    shared: &Shared,
+    error: RpcError,
+) {
+    let mut io = MessageIo::new(stream, shared.server.handshake_max_bytes);
+    let started = Instant::now();
+    let ex = Exchange::new(Kind::Login, peer, "", "unknown", started);
+    match io.peek_byte().await {
+        Ok(SASL_START) => {
+            if io.read_sasl().await.is_ok() {
+                let stage = Stage::Handshake { sasl: true };
+                answer(&mut io, stage, listener, &ex, Err(error)).await;
+            }
+        }
+        Ok(THRIFT_STRICT) => {
+            if let Ok(msg) = io.read_message(Framing::Bare).await {
+                if let Ok(h) = peek_header(&msg) {
+                    let stage = Stage::Rpc {
+                        framing: Framing::Bare,
+                        reply_to: Some((h.name, h.seqid)),
+                    };
+                    answer(&mut io, stage, listener, &ex, Err(error)).await;
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Where a connection is, which decides how an outcome is written.
@@ -152,11 +199,23 @@ async fn connection(
     .await
     .unwrap_or(Err(HandshakeEnd::Failed(RpcError::HandshakeTimeout(limit))));
     let login = |user| Exchange::new(Kind::Login, peer, user, progress.mechanism, started);
+    // counts this connection against its user's cap while it lives
+    let mut user_slot = None;
     let (framing, identity) = match outcome {
         Ok(Authenticated::Nosasl) => (Framing::Bare, None),
         Ok(Authenticated::Sasl { identity, layer }) => {
             let ex = login(identity.user.as_str());
             let stage = Stage::Handshake { sasl: true };
+            let slot = shared
+                .limits
+                .user_slot(&listener.edge.listener, &identity.user, peer.ip());
+            match slot {
+                Ok(s) => user_slot = Some(s),
+                Err(e) => {
+                    answer(&mut io, stage, &listener, &ex, Err(e)).await;
+                    return;
+                }
+            }
             if answer(&mut io, stage, &listener, &ex, Ok(Done::LoggedIn)).await == Flow::Close {
                 return;
             }
@@ -279,6 +338,24 @@ async fn connection(
             if passed {
                 login_by = None;
                 io.set_max(shared.server.max_message_bytes);
+                match shared
+                    .limits
+                    .user_slot(&listener.edge.listener, client.user(), peer.ip())
+                {
+                    Ok(s) => user_slot = Some(s),
+                    // over the user's cap: the session just opened is
+                    // closed with the connection (binary_gone)
+                    Err(e) => {
+                        let ex =
+                            Exchange::new(Kind::Login, peer, client.user(), mechanism, started);
+                        let stage = Stage::Rpc {
+                            framing,
+                            reply_to: Some((call.wire_name(), call.seqid)),
+                        };
+                        answer(&mut io, stage, &listener, &ex, Err(e)).await;
+                        break;
+                    }
+                }
             }
             // a refused login ends the connection: no second guess on it
             refused = !passed;
@@ -300,6 +377,7 @@ async fn connection(
         }
     }
     shared.broker.binary_gone(&mut client).await;
+    drop(user_slot);
 }
 
 /// What the handshake has learned so far, kept outside its future so that a

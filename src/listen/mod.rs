@@ -109,21 +109,3 @@ pub async fn accept_loop<F, Fut>(
         }
     }
 }
-
-/// The binary listener's entry until `binary::serve` takes the admission
-/// itself (and answers a refusal with a TStatus or SASL BAD): an admitted
-/// connection keeps its slot for its lifetime; a refused one is closed.
-pub async fn serve_binary(
-    stream: TcpStream,
-    peer: SocketAddr,
-    listener: Arc<Listener>,
-    shared: Arc<Shared>,
-    admission: Result<Slot, Refusal>,
-) {
-    let Ok(slot) = admission else { return };
-    let permit = Arc::new(tokio::sync::Semaphore::new(1))
-        .try_acquire_owned()
-        .expect("a fresh semaphore has a permit");
-    binary::serve(stream, peer, listener, shared, permit).await;
-    drop(slot);
-}

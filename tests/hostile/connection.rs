@@ -12,13 +12,20 @@ const SHORT_HANDSHAKE: &str = "handshake_timeout = \"1s\"\nmax_connections = 2";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nosasl_client_stalling_in_its_open_session_is_closed_and_frees_its_slot() {
-    let b = start_broker_with(&route_toml("binary", sts_binary().await, ""), SHORT_HANDSHAKE).await;
+    let b = start_broker_with(
+        &route_toml("binary", sts_binary().await, ""),
+        SHORT_HANDSHAKE,
+    )
+    .await;
     let open = nosasl_open_session("carol", "pw");
     let mut stalled = TcpStream::connect(b.binary).await.unwrap();
     stalled.write_all(&open[..open.len() / 2]).await.unwrap();
     let t0 = Instant::now();
     let got = read_to_close(&mut stalled, Duration::from_secs(10)).await;
-    assert!(got.is_some(), "still open after 10 s (handshake_timeout = 1s)");
+    assert!(
+        got.is_some(),
+        "still open after 10 s (handshake_timeout = 1s)"
+    );
     assert!(t0.elapsed() < Duration::from_secs(10));
     // with max_connections = 2, both slots are free again
     normal_client_served(&b).await;
@@ -55,7 +62,10 @@ async fn a_failed_nosasl_login_closes_the_connection() {
         .await
         .expect("the connection is closed after the refusal");
     let text = String::from_utf8_lossy(&got);
-    assert!(text.contains("authentication failed"), "refusal written first: {text}");
+    assert!(
+        text.contains("authentication failed"),
+        "refusal written first: {text}"
+    );
     normal_client_served(&b).await;
     b.shutdown().await;
 }

@@ -256,3 +256,39 @@ async fn admin_slowloris_is_refused_and_cut_off_while_metrics_answers_a_scraper(
     }
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_clients_over_a_cap_are_told_which_cap_in_their_own_protocol() {
+    use kyuubi_broker::client::Hs2Client;
+    use kyuubi_broker::config::{Transport, UpstreamSasl};
+    let route = route_toml("binary", sts_binary().await, "");
+    // per IP: a SASL PLAIN client hears SASL BAD naming the key
+    let b = start_broker_with(&route, "max_connections_per_ip = 1").await;
+    let held = TcpStream::connect(b.binary).await.unwrap();
+    let refused = current_user(b.binary, Transport::Binary, "carol", "pw").await;
+    let text = format!("{refused:?}");
+    assert!(text.contains("server.max_connections_per_ip = 1"), "{text}");
+    // a NOSASL client hears it as the reply to its OpenSession
+    let cfg = client_cfg(Transport::Binary, b.binary, UpstreamSasl::Nosasl);
+    let text = match Hs2Client::connect(&cfg, "carol", "pw").await {
+        Ok(mut c) => format!("{:?}", c.open_session().await),
+        Err(e) => format!("{e:?}"),
+    };
+    assert!(text.contains("server.max_connections_per_ip = 1"), "{text}");
+    drop(held);
+    b.shutdown().await;
+    // per user: a second connection of one user is refused, others served
+    let b = start_broker_with(&route, "max_connections_per_user = 1").await;
+    let cfg = client_cfg(Transport::Binary, b.binary, UpstreamSasl::Plain);
+    let mut first = Hs2Client::connect(&cfg, "carol", "pw").await.unwrap();
+    let s = first.open_session().await.unwrap();
+    let second = current_user(b.binary, Transport::Binary, "carol", "pw").await;
+    let text = format!("{second:?}");
+    assert!(text.contains("server.max_connections_per_user = 1"), "{text}");
+    assert_eq!(
+        current_user(b.binary, Transport::Binary, "dave", "pw").await.unwrap(),
+        "dave"
+    );
+    first.get_info(&s).await.unwrap();
+    b.shutdown().await;
+}
