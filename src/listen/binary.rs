@@ -69,11 +69,9 @@ async fn refuse(
     let started = Instant::now();
     let ex = Exchange::new(Kind::Login, peer, "", "unknown", started);
     match io.peek_byte().await {
-        Ok(SASL_START) => {
-            if io.read_sasl().await.is_ok() {
-                let stage = Stage::Handshake { sasl: true };
-                answer(&mut io, stage, listener, &ex, Err(error)).await;
-            }
+        Ok(SASL_START) if io.read_sasl().await.is_ok() => {
+            let stage = Stage::Handshake { sasl: true };
+            answer(&mut io, stage, listener, &ex, Err(error)).await;
         }
         Ok(THRIFT_STRICT) => {
             if let Ok(msg) = io.read_message(Framing::Bare).await {
