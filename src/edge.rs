@@ -121,6 +121,11 @@ impl Edge {
             if e.is_auth_failure() {
                 self.metrics.auth_failure(&self.listener, ex.mechanism);
             }
+            if let RpcError::Auth(crate::auth::AuthError::Throttled { why, retry_after }) = e {
+                self.metrics.login_throttled(&self.listener, why.reason());
+                let (listener, peer, user) = (&*self.listener, ex.peer, loggable(ex.user));
+                info!(target: "audit", event = "login_throttled", listener, %peer, %user, reason = why.reason(), retry_after, "audit: login throttled");
+            }
         }
         let method = match ex.kind {
             Kind::Login => {

@@ -330,6 +330,11 @@ impl RpcError {
                 http: Some(H::SERVICE_UNAVAILABLE),
                 ..Rule::link("auth_unavailable", Blame::Broker)
             },
+            RpcError::Auth(AuthError::Throttled { .. }) => Rule {
+                retryable: true,
+                http: Some(H::TOO_MANY_REQUESTS),
+                ..Rule::refusal("login_throttled")
+            },
             RpcError::Auth(_) => Rule::refusal("unauthenticated"),
             RpcError::NoMapping(_) => Rule {
                 http: None,

@@ -161,11 +161,15 @@ impl Prepared {
 /// not authenticate anyone stops startup with an error naming its key.
 /// Set `KRB5_CONFIG` (from [`Config::krb5_conf`]) before calling this.
 pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
+    // one for all listeners: an address attacking two listeners is one attacker
+    let guard = Arc::new(auth::Guard::new(&config.server));
     let auths = config
         .listeners
         .iter()
         .enumerate()
-        .map(|(i, l)| Authenticator::from_config(l, &format!("listener[{i}]")).map(Arc::new))
+        .map(|(i, l)| {
+            Authenticator::from_config(l, &format!("listener[{i}]"), &guard).map(Arc::new)
+        })
         .collect::<Result<_, _>>()?;
     Ok(Prepared { config, auths })
 }

@@ -3,8 +3,6 @@
 //! `bind_dn` (then bind as the DN found), plus an optional group membership
 //! check. Successful checks are cached briefly as a salted hash.
 
-use std::time::Duration;
-
 use ldap3::{dn_escape, ldap_escape, LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
 use moka::future::Cache;
 use rand::RngCore;
@@ -64,7 +62,7 @@ impl LdapAuth {
     }
 
     async fn connect(&self) -> Result<ldap3::Ldap, AuthError> {
-        let settings = LdapConnSettings::new().set_conn_timeout(Duration::from_secs(5));
+        let settings = LdapConnSettings::new().set_conn_timeout(self.cfg.connect_timeout);
         let mut last = String::new();
         for url in self.cfg.url.split_whitespace() {
             match LdapConnAsync::with_settings(settings.clone(), url).await {
@@ -93,7 +91,8 @@ impl LdapAuth {
                 .as_ref()
                 .map(|p| p.expose().to_string())
                 .unwrap_or_default();
-            ldap.simple_bind(bind_dn, &pw)
+            ldap.with_timeout(self.cfg.timeout)
+                .simple_bind(bind_dn, &pw)
                 .await
                 .and_then(|r| r.success())
                 .map_err(|e| {
@@ -107,6 +106,7 @@ impl LdapAuth {
                 c.user_filter.as_deref().unwrap_or("")
             );
             let (entries, _) = ldap
+                .with_timeout(self.cfg.timeout)
                 .search(base, Scope::Subtree, &filter, vec!["1.1"])
                 .await
                 .and_then(|r| r.success())
@@ -132,7 +132,11 @@ impl LdapAuth {
         let result = async {
             let mut bound = None;
             for dn in self.candidates(&mut ldap, user).await? {
-                match ldap.simple_bind(&dn, password).await {
+                match ldap
+                    .with_timeout(self.cfg.timeout)
+                    .simple_bind(&dn, password)
+                    .await
+                {
                     Ok(r) if r.rc == 0 => {
                         bound = Some(dn);
                         break;
@@ -145,6 +149,7 @@ impl LdapAuth {
             if let Some(group) = &self.cfg.group_dn {
                 let filter = format!("({}={})", self.cfg.group_member_attribute, ldap_escape(&dn));
                 let (entries, _) = ldap
+                    .with_timeout(self.cfg.timeout)
                     .search(group, Scope::Base, &filter, vec!["1.1"])
                     .await
                     .and_then(|r| r.success())
@@ -159,7 +164,7 @@ impl LdapAuth {
             Ok(())
         }
         .await;
-        let _ = ldap.unbind().await;
+        let _ = ldap.with_timeout(self.cfg.timeout).unbind().await;
         result
     }
 }

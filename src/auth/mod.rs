@@ -3,7 +3,11 @@
 //! ([`Authenticator::from_config`], whose errors name the config key); every
 //! transport calls [`Authenticator::authenticate`].
 
+mod guard;
 mod ldap;
+
+pub use self::guard::{Guard, Throttle};
+use std::sync::Arc;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -30,14 +34,24 @@ pub enum AuthError {
     /// service is unavailable.
     #[error("authentication service unavailable: {0}")]
     Unavailable(String),
+    /// Refused without a check after repeated failures ([`Guard`]).
+    #[error("too many failed logins; try again in {retry_after} s")]
+    Throttled { why: Throttle, retry_after: u64 },
 }
 
-pub enum Authenticator {
+/// One listener's way of checking credentials, with the process-wide
+/// [`Guard`] (blocking pool, backoff) in front of it.
+pub struct Authenticator {
+    check: Check,
+    guard: Arc<Guard>,
+}
+
+enum Check {
     /// Any user name is accepted (loopback listeners with an explicit flag).
     AnyUser,
-    Ldap(Box<ldap::LdapAuth>),
+    Ldap(Arc<ldap::LdapAuth>),
     /// name → argon2 PHC hash.
-    Static(Vec<(String, String)>),
+    Static(Arc<Vec<(String, String)>>),
     /// GSSAPI / SPNEGO only; passwords are refused.
     Kerberos(Box<crate::kerberos::Acceptor>),
 }
@@ -51,12 +65,16 @@ impl Authenticator {
     /// Builds the authenticator of the listener at `key` (e.g. `listener[0]`):
     /// reads its users file or keytab now, so a broken one stops startup
     /// with an error naming the key instead of refusing every client later.
-    pub fn from_config(l: &ListenerConfig, key: &str) -> Result<Authenticator, ConfigError> {
+    pub fn from_config(
+        l: &ListenerConfig,
+        key: &str,
+        guard: &Arc<Guard>,
+    ) -> Result<Authenticator, ConfigError> {
         let bad = |k: &str, problem: String, fix: &str| invalid(format!("{key}.{k}"), problem, fix);
         let missing = |k: &str, what: &str| bad(k, format!("auth = \"{what}\" needs it"), "add it");
-        Ok(match l.auth {
-            ClientAuth::None => Authenticator::AnyUser,
-            ClientAuth::Ldap => Authenticator::Ldap(Box::new(ldap::LdapAuth::new(
+        let check = match l.auth {
+            ClientAuth::None => Check::AnyUser,
+            ClientAuth::Ldap => Check::Ldap(Arc::new(ldap::LdapAuth::new(
                 l.ldap.clone().ok_or_else(|| missing("ldap", "ldap"))?,
             ))),
             ClientAuth::Static => {
@@ -64,9 +82,9 @@ impl Authenticator {
                     .users_file
                     .as_deref()
                     .ok_or_else(|| missing("users_file", "static"))?;
-                Authenticator::Static(
+                Check::Static(Arc::new(
                     load_users(f).map_err(|e| bad("users_file", e, "fix the file"))?,
-                )
+                ))
             }
             ClientAuth::Kerberos => {
                 let k = l
@@ -85,15 +103,19 @@ impl Authenticator {
                         "point keytab at a keytab holding the listener's service principal",
                     )
                 })?;
-                Authenticator::Kerberos(Box::new(a))
+                Check::Kerberos(Box::new(a))
             }
+        };
+        Ok(Authenticator {
+            check,
+            guard: guard.clone(),
         })
     }
 
     /// The acceptor, when this listener takes Kerberos.
     pub fn kerberos(&self) -> Option<&crate::kerberos::Acceptor> {
-        match self {
-            Authenticator::Kerberos(a) => Some(a),
+        match &self.check {
+            Check::Kerberos(a) => Some(a),
             _ => None,
         }
     }
@@ -107,34 +129,70 @@ impl Authenticator {
         if user.is_empty() {
             return Err(AuthError::Refused(String::new()));
         }
-        match self {
-            Authenticator::Kerberos(_) => {
-                // one answer whatever the password: do not reveal whether it was right
-                return Err(AuthError::Refused(user.to_string()));
+        let verified = match &self.check {
+            // one answer whatever the password: do not reveal whether it was right
+            Check::Kerberos(_) => return Err(AuthError::Refused(user.to_string())),
+            Check::AnyUser => Ok(()),
+            Check::Ldap(l) => {
+                self.guard.check(user, addr.ip()).await?;
+                // charged before the check, so concurrent attempts cannot
+                // all slip through the free ones; a success resets it
+                self.guard.record(user, addr.ip(), false).await;
+                let (l, u, pw) = (l.clone(), user.to_string(), password.clone());
+                // ldap3 is async: it runs on a runtime of its own on the
+                // blocking thread, so its I/O and BER work never lands on
+                // the workers that serve RPCs
+                self.guard
+                    .run(move || {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .map_err(|e| AuthError::Unavailable(format!("LDAP runtime: {e}")))?
+                            .block_on(l.verify(&u, &pw))
+                    })
+                    .await?
             }
-            Authenticator::AnyUser => {}
-            Authenticator::Ldap(l) => l.verify(user, &password).await?,
-            Authenticator::Static(users) => {
-                let hash = users
-                    .iter()
-                    .find(|(u, _)| u == user)
-                    .map(|(_, h)| h.as_str());
-                let parsed = PasswordHash::new(hash.unwrap_or(DUMMY_HASH))
-                    .map_err(|_| AuthError::Refused(user.into()))?;
-                let ok = Argon2::default()
-                    .verify_password(password.expose().as_bytes(), &parsed)
-                    .is_ok();
-                if !ok || hash.is_none() {
-                    return Err(AuthError::Refused(user.to_string()));
-                }
+            Check::Static(users) => {
+                self.guard.check(user, addr.ip()).await?;
+                self.guard.record(user, addr.ip(), false).await;
+                let (users, u, pw) = (users.clone(), user.to_string(), password.clone());
+                self.guard
+                    .run(move || verify_static(&users, &u, &pw))
+                    .await?
             }
+        };
+        if verified.is_ok() {
+            self.guard.record(user, addr.ip(), true).await;
         }
+        verified?;
         Ok(ClientIdentity {
             user: user.to_string(),
             password,
             addr,
         })
     }
+}
+
+/// The argon2 check of a users file; unknown users are checked against a
+/// dummy hash so they take as long as known ones.
+fn verify_static(
+    users: &[(String, String)],
+    user: &str,
+    password: &Secret,
+) -> Result<(), AuthError> {
+    let hash = users
+        .iter()
+        .find(|(u, _)| u == user)
+        .map(|(_, h)| h.as_str());
+    let parsed = PasswordHash::new(hash.unwrap_or(DUMMY_HASH))
+        .map_err(|_| AuthError::Refused(user.into()))?;
+    let ok = Argon2::default()
+        .verify_password(password.expose().as_bytes(), &parsed)
+        .is_ok();
+    if !ok || hash.is_none() {
+        return Err(AuthError::Refused(user.to_string()));
+    }
+    Ok(())
 }
 
 /// `name:$argon2id$...` per line; `#` starts a comment.
@@ -186,7 +244,11 @@ mod tests {
             format!("# users\nalice:{}\n", hash_password("alice-pw")),
         )
         .unwrap();
-        let a = Authenticator::Static(load_users(&f).unwrap());
+        let guard = Arc::new(Guard::new(&crate::config::ServerConfig::default()));
+        let a = Authenticator {
+            check: Check::Static(Arc::new(load_users(&f).unwrap())),
+            guard,
+        };
         assert_eq!(
             a.authenticate("alice", Secret::new("alice-pw"), addr())
                 .await

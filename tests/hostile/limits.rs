@@ -284,9 +284,14 @@ async fn binary_clients_over_a_cap_are_told_which_cap_in_their_own_protocol() {
     let s = first.open_session().await.unwrap();
     let second = current_user(b.binary, Transport::Binary, "carol", "pw").await;
     let text = format!("{second:?}");
-    assert!(text.contains("server.max_connections_per_user = 1"), "{text}");
+    assert!(
+        text.contains("server.max_connections_per_user = 1"),
+        "{text}"
+    );
     assert_eq!(
-        current_user(b.binary, Transport::Binary, "dave", "pw").await.unwrap(),
+        current_user(b.binary, Transport::Binary, "dave", "pw")
+            .await
+            .unwrap(),
         "dave"
     );
     first.get_info(&s).await.unwrap();

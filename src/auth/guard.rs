@@ -1,0 +1,286 @@
+//! What stands between a flood of logins and the rest of the broker, shared
+//! by every listener (one attacking address is one attacker whichever
+//! listener it tries):
+//!
+//! - password checks (argon2, LDAP) run on the blocking pool, at most
+//!   `server.auth_threads` at a time with `server.auth_queue` waiting;
+//!   beyond that a login is refused at once as "busy", so a flood of bad
+//!   logins never occupies the async workers that serve everyone's RPCs;
+//! - a (user, client address) pair gets `server.login_free_failures` free
+//!   failures, then each attempt within a doubling delay (up to
+//!   `server.login_backoff_max`) is refused without checking the password;
+//! - one client address with more than `server.login_failures_per_ip`
+//!   failures in `server.login_failure_window` is refused until the window
+//!   ends.
+//!
+//! Both tables are bounded caches: an attacker cycling user names or
+//! addresses evicts old entries instead of growing memory.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::AuthError;
+use crate::config::ServerConfig;
+
+/// Entries kept per table.
+const MAX_ENTRIES: u64 = 100_000;
+
+pub struct Guard {
+    running: Arc<Semaphore>,
+    admitted: Arc<Semaphore>,
+    free_failures: u32,
+    backoff_max: Duration,
+    per_ip: u32,
+    window: Duration,
+    pairs: Cache<(String, IpAddr), Backoff>,
+    ips: Cache<IpAddr, Window>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    failures: u32,
+    /// No attempt is checked before this.
+    until: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    started: Instant,
+    failures: u32,
+}
+
+/// Why a login was refused unchecked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// This (user, address) pair failed too often lately.
+    Pair,
+    /// This address failed too often lately.
+    Address,
+}
+
+impl Throttle {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Throttle::Pair => "user_and_address",
+            Throttle::Address => "address",
+        }
+    }
+}
+
+impl Guard {
+    pub fn new(s: &ServerConfig) -> Guard {
+        Guard {
+            running: Arc::new(Semaphore::new(s.auth_threads)),
+            admitted: Arc::new(Semaphore::new(s.auth_threads + s.auth_queue)),
+            free_failures: s.login_free_failures,
+            backoff_max: s.login_backoff_max,
+            per_ip: s.login_failures_per_ip,
+            window: s.login_failure_window,
+            pairs: Cache::builder()
+                .max_capacity(MAX_ENTRIES)
+                .time_to_idle(s.login_backoff_max * 2 + s.login_failure_window)
+                .build(),
+            ips: Cache::builder()
+                .max_capacity(MAX_ENTRIES)
+                .time_to_idle(s.login_failure_window)
+                .build(),
+        }
+    }
+
+    /// Refuses an attempt that must wait, saying for how long.
+    pub async fn check(&self, user: &str, ip: IpAddr) -> Result<(), AuthError> {
+        let now = Instant::now();
+        if let Some(w) = self.ips.get(&ip).await {
+            let ends = w.started + self.window;
+            if w.failures >= self.per_ip && ends > now {
+                return Err(throttled(Throttle::Address, ends - now));
+            }
+        }
+        if let Some(b) = self.pairs.get(&(user.to_string(), ip)).await {
+            if b.until > now {
+                return Err(throttled(Throttle::Pair, b.until - now));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an attempt: `passed = false` charges it as a failure (done
+    /// before the password is checked, so concurrent attempts cannot all
+    /// slip through the free ones); `passed = true` afterwards resets the
+    /// pair and gives the address its charge back.
+    pub async fn record(&self, user: &str, ip: IpAddr, passed: bool) {
+        let key = (user.to_string(), ip);
+        if passed {
+            self.pairs.invalidate(&key).await;
+            if let Some(w) = self.ips.get(&ip).await {
+                let failures = w.failures.saturating_sub(1);
+                self.ips.insert(ip, Window { failures, ..w }).await;
+            }
+            return;
+        }
+        let now = Instant::now();
+        let failures = self.pairs.get(&key).await.map_or(0, |b| b.failures) + 1;
+        let extra = failures.saturating_sub(self.free_failures);
+        let delay = match extra {
+            0 => Duration::ZERO,
+            // 1 s, 2 s, 4 s, ... up to the cap
+            n => Duration::from_secs(1u64 << (n - 1).min(20)).min(self.backoff_max),
+        };
+        self.pairs
+            .insert(
+                key,
+                Backoff {
+                    failures,
+                    until: now + delay,
+                },
+            )
+            .await;
+        let w = match self.ips.get(&ip).await {
+            Some(w) if w.started + self.window > now => Window {
+                failures: w.failures + 1,
+                ..w
+            },
+            _ => Window {
+                started: now,
+                failures: 1,
+            },
+        };
+        self.ips.insert(ip, w).await;
+    }
+
+    /// Runs a password check on the blocking pool, or refuses at once when
+    /// the pool and its queue are full.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        check: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
+        let Ok(_admitted) = self.admitted.clone().try_acquire_owned() else {
+            return Err(AuthError::Unavailable(
+                "authentication busy: every password-check thread is taken and the queue is full"
+                    .into(),
+            ));
+        };
+        let _running = self
+            .running
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| AuthError::Unavailable("authentication pool closed".into()))?;
+        tokio::task::spawn_blocking(check)
+            .await
+            .map_err(|e| AuthError::Unavailable(format!("password check failed: {e}")))
+    }
+}
+
+fn throttled(why: Throttle, wait: Duration) -> AuthError {
+    AuthError::Throttled {
+        why,
+        retry_after: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard() -> Guard {
+        let s = ServerConfig {
+            login_free_failures: 3,
+            login_backoff_max: Duration::from_secs(30),
+            login_failures_per_ip: 10,
+            login_failure_window: Duration::from_secs(60),
+            ..ServerConfig::default()
+        };
+        Guard::new(&s)
+    }
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_after_the_free_ones_wait_a_doubling_delay_up_to_the_cap() {
+        let g = guard();
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            g.check("alice", IP).await.unwrap();
+            g.record("alice", IP, false).await;
+            match g.check("alice", IP).await {
+                Ok(()) => waits.push(0),
+                Err(AuthError::Throttled { why, retry_after }) => {
+                    assert_eq!(why, Throttle::Pair);
+                    waits.push(retry_after);
+                    tokio::time::advance(Duration::from_secs(retry_after)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // seconds to wait: 3 free failures, then 1, 2, 4, 8, 16, 30 (the cap)
+        assert_eq!(waits, [0, 0, 0, 1, 2, 4, 8, 16, 30]);
+        // another user from the same address is not held up by alice's pair
+        g.check("bob", IP).await.unwrap();
+        // a success resets the pair
+        g.record("alice", IP, true).await;
+        g.check("alice", IP).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_over_its_failure_budget_is_refused_until_the_window_ends() {
+        let g = guard();
+        for i in 0..10 {
+            // each a different user: only the address budget applies
+            g.check(&format!("u{i}"), IP).await.unwrap();
+            g.record(&format!("u{i}"), IP, false).await;
+        }
+        match g.check("someone-else", IP).await {
+            Err(AuthError::Throttled { why, retry_after }) => {
+                assert_eq!(why, Throttle::Address);
+                assert!(retry_after <= 61, "{retry_after}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let other = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+        g.check("someone-else", other).await.unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        g.check("someone-else", IP).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn password_checks_run_off_the_async_workers_and_a_full_queue_refuses_at_once() {
+        let s = ServerConfig {
+            auth_threads: 1,
+            auth_queue: 1,
+            ..ServerConfig::default()
+        };
+        let g = Arc::new(Guard::new(&s));
+        let worker = std::thread::current().name().map(str::to_string);
+        let on = g
+            .run(|| std::thread::current().name().map(str::to_string))
+            .await
+            .unwrap();
+        assert_ne!(on, worker, "ran on the test's async worker");
+        // one running, one queued: the third is refused without waiting
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let busy = {
+            let g = g.clone();
+            tokio::spawn(async move { g.run(move || rx.recv().ok()).await })
+        };
+        let queued = {
+            let g = g.clone();
+            tokio::spawn(async move { g.run(|| ()).await })
+        };
+        while g.admitted.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        match g.run(|| ()).await {
+            Err(AuthError::Unavailable(m)) => assert!(m.contains("busy"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        tx.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        queued.await.unwrap().unwrap();
+    }
+}
