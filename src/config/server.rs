@@ -57,29 +57,13 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     /// Client connections authenticated as one user, over all listeners.
     pub max_connections_per_user: usize,
-    /// Live upstream sessions one user may hold, over all routes.
-    pub max_sessions_per_user: usize,
     /// Client addresses or CIDR blocks refused at accept, e.g.
     /// `["192.0.2.7", "10.1.0.0/16", "2001:db8::/32"]`.
     pub deny_clients: Vec<String>,
 
-    // ---- timeouts after login ----
-    /// A binary connection with no RPC in flight for this long is closed
-    /// (Kyuubi's kyuubi.session.idle.timeout is 6 h too).
-    #[serde(with = "duration")]
-    pub client_idle_timeout: Duration,
-    /// A reply write to a client that makes no progress for this long
-    /// closes the connection (a client that stopped reading).
-    #[serde(with = "duration")]
-    pub client_write_timeout: Duration,
     /// Time an HTTP client has to send a request body once its headers are in.
     #[serde(with = "duration")]
     pub http_body_timeout: Duration,
-
-    /// Audit log (JSON lines: logins, mapping decisions, refused handles,
-    /// cap refusals, token lifecycle). Unset: audit events go to the
-    /// ordinary log under the target `audit`.
-    pub audit_log: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -101,12 +85,8 @@ impl Default for ServerConfig {
             auth_queue: 64,
             max_connections_per_ip: 1024,
             max_connections_per_user: 1024,
-            max_sessions_per_user: 256,
             deny_clients: Vec::new(),
-            client_idle_timeout: Duration::from_secs(6 * 3600),
-            client_write_timeout: Duration::from_secs(120),
             http_body_timeout: Duration::from_secs(60),
-            audit_log: None,
         }
     }
 }
@@ -131,11 +111,6 @@ impl ServerConfig {
                 "server.max_connections_per_user",
                 self.max_connections_per_user,
                 "1024",
-            ),
-            (
-                "server.max_sessions_per_user",
-                self.max_sessions_per_user,
-                "256",
             ),
             ("server.auth_threads", self.auth_threads, "2"),
             ("server.auth_queue", self.auth_queue, "64"),
@@ -164,8 +139,6 @@ impl ServerConfig {
         let positive = [
             ("server.handshake_timeout", self.handshake_timeout),
             ("server.login_failure_window", self.login_failure_window),
-            ("server.client_idle_timeout", self.client_idle_timeout),
-            ("server.client_write_timeout", self.client_write_timeout),
             ("server.http_body_timeout", self.http_body_timeout),
         ];
         for (key, d) in positive {

@@ -782,12 +782,12 @@ impl FakeUpstream {
         })
     }
 
-    /// Answers OpenSession; answers any other call with a frame that
-    /// declares `declared` bytes, and hangs up after sending `sent` bytes
-    /// of it (length prefix included).
+    /// Answers OpenSession and calls that start an operation; answers any
+    /// other call with a frame that declares `declared` bytes, and hangs up
+    /// after sending `sent` bytes of it (length prefix included).
     pub fn cut_mid_reply(self, declared: u32, sent: usize) -> FakeUpstream {
         self.on_call(move |c| {
-            if c.method == "OpenSession" {
+            if c.method == "OpenSession" || kyuubi_broker::tcli::creates_operation(&c.method) {
                 return Reply::Answer;
             }
             let mut w = Writer::default();
