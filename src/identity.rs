@@ -20,6 +20,15 @@ pub struct ClientIdentity {
 }
 
 impl ClientIdentity {
+    /// A client authenticated by its user name and password.
+    pub fn new(user: &str, password: Secret, addr: SocketAddr) -> ClientIdentity {
+        ClientIdentity {
+            user: user.to_string(),
+            password,
+            addr,
+        }
+    }
+
     /// A client authenticated by a Kerberos ticket: there is no password
     /// to pass on.
     pub fn from_ticket(user: String, addr: SocketAddr) -> ClientIdentity {

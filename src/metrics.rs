@@ -78,12 +78,6 @@ struct RouteLabels {
     route: Arc<str>,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RefusalLabels {
-    listener: Arc<str>,
-    reason: &'static str,
-}
-
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// 10 µs to about 11 minutes, doubling: microseconds to minutes.
@@ -124,7 +118,7 @@ pub struct Metrics {
     auth_failures: Family<MechanismLabels, Counter>,
     client_errors: Family<ClientErrorLabels, Counter>,
     handles_refused: Family<RouteLabels, Counter>,
-    logins_throttled: Family<RefusalLabels, Counter>,
+    logins_throttled: Family<RefusedLabels, Counter>,
     connections: Family<ListenerLabels, Gauge>,
     refused: Family<RefusedLabels, Counter>,
     sessions: Family<RouteLabels, Gauge>,
@@ -216,7 +210,7 @@ impl Metrics {
             "Requests naming a session or operation handle their client did not open, refused before the upstream, by route",
             handles_refused.clone(),
         );
-        let logins_throttled = Family::<RefusalLabels, Counter>::default();
+        let logins_throttled = Family::<RefusedLabels, Counter>::default();
         registry.register(
             "logins_throttled",
             "Logins refused unchecked after repeated failures (per user and address, or per address), by listener and reason",
@@ -416,7 +410,7 @@ impl Metrics {
 
     pub fn login_throttled(&self, listener: &Arc<str>, reason: &'static str) {
         self.logins_throttled
-            .get_or_create(&RefusalLabels {
+            .get_or_create(&RefusedLabels {
                 listener: listener.clone(),
                 reason,
             })

@@ -297,9 +297,23 @@ impl Broker {
         if owned {
             return Ok(guid);
         }
-        info!(target: "audit", event = "handle_refused", route = %c.route.name, user = %crate::edge::loggable(c.user()), peer = %c.peer, method = call.wire_name(), what, "audit: handle refused");
-        self.metrics.handle_refused(&c.route.name);
-        Err(RpcError::UnknownHandle(what))
+        Err(self.refuse_handle(&c.route, c.user(), c.peer, call, what))
+    }
+
+    /// A request naming a handle its client does not own: counted, audited,
+    /// and answered as an unknown handle (it tells nothing about others').
+    fn refuse_handle(
+        &self,
+        route: &Route,
+        user: &str,
+        peer: std::net::SocketAddr,
+        call: &Call,
+        what: &'static str,
+    ) -> RpcError {
+        let user = crate::edge::loggable(user);
+        info!(target: "audit", event = "handle_refused", route = %route.name, %user, %peer, method = call.wire_name(), what, "audit: handle refused");
+        self.metrics.handle_refused(&route.name);
+        RpcError::UnknownHandle(what)
     }
 
     /// OpenSession from a binary client: a NOSASL client is authenticated
@@ -472,9 +486,8 @@ impl Broker {
         let owned = match found {
             Some(o) if c.identity.user == o.user && *c.route.name == *o.route => o,
             _ => {
-                info!(target: "audit", event = "handle_refused", route = %c.route.name, user = %crate::edge::loggable(&c.identity.user), peer = %c.identity.addr, method = call.wire_name(), what, "audit: handle refused");
-                self.metrics.handle_refused(&c.route.name);
-                return Err(RpcError::UnknownHandle(what));
+                let (user, peer) = (&c.identity.user, c.identity.addr);
+                return Err(self.refuse_handle(c.route, user, peer, call, what));
             }
         };
         Ok((owned, guid))

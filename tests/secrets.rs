@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine;
@@ -29,18 +28,6 @@ const GATEWAY_TOKEN: &str = "TokPathSecret91";
 const LDAP_ALICE: &str = "alice-pw";
 const MAPPED_PW: &str = "bob-pw";
 const BIND_PW: &str = "admin-pw";
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Every log line of this test binary at debug level, and the audit file.
 fn outputs(dir: &std::path::Path) -> (&'static Arc<Mutex<Vec<u8>>>, std::path::PathBuf) {

@@ -93,7 +93,7 @@ impl Guard {
     }
 
     /// Refuses an attempt that must wait, saying for how long.
-    pub async fn check(&self, user: &str, ip: IpAddr) -> Result<(), AuthError> {
+    async fn check(&self, user: &str, ip: IpAddr) -> Result<(), AuthError> {
         let now = Instant::now();
         if let Some(w) = self.ips.get(&ip).await {
             let ends = w.started + self.window;
@@ -109,20 +109,35 @@ impl Guard {
         Ok(())
     }
 
-    /// Records an attempt: `passed = false` charges it as a failure (done
-    /// before the password is checked, so concurrent attempts cannot all
-    /// slip through the free ones); `passed = true` afterwards resets the
-    /// pair and gives the address its charge back.
-    pub async fn record(&self, user: &str, ip: IpAddr, passed: bool) {
-        let key = (user.to_string(), ip);
-        if passed {
-            self.pairs.invalidate(&key).await;
-            if let Some(w) = self.ips.get(&ip).await {
-                let failures = w.failures.saturating_sub(1);
-                self.ips.insert(ip, Window { failures, ..w }).await;
-            }
-            return;
+    /// A checked login: refused unchecked while `user` at `ip` must wait;
+    /// otherwise charged as a failure before `check` runs on the pool (so
+    /// concurrent attempts cannot all slip through the free ones), and the
+    /// charge is given back if it passes.
+    pub async fn checked(
+        &self,
+        user: &str,
+        ip: IpAddr,
+        check: impl FnOnce() -> Result<(), AuthError> + Send + 'static,
+    ) -> Result<(), AuthError> {
+        self.check(user, ip).await?;
+        self.charge(user, ip).await;
+        self.run(check).await??;
+        self.succeeded(user, ip).await;
+        Ok(())
+    }
+
+    /// A success resets the pair and gives the address its charge back.
+    async fn succeeded(&self, user: &str, ip: IpAddr) {
+        self.pairs.invalidate(&(user.to_string(), ip)).await;
+        if let Some(w) = self.ips.get(&ip).await {
+            let failures = w.failures.saturating_sub(1);
+            self.ips.insert(ip, Window { failures, ..w }).await;
         }
+    }
+
+    /// Counts an attempt as a failure of the pair and of the address.
+    async fn charge(&self, user: &str, ip: IpAddr) {
+        let key = (user.to_string(), ip);
         let now = Instant::now();
         let failures = self.pairs.get(&key).await.map_or(0, |b| b.failures) + 1;
         let extra = failures.saturating_sub(self.free_failures);
@@ -155,7 +170,7 @@ impl Guard {
 
     /// Runs a password check on the blocking pool, or refuses at once when
     /// the pool and its queue are full.
-    pub async fn run<T: Send + 'static>(
+    async fn run<T: Send + 'static>(
         &self,
         check: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, AuthError> {
@@ -207,7 +222,7 @@ mod tests {
         let mut waits = Vec::new();
         for _ in 0..9 {
             g.check("alice", IP).await.unwrap();
-            g.record("alice", IP, false).await;
+            g.charge("alice", IP).await;
             match g.check("alice", IP).await {
                 Ok(()) => waits.push(0),
                 Err(AuthError::Throttled { why, retry_after }) => {
@@ -223,7 +238,7 @@ mod tests {
         // another user from the same address is not held up by alice's pair
         g.check("bob", IP).await.unwrap();
         // a success resets the pair
-        g.record("alice", IP, true).await;
+        g.succeeded("alice", IP).await;
         g.check("alice", IP).await.unwrap();
     }
 
@@ -233,7 +248,7 @@ mod tests {
         for i in 0..10 {
             // each a different user: only the address budget applies
             g.check(&format!("u{i}"), IP).await.unwrap();
-            g.record(&format!("u{i}"), IP, false).await;
+            g.charge(&format!("u{i}"), IP).await;
         }
         match g.check("someone-else", IP).await {
             Err(AuthError::Throttled { why, retry_after }) => {

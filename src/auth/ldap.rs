@@ -44,20 +44,31 @@ impl LdapAuth {
         h.finalize().into()
     }
 
+    /// Whether this password bound for `user` lately (the success cache).
+    pub async fn remembered(&self, user: &str, password: &Secret) -> bool {
+        let pw = password.expose();
+        if pw.is_empty() || pw.starts_with('\0') {
+            return false;
+        }
+        let d = self.digest(user, pw);
+        match self.cache.get(user).await {
+            Some(hit) => bool::from(hit.ct_eq(&d)),
+            None => false,
+        }
+    }
+
+    /// Binds as `user` and remembers a success.
     pub async fn verify(&self, user: &str, password: &Secret) -> Result<(), AuthError> {
         let pw = password.expose();
         // an empty password would be an anonymous bind, which LDAP "accepts"
         if pw.is_empty() || pw.starts_with('\0') {
             return Err(AuthError::Refused(user.to_string()));
         }
-        let d = self.digest(user, pw);
-        if let Some(hit) = self.cache.get(user).await {
-            if bool::from(hit.ct_eq(&d)) {
-                return Ok(());
-            }
-        }
+        // the caller asked `remembered` first: this is a real bind
         self.bind_check(user, pw).await?;
-        self.cache.insert(user.to_string(), d).await;
+        self.cache
+            .insert(user.to_string(), self.digest(user, pw))
+            .await;
         Ok(())
     }
 

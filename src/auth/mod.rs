@@ -129,47 +129,35 @@ impl Authenticator {
         if user.is_empty() {
             return Err(AuthError::Refused(String::new()));
         }
-        let verified = match &self.check {
+        let check: Box<dyn FnOnce() -> Result<(), AuthError> + Send> = match &self.check {
             // one answer whatever the password: do not reveal whether it was right
             Check::Kerberos(_) => return Err(AuthError::Refused(user.to_string())),
-            Check::AnyUser => Ok(()),
+            Check::AnyUser => return Ok(ClientIdentity::new(user, password, addr)),
+            // a password that bound lately: no pool, no LDAP round trip
+            // (an HTTP client without cookies logs in on every request)
+            Check::Ldap(l) if l.remembered(user, &password).await => {
+                return Ok(ClientIdentity::new(user, password, addr))
+            }
             Check::Ldap(l) => {
-                self.guard.check(user, addr.ip()).await?;
-                // charged before the check, so concurrent attempts cannot
-                // all slip through the free ones; a success resets it
-                self.guard.record(user, addr.ip(), false).await;
                 let (l, u, pw) = (l.clone(), user.to_string(), password.clone());
                 // ldap3 is async: it runs on a runtime of its own on the
                 // blocking thread, so its I/O and BER work never lands on
                 // the workers that serve RPCs
-                self.guard
-                    .run(move || {
-                        tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                            .map_err(|e| AuthError::Unavailable(format!("LDAP runtime: {e}")))?
-                            .block_on(l.verify(&u, &pw))
-                    })
-                    .await?
+                Box::new(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| AuthError::Unavailable(format!("LDAP runtime: {e}")))?
+                        .block_on(l.verify(&u, &pw))
+                })
             }
             Check::Static(users) => {
-                self.guard.check(user, addr.ip()).await?;
-                self.guard.record(user, addr.ip(), false).await;
                 let (users, u, pw) = (users.clone(), user.to_string(), password.clone());
-                self.guard
-                    .run(move || verify_static(&users, &u, &pw))
-                    .await?
+                Box::new(move || verify_static(&users, &u, &pw))
             }
         };
-        if verified.is_ok() {
-            self.guard.record(user, addr.ip(), true).await;
-        }
-        verified?;
-        Ok(ClientIdentity {
-            user: user.to_string(),
-            password,
-            addr,
-        })
+        self.guard.checked(user, addr.ip(), check).await?;
+        Ok(ClientIdentity::new(user, password, addr))
     }
 }
 

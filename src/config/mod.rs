@@ -21,7 +21,7 @@ pub use self::route::{
     Account, Carry, CredentialsConfig, MappingConfig, MappingType, RouteConfig, SessionPolicy,
     UpstreamConfig, UpstreamSasl,
 };
-pub use self::server::{IpBlock, ServerConfig};
+pub use self::server::{canonical_ip, IpBlock, ServerConfig};
 pub use self::tokens::TokensConfig;
 use crate::secret::Secret;
 

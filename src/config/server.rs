@@ -163,6 +163,16 @@ impl ServerConfig {
     }
 }
 
+/// An IPv4-mapped IPv6 address is its IPv4 address, so one client is one
+/// client whichever socket family accepted it.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// An address or CIDR block of `server.deny_clients`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpBlock {
@@ -187,10 +197,7 @@ impl IpBlock {
     /// as its IPv4 address.
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
         use std::net::IpAddr;
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = canonical_ip(ip);
         let (a, b, bits) = match (self.net, ip) {
             (IpAddr::V4(n), IpAddr::V4(i)) => (u32::from(n) as u128, u32::from(i) as u128, 32),
             (IpAddr::V6(n), IpAddr::V6(i)) => (u128::from(n), u128::from(i), 128),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::info;
 
-use crate::config::{IpBlock, ServerConfig};
+use crate::config::{canonical_ip, IpBlock, ServerConfig};
 use crate::error::{Cap, RpcError};
 use crate::metrics::Metrics;
 
@@ -96,7 +96,7 @@ impl Limits {
 
     /// The decision at accept for a client at `ip` on `gate`'s listener.
     pub fn admit(&self, gate: &Gate, ip: IpAddr) -> Admission {
-        let ip = canonical(ip);
+        let ip = canonical_ip(ip);
         if self.deny.iter().any(|b| b.contains(ip)) {
             self.refused(&gate.name, "denied", ip, None, 0);
             return Admission::Close;
@@ -162,7 +162,7 @@ impl Limits {
     ) {
         self.metrics.connection_refused(listener, reason);
         info!(target: "audit", event = "cap_refused", listener = %listener, reason,
-            client = %canonical(ip), user = user.unwrap_or(""), limit);
+            client = %canonical_ip(ip), user = user.unwrap_or(""), limit);
     }
 
     /// Connections open over all listeners (for tests and status).
@@ -174,15 +174,6 @@ impl Limits {
     /// others.
     pub fn tracked_addresses(&self) -> usize {
         self.per_ip.len()
-    }
-}
-
-/// An IPv4-mapped IPv6 address is its IPv4 address, so one client has one
-/// count whichever socket family accepted it.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 

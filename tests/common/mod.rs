@@ -126,6 +126,20 @@ pub fn stop_sts(name: &str) {
     fixture(&["stop", name]);
 }
 
+/// A `tracing` writer into a shared buffer, for tests that read the logs
+/// of the brokers they run.
+pub struct Capture(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A broker running in this process.
 pub struct Broker {
     pub binary: SocketAddr,
