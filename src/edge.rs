@@ -151,6 +151,15 @@ impl Edge {
         self.log_rpc(ex, method, total, result);
     }
 
+    /// A logged-in connection closed by one of its timeouts (`reason`: idle
+    /// or write): counted and logged here, once.
+    pub fn timed_out(&self, peer: SocketAddr, user: &str, reason: &'static str, after: Duration) {
+        self.metrics.connection_timed_out(&self.listener, reason);
+        let (listener, user) = (&*self.listener, loggable(user));
+        let after_s = after.as_secs_f64();
+        info!(listener, %peer, %user, reason, after_s, "client connection closed by timeout");
+    }
+
     /// A NOSASL client's login, which happens inside its OpenSession: the
     /// login histogram gets it, and a success its log line. A refusal is
     /// counted and logged once, as the OpenSession it failed.

@@ -119,6 +119,9 @@ pub enum RpcError {
     /// An HTTP request body that did not arrive in time.
     #[error("request body not received within {0:?}")]
     BodyTimeout(std::time::Duration),
+    /// The user already has `server.max_sessions_per_user` live sessions.
+    #[error("this user has {0} sessions open (server.max_sessions_per_user); close one (CloseSession) or try again later")]
+    SessionLimit(usize),
 }
 
 /// Which connection cap refused a client.
@@ -377,6 +380,14 @@ impl RpcError {
                 http: Some(H::REQUEST_TIMEOUT),
                 close: true,
                 ..Rule::link("body_timeout", Blame::Client)
+            },
+            // a Thrift error in an HTTP 200, as HiveServer2 refuses a session:
+            // JDBC shows the text instead of retrying a 503
+            RpcError::SessionLimit(_) => Rule {
+                sql_state: "08004",
+                http: None,
+                retryable: true,
+                ..Rule::refusal("session_limit")
             },
         }
     }

@@ -11,6 +11,9 @@
 //!    to turn credentials into an [`identity::ClientIdentity`].
 //! 2. [`wire::io`] reads one Thrift message (a SASL data frame, a bare NOSASL
 //!    message, or an HTTP body), checking the size limit before allocating.
+//!    Once logged in, each read and write is bounded by the connection's
+//!    [`deadline`] (idle, write and upstream read timeouts), which a coarse
+//!    tick checks: no timer is armed per message.
 //! 3. [`tcli::Call::parse`] peeks the message header ([`wire::thrift`]):
 //!    method, type, sequence id. Nothing else is decoded.
 //! 4. [`session::Broker`] forwards it: a binary client's
@@ -41,7 +44,7 @@
 //! Modules depend downwards only (`tests/module_tree.rs` checks it from the
 //! `use` lines):
 //!
-//! - bottom: [`secret`], [`percent`], [`metrics`], [`audit`], [`wire`], then [`tcli`],
+//! - bottom: [`secret`], [`percent`], [`metrics`], [`audit`], [`deadline`], [`wire`], then [`tcli`],
 //!   [`kerberos`] and [`identity`] (who is on each side, as plain data);
 //! - [`config`] (TOML, each section validating itself), [`cloud`];
 //! - [`auth`] and [`mapping`], each with its own error type;
@@ -58,6 +61,7 @@ pub mod cloud;
 pub mod commands;
 pub mod config;
 pub mod connstr;
+pub mod deadline;
 pub mod edge;
 pub mod emulator;
 pub mod error;
@@ -78,6 +82,7 @@ pub mod wire;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -200,6 +205,23 @@ pub async fn run(
         tracker: TaskTracker::new(),
     });
     let accept_loops = TaskTracker::new();
+    {
+        // idle sessions expire (and are closed upstream) within a quarter
+        // of their idle time, even when no client touches the tables
+        let (broker, stop) = (shared.broker.clone(), shared.cancel.clone());
+        let every = (config.server.session_idle_timeout / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(30));
+        accept_loops.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => broker.housekeep().await,
+                }
+            }
+        });
+    }
     let mut admin_socket = None;
     let mut up = Vec::new();
     for bound in listeners {

@@ -46,16 +46,24 @@ enum Command {
     Bench(commands::bench::BenchArgs),
 }
 
-fn init_logs(format: LogFormat) {
+/// The ordinary log on stderr (filtered by `KYUUBI_BROKER_LOG`) and, when
+/// `audit` is set, every audit event, whatever that filter says, to the
+/// audit file.
+fn init_logs(format: LogFormat, audit: Option<kyuubi_broker::audit::AuditSink>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_env("KYUUBI_BROKER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let stderr = match format {
+        LogFormat::Text => stderr.with_filter(filter).boxed(),
+        LogFormat::Json => stderr.json().with_filter(filter).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(audit.map(kyuubi_broker::audit::layer))
+        .init();
 }
 
 /// Both halves of config validation: the file, then every listener's
@@ -71,7 +79,10 @@ fn load(path: &std::path::Path) -> Result<kyuubi_broker::Prepared, ConfigError> 
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    // `serve` starts its logs once its config has named the audit file
+    if !matches!(cli.command, Command::Serve { .. }) {
+        init_logs(cli.log_format, None);
+    }
     match cli.command {
         Command::Emulate(a) => commands::emulate::run(a),
         Command::Token(a) => commands::token::run(a),
@@ -117,6 +128,20 @@ fn main() -> ExitCode {
                 }
             };
             let cfg = prepared.config();
+            let audit = match &cfg.server.audit_log {
+                None => None,
+                Some(path) => match kyuubi_broker::audit::AuditSink::open(path) {
+                    Ok(sink) => Some(sink),
+                    Err(e) => {
+                        eprintln!(
+                            "invalid configuration: server.audit_log: cannot open {}: {e} (point it at a writable file, or remove it)",
+                            path.display()
+                        );
+                        return ExitCode::from(64);
+                    }
+                },
+            };
+            init_logs(cli.log_format, audit);
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if cfg.server.worker_threads > 0 {
                 rt.worker_threads(cfg.server.worker_threads);

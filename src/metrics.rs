@@ -121,6 +121,8 @@ pub struct Metrics {
     logins_throttled: Family<RefusedLabels, Counter>,
     connections: Family<ListenerLabels, Gauge>,
     refused: Family<RefusedLabels, Counter>,
+    timed_out: Family<RefusedLabels, Counter>,
+    audit_dropped: Counter,
     sessions: Family<RouteLabels, Gauge>,
     token_age: Gauge<f64, AtomicU64>,
     token_expiry: Gauge<f64, AtomicU64>,
@@ -228,6 +230,18 @@ impl Metrics {
             "Client connections refused at a cap or by the deny list, by listener and reason (denied, global, listener, per_ip, per_user)",
             refused.clone(),
         );
+        let timed_out = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "connections_timed_out",
+            "Logged-in client connections closed by a timeout, by listener and reason (idle: no request within server.client_idle_timeout; write: a reply not taken within server.client_write_timeout)",
+            timed_out.clone(),
+        );
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_events_dropped",
+            "Audit events lost because the audit file's writer could not keep up (server.audit_log)",
+            audit_dropped.clone(),
+        );
         let sessions = Family::<RouteLabels, Gauge>::default();
         registry.register(
             "sessions",
@@ -263,6 +277,8 @@ impl Metrics {
             logins_throttled,
             connections,
             refused,
+            timed_out,
+            audit_dropped,
             sessions,
             token_age,
             token_expiry,
@@ -341,6 +357,17 @@ impl Metrics {
     /// A connection refused by a cap or the deny list.
     pub fn connection_refused(&self, listener: &Arc<str>, reason: &'static str) {
         self.refused
+            .get_or_create(&RefusedLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// A logged-in connection closed by `server.client_idle_timeout` or
+    /// `server.client_write_timeout`.
+    pub fn connection_timed_out(&self, listener: &Arc<str>, reason: &'static str) {
+        self.timed_out
             .get_or_create(&RefusedLabels {
                 listener: listener.clone(),
                 reason,
@@ -442,6 +469,11 @@ impl Metrics {
 
     /// The Prometheus text exposition (OpenMetrics).
     pub fn render(&self) -> String {
+        // the audit writer counts in a static of its own (it has no Metrics)
+        let (lost, shown) = (crate::audit::dropped(), self.audit_dropped.get());
+        if lost > shown {
+            self.audit_dropped.inc_by(lost - shown);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use moka::future::Cache;
+use moka::notification::RemovalCause;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -144,9 +145,49 @@ struct Owned {
     secret: Vec<u8>,
 }
 
+/// Live upstream sessions per user, over every route and transport, held
+/// under `server.max_sessions_per_user`.
+struct SessionCounts {
+    cap: usize,
+    by_user: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+impl SessionCounts {
+    /// Takes one of `user`'s sessions before the upstream is asked, so two
+    /// concurrent OpenSessions cannot both pass the last free one.
+    fn reserve(
+        &self,
+        user: &str,
+        route: &Route,
+        peer: std::net::SocketAddr,
+    ) -> Result<(), RpcError> {
+        let mut m = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(user.to_string()).or_default();
+        if *n >= self.cap {
+            let limit = self.cap;
+            let user = crate::edge::loggable(user);
+            info!(target: "audit", event = "cap_refused", route = %route.name, reason = "sessions_per_user", client = %peer.ip(), %user, limit);
+            return Err(RpcError::SessionLimit(self.cap));
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    fn release(&self, user: &str) {
+        let mut m = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(user);
+            }
+        }
+    }
+}
+
 pub struct Broker {
     routes: HashMap<String, Arc<Route>>,
     pub metrics: Arc<Metrics>,
+    counts: Arc<SessionCounts>,
     /// HTTP clients are stateless per request; these route each handle to the
     /// link that created it.
     sessions: Cache<Guid, Arc<Owned>>,
@@ -191,20 +232,52 @@ impl Broker {
             .collect();
         let idle = config.server.session_idle_timeout;
         let metrics = Arc::new(Metrics::new());
-        let m = metrics.clone();
+        let counts = Arc::new(SessionCounts {
+            cap: config.server.max_sessions_per_user,
+            by_user: Default::default(),
+        });
+        let operations: Cache<Guid, Arc<Owned>> = Cache::builder()
+            .time_to_idle(idle)
+            .support_invalidation_closures()
+            .build();
+        let (m, c, ops) = (metrics.clone(), counts.clone(), operations.clone());
+        // every way out of the cache (CloseSession, idle expiry, shutdown)
+        // ends a session; only expiry leaves it open upstream, so it is
+        // closed there too (its operations go with it)
+        let gone = move |guid: Arc<Guid>, v: Arc<Owned>, cause: RemovalCause| {
+            m.session_closed(&v.route, &v.user);
+            c.release(&v.user);
+            if cause != RemovalCause::Expired {
+                return;
+            }
+            let closed = Arc::as_ptr(&v) as usize;
+            let _ = ops.invalidate_entries_if(move |_, o| Arc::as_ptr(o) as usize == closed);
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    debug!(route = %v.route, "closing a session idle for server.session_idle_timeout");
+                    close_upstream_session(&v.link, &guid, &v.secret).await;
+                    v.link.close().await;
+                });
+            }
+        };
         Broker {
             routes,
             metrics,
-            // every way out of the cache (CloseSession, idle expiry, shutdown) ends a session
+            counts,
             sessions: Cache::builder()
                 .time_to_idle(idle)
-                .eviction_listener(move |_, v: Arc<Owned>, _| m.session_closed(&v.route, &v.user))
+                .eviction_listener(gone)
                 .build(),
-            operations: Cache::builder()
-                .time_to_idle(idle)
-                .support_invalidation_closures()
-                .build(),
+            operations,
         }
+    }
+
+    /// Runs the handle tables' pending work (idle expiry and its upstream
+    /// CloseSession); [`crate::run`] calls it on a tick, since moka does it
+    /// only when the tables are used.
+    pub async fn housekeep(&self) {
+        self.sessions.run_pending_tasks().await;
+        self.operations.run_pending_tasks().await;
     }
 
     /// Every route, by name.
@@ -268,6 +341,7 @@ impl Broker {
                 c.operations.retain(|_, session| *session != guid);
                 if c.sessions.len() < before {
                     self.metrics.session_closed(&c.route.name, c.user());
+                    self.counts.release(c.user());
                 }
             }
             _ => {}
@@ -340,12 +414,23 @@ impl Broker {
             Some(l) if l.is_usable().await => Some(l.clone()),
             _ => None,
         };
-        let o = self
+        self.counts.reserve(&identity.user, &c.route, c.peer)?;
+        let o = match self
             .open_upstream(&c.route, identity, info, None, &msg, reuse, call, upstream)
-            .await?;
-        if let Some(h) = o.handle {
-            self.metrics.session_opened(&c.route.name, &identity.user);
-            c.sessions.push(h);
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                self.counts.release(&identity.user);
+                return Err(e);
+            }
+        };
+        match o.handle {
+            Some(h) => {
+                self.metrics.session_opened(&c.route.name, &identity.user);
+                c.sessions.push(h);
+            }
+            None => self.counts.release(&identity.user),
         }
         c.link = Some(o.link);
         Ok(o.reply)
@@ -362,7 +447,9 @@ impl Broker {
     ) -> Result<Bytes, RpcError> {
         if call.scope == Scope::OpenSession {
             let info = tcli::read_open_session(&msg)?;
-            let o = self
+            let user = &c.identity.user;
+            self.counts.reserve(user, c.route, c.identity.addr)?;
+            let opened = self
                 .open_upstream(
                     c.route,
                     c.identity,
@@ -373,7 +460,15 @@ impl Broker {
                     call,
                     upstream,
                 )
-                .await?;
+                .await;
+            let o = match opened {
+                Ok(o) if o.handle.is_some() => o,
+                other => {
+                    self.counts.release(user);
+                    return other.map(|o| o.reply);
+                }
+            };
+            // released by the cache's eviction listener, whatever removes it
             if let Some((guid, secret)) = o.handle {
                 self.metrics.session_opened(&c.route.name, &c.identity.user);
                 let owned = Owned {
@@ -406,7 +501,17 @@ impl Broker {
         call: &Call,
         upstream: &mut Duration,
     ) -> Result<Opened, RpcError> {
-        let up = upstream_credential(route, identity)?;
+        let user = crate::edge::loggable(&identity.user);
+        let peer = identity.addr;
+        let up = match upstream_credential(route, identity) {
+            Ok(up) => up,
+            Err(e) => {
+                info!(target: "audit", event = "mapping_refused", route = %route.name, %user, %peer, "audit: no account mapping");
+                return Err(e.into());
+            }
+        };
+        let kerberos = up.credential.kerberos.is_some();
+        info!(target: "audit", event = "mapping", route = %route.name, %user, %peer, upstream_user = %up.credential.user, kerberos, "audit: upstream identity chosen");
         let cred = up.credential;
         let target = &route.target;
         let mut client_conf = info.configuration;
@@ -538,6 +643,7 @@ impl Broker {
     pub async fn binary_gone(&self, c: &mut BinaryClient) {
         for _ in 0..c.sessions.len() {
             self.metrics.session_closed(&c.route.name, c.user());
+            self.counts.release(c.user());
         }
         let Some(link) = c.link.take() else { return };
         if let Link::Http(_) = link {

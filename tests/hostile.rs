@@ -18,3 +18,6 @@ mod limits;
 
 #[path = "hostile/handles.rs"]
 mod handles;
+
+#[path = "hostile/sessions.rs"]
+mod sessions;

@@ -130,7 +130,8 @@ fn identity_and_wire_types_sit_at_the_bottom() {
             .collect();
         assert!(extra.is_empty(), "{m} depends on {extra:?}");
     };
-    leaves("wire", &["secret"]);
+    leaves("wire", &["secret", "deadline"]);
+    leaves("deadline", &[]);
     leaves("secret", &[]);
     leaves("identity", &["kerberos", "secret"]);
     leaves("config", &["secret", "kerberos", "cloud"]);

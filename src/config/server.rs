@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     /// Client connections authenticated as one user, over all listeners.
     pub max_connections_per_user: usize,
+    /// Live upstream sessions one user may hold, over all listeners and
+    /// routes (binary and HTTP clients alike); an OpenSession beyond it is
+    /// refused before it reaches the upstream.
+    pub max_sessions_per_user: usize,
     /// Client addresses or CIDR blocks refused at accept, e.g.
     /// `["192.0.2.7", "10.1.0.0/16", "2001:db8::/32"]`.
     pub deny_clients: Vec<String>,
@@ -64,6 +68,21 @@ pub struct ServerConfig {
     /// Time an HTTP client has to send a request body once its headers are in.
     #[serde(with = "duration")]
     pub http_body_timeout: Duration,
+    /// A logged-in binary client's connection is closed when no complete
+    /// request arrives for this long. A client waiting on a long query
+    /// polls (GetOperationStatus) or waits for a reply, so it never trips
+    /// this; time spent waiting on the upstream does not count.
+    #[serde(with = "duration")]
+    pub client_idle_timeout: Duration,
+    /// A reply (or one part of a relayed one) the client does not take
+    /// within this long closes its connection: a client that stops reading
+    /// holds no upstream link and no buffered reply for ever.
+    #[serde(with = "duration")]
+    pub client_write_timeout: Duration,
+    /// Security events (logins, mapping decisions, refused handles, cap
+    /// refusals, token lifecycle) as JSON lines, appended to this file
+    /// (created with mode 0600). Unset: they stay in the ordinary log only.
+    pub audit_log: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -85,8 +104,12 @@ impl Default for ServerConfig {
             auth_queue: 64,
             max_connections_per_ip: 1024,
             max_connections_per_user: 1024,
+            max_sessions_per_user: 256,
             deny_clients: Vec::new(),
             http_body_timeout: Duration::from_secs(60),
+            client_idle_timeout: Duration::from_secs(3600),
+            client_write_timeout: Duration::from_secs(120),
+            audit_log: None,
         }
     }
 }
@@ -111,6 +134,11 @@ impl ServerConfig {
                 "server.max_connections_per_user",
                 self.max_connections_per_user,
                 "1024",
+            ),
+            (
+                "server.max_sessions_per_user",
+                self.max_sessions_per_user,
+                "256",
             ),
             ("server.auth_threads", self.auth_threads, "2"),
             ("server.auth_queue", self.auth_queue, "64"),
@@ -140,6 +168,8 @@ impl ServerConfig {
             ("server.handshake_timeout", self.handshake_timeout),
             ("server.login_failure_window", self.login_failure_window),
             ("server.http_body_timeout", self.http_body_timeout),
+            ("server.client_idle_timeout", self.client_idle_timeout),
+            ("server.client_write_timeout", self.client_write_timeout),
         ];
         for (key, d) in positive {
             if d.is_zero() {

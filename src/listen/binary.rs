@@ -172,6 +172,10 @@ async fn answer(
     };
     match written {
         Ok(()) => Flow::Continue,
+        Err(FrameError::TimedOut { after, .. }) => {
+            listener.edge.timed_out(ex.peer, ex.user, "write", after);
+            Flow::Close
+        }
         Err(e) => {
             debug!(error = %e, "client went away while we answered");
             Flow::Close
@@ -200,7 +204,11 @@ async fn connection(
     // counts this connection against its user's cap while it lives
     let mut user_slot = None;
     let (framing, identity) = match outcome {
-        Ok(Authenticated::Nosasl) => (Framing::Bare, None),
+        Ok(Authenticated::Nosasl) => {
+            // reading its login is bounded by `login_by` below
+            io.set_limits(None, Some(shared.server.client_write_timeout));
+            (Framing::Bare, None)
+        }
         Ok(Authenticated::Sasl { identity, layer }) => {
             let ex = login(identity.user.as_str());
             let stage = Stage::Handshake { sasl: true };
@@ -220,6 +228,10 @@ async fn connection(
             // COMPLETE goes out unwrapped; every later frame through the layer
             io.set_layer(layer);
             io.set_max(shared.server.max_message_bytes);
+            io.set_limits(
+                Some(shared.server.client_idle_timeout),
+                Some(shared.server.client_write_timeout),
+            );
             (Framing::Sasl, Some(identity))
         }
         Err(HandshakeEnd::Closed) => {
@@ -271,6 +283,10 @@ async fn connection(
         let msg = match msg {
             Ok(m) => m,
             Err(FrameError::Eof) => break,
+            Err(FrameError::TimedOut { after, .. }) => {
+                listener.edge.timed_out(peer, client.user(), "idle", after);
+                break;
+            }
             Err(e) => {
                 let ex = Exchange::new(Kind::Unparsed, peer, client.user(), mechanism, started);
                 let stage = Stage::Rpc {
@@ -315,15 +331,21 @@ async fn connection(
         let mut upstream = Duration::ZERO;
         // boxed: an idle connection's task then holds only this small loop,
         // not the state of the largest RPC path (it shows at 10k connections)
-        let result = {
+        let (result, write_timed_out) = {
             let mut sink = ReplySink::new(&mut io, framing);
-            Box::pin(
-                shared
-                    .broker
-                    .call_binary(&mut client, &call, msg, &mut sink, &mut upstream),
-            )
-            .await
+            let r = Box::pin(shared.broker.call_binary(
+                &mut client,
+                &call,
+                msg,
+                &mut sink,
+                &mut upstream,
+            ))
+            .await;
+            (r, sink.timed_out())
         };
+        if let Some(after) = write_timed_out {
+            listener.edge.timed_out(peer, client.user(), "write", after);
+        }
         let mut refused = false;
         if let Some((took, passed)) = client.take_login() {
             let outcome = match &result {
@@ -336,6 +358,10 @@ async fn connection(
             if passed {
                 login_by = None;
                 io.set_max(shared.server.max_message_bytes);
+                io.set_limits(
+                    Some(shared.server.client_idle_timeout),
+                    Some(shared.server.client_write_timeout),
+                );
                 match shared
                     .limits
                     .user_slot(&listener.edge.listener, client.user(), peer.ip())

@@ -60,6 +60,14 @@ impl BinaryConn {
                 (None, Framing::Sasl) => conn.sasl_plain(cred).await?,
                 (None, Framing::Bare) => {}
             }
+            // from here on a stalled upstream is caught by the connection's
+            // deadline, not by a timer armed per exchange
+            if let Some(io) = conn.io.as_mut() {
+                io.set_limits(
+                    Some(conn.target.read_timeout),
+                    Some(conn.target.read_timeout),
+                );
+            }
             Ok(conn)
         };
         timeout(target.connect_timeout, setup)
@@ -78,6 +86,10 @@ impl BinaryConn {
             FrameError::TooLarge { .. } | FrameError::Malformed(_) => UpstreamError::Protocol {
                 upstream,
                 detail: e.to_string(),
+            },
+            FrameError::TimedOut { after, .. } => UpstreamError::ReadTimeout {
+                upstream,
+                secs: after.as_secs_f64(),
             },
         }
     }
@@ -217,19 +229,14 @@ impl BinaryConn {
         let Some(io) = self.io.as_mut() else {
             return Err(self.closed());
         };
-        let limit = self.target.read_timeout;
         let exchange = async {
             io.write_message(Framing::Sasl, &msg).await?;
             io.read_frame_head(min).await
         };
-        let r = match timeout(limit, exchange).await {
-            Ok(Ok((len, head))) if head.len() == len => Ok(Head::Whole(head)),
-            Ok(Ok((len, head))) => Ok(Head::Partial { len, head }),
-            Ok(Err(e)) => Err(self.err(e)),
-            Err(_) => Err(UpstreamError::ReadTimeout {
-                upstream: self.target.display.clone(),
-                secs: limit.as_secs_f64(),
-            }),
+        let r = match exchange.await {
+            Ok((len, head)) if head.len() == len => Ok(Head::Whole(head)),
+            Ok((len, head)) => Ok(Head::Partial { len, head }),
+            Err(e) => Err(self.err(e)),
         };
         if r.is_err() {
             self.broken = true;
@@ -246,22 +253,13 @@ impl BinaryConn {
         sink: &mut ReplySink<'_>,
     ) -> Result<(), (Side, String)> {
         self.broken = true; // until the whole frame is through
-        let limit = self.target.read_timeout;
         let Some(io) = self.io.as_mut() else {
             return Err((Side::Upstream, "upstream connection closed".into()));
         };
         while remaining > 0 {
-            let chunk = match timeout(limit, io.read_chunk(remaining)).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    return Err((Side::Upstream, format!("{}: {e}", self.target.display)))
-                }
-                Err(_) => {
-                    return Err((
-                        Side::Upstream,
-                        format!("{}: read timed out", self.target.display),
-                    ))
-                }
+            let chunk = match io.read_chunk(remaining).await {
+                Ok(c) => c,
+                Err(e) => return Err((Side::Upstream, format!("{}: {e}", self.target.display))),
             };
             remaining -= chunk.len();
             sink.write(&chunk)
@@ -279,19 +277,12 @@ impl BinaryConn {
         let Some(io) = self.io.as_mut() else {
             return Err(self.closed());
         };
-        let limit = self.target.read_timeout;
         let framing = self.framing;
         let exchange = async {
             io.write_message(framing, &msg).await?;
             io.read_message(framing).await
         };
-        let r = match timeout(limit, exchange).await {
-            Ok(r) => r.map_err(|e| self.err(e)),
-            Err(_) => Err(UpstreamError::ReadTimeout {
-                upstream: self.target.display.clone(),
-                secs: limit.as_secs_f64(),
-            }),
-        };
+        let r = exchange.await.map_err(|e| self.err(e));
         // A failed exchange leaves the stream mid-message: never reuse it.
         if r.is_err() {
             self.broken = true;

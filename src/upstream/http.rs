@@ -11,7 +11,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::time::timeout;
 
 use super::Target;
 use crate::error::UpstreamError;
@@ -182,7 +181,9 @@ impl HttpChannel {
                 }),
             }
         };
-        timeout(t.read_timeout, exchange)
+        // a deadline, not a timer per request (see `deadline`)
+        crate::deadline::Deadline::new()
+            .within(t.read_timeout, exchange)
             .await
             .map_err(|_| UpstreamError::ReadTimeout {
                 upstream: t.display.clone(),

@@ -2,12 +2,17 @@
 //! sides: SASL negotiation messages, SASL data frames, and bare (NOSASL)
 //! Thrift messages. Payloads are split off the read buffer without copying.
 
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use super::{sasl, thrift};
+use crate::deadline::{Deadline, Elapsed};
 
 /// Most memory reserved ahead of data that has not arrived.
 const RESERVE_STEP: usize = 4 << 20;
@@ -26,6 +31,48 @@ pub enum FrameError {
     TooLarge { len: usize, max: usize },
     #[error("{0}")]
     Malformed(String),
+    /// A read or write bounded by [`MessageIo::set_limits`] ran out of time.
+    #[error("{op} timed out after {:.1} s", after.as_secs_f64())]
+    TimedOut { op: IoOp, after: Duration },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    Read,
+    Write,
+}
+
+impl std::fmt::Display for IoOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoOp::Read => "read",
+            IoOp::Write => "write",
+        })
+    }
+}
+
+/// How long one read (a whole message, or one chunk of a relayed reply) and
+/// one write may take on a connection. Checked by the connection's
+/// [`Deadline`], not a timer per message.
+struct Limits {
+    deadline: Arc<Deadline>,
+    read: Option<Duration>,
+    write: Option<Duration>,
+}
+
+/// Runs `op` within `limit` of `limits`' deadline, if there is one.
+async fn bounded<T>(
+    limits: Option<(Arc<Deadline>, Duration)>,
+    op_kind: IoOp,
+    op: impl Future<Output = Result<T, FrameError>>,
+) -> Result<T, FrameError> {
+    match limits {
+        None => op.await,
+        Some((d, limit)) => d
+            .within(limit, op)
+            .await
+            .unwrap_or_else(|Elapsed(after)| Err(FrameError::TimedOut { op: op_kind, after })),
+    }
 }
 
 impl From<sasl::SaslError> for FrameError {
@@ -61,6 +108,8 @@ pub struct MessageIo {
     layer: Option<Box<dyn SecurityLayer>>,
     /// Where the walk of a bare message being read stands.
     scanner: thrift::BareScanner,
+    /// None: every read and write may take as long as the caller allows.
+    limits: Option<Limits>,
 }
 
 impl MessageIo {
@@ -76,7 +125,32 @@ impl MessageIo {
             max,
             layer: None,
             scanner: thrift::BareScanner::default(),
+            limits: None,
         }
+    }
+
+    /// From now on each read (a whole message, or one chunk) must end within
+    /// `read` and each write within `write` (`None`: unbounded), else it
+    /// fails with [`FrameError::TimedOut`] and the connection should close.
+    pub fn set_limits(&mut self, read: Option<Duration>, write: Option<Duration>) {
+        let deadline = match self.limits.take() {
+            Some(l) => l.deadline,
+            None => Arc::new(Deadline::new()),
+        };
+        self.limits = Some(Limits {
+            deadline,
+            read,
+            write,
+        });
+    }
+
+    fn limit(&self, op: IoOp) -> Option<(Arc<Deadline>, Duration)> {
+        let l = self.limits.as_ref()?;
+        let limit = match op {
+            IoOp::Read => l.read,
+            IoOp::Write => l.write,
+        }?;
+        Some((l.deadline.clone(), limit))
     }
 
     /// The largest message accepted from now on: the handshake cap until the
@@ -106,27 +180,38 @@ impl MessageIo {
 
     /// The first byte the peer sends, without consuming it.
     pub async fn peek_byte(&mut self) -> Result<u8, FrameError> {
-        while self.buf.is_empty() {
-            self.fill(true).await?;
-        }
-        Ok(self.buf[0])
+        bounded(self.limit(IoOp::Read), IoOp::Read, async {
+            while self.buf.is_empty() {
+                self.fill(true).await?;
+            }
+            Ok(self.buf[0])
+        })
+        .await
     }
 
     pub async fn read_sasl(&mut self) -> Result<sasl::Message, FrameError> {
-        loop {
-            if let Some((m, n)) = sasl::decode(&self.buf, self.max)? {
-                let _ = self.buf.split_to(n);
-                return Ok(m);
+        bounded(self.limit(IoOp::Read), IoOp::Read, async {
+            loop {
+                if let Some((m, n)) = sasl::decode(&self.buf, self.max)? {
+                    let _ = self.buf.split_to(n);
+                    return Ok(m);
+                }
+                self.fill(true).await?;
             }
-            self.fill(true).await?;
-        }
+        })
+        .await
     }
 
+    /// One whole message, within the read limit if one is set.
     pub async fn read_message(&mut self, framing: Framing) -> Result<Bytes, FrameError> {
-        match framing {
-            Framing::Sasl => self.read_frame().await,
-            Framing::Bare => self.read_bare().await,
-        }
+        let limit = self.limit(IoOp::Read);
+        bounded(limit, IoOp::Read, async {
+            match framing {
+                Framing::Sasl => self.read_frame().await,
+                Framing::Bare => self.read_bare().await,
+            }
+        })
+        .await
     }
 
     async fn read_frame(&mut self) -> Result<Bytes, FrameError> {
@@ -156,6 +241,10 @@ impl MessageIo {
     /// The caller then takes the rest with [`MessageIo::read_chunk`].
     /// Only without a security layer (a wrapped frame must be whole).
     pub async fn read_frame_head(&mut self, min: usize) -> Result<(usize, Bytes), FrameError> {
+        bounded(self.limit(IoOp::Read), IoOp::Read, self.frame_head(min)).await
+    }
+
+    async fn frame_head(&mut self, min: usize) -> Result<(usize, Bytes), FrameError> {
         debug_assert!(self.layer.is_none());
         loop {
             if let Some(len) = sasl::data_frame_len(&self.buf, self.max)? {
@@ -177,7 +266,7 @@ impl MessageIo {
             if self.buf.capacity() < 64 * 1024 {
                 self.buf.reserve(64 * 1024);
             }
-            self.fill(false).await?;
+            bounded(self.limit(IoOp::Read), IoOp::Read, self.fill(false)).await?;
         }
         let n = self.buf.len().min(max);
         Ok(self.buf.split_to(n).freeze())
@@ -250,7 +339,16 @@ impl MessageIo {
 
     /// Length and payload in one writev: no lone 4-byte segment, and no
     /// write buffer kept per connection.
-    async fn write_parts(&mut self, mut head: &[u8], mut body: &[u8]) -> Result<(), FrameError> {
+    async fn write_parts(&mut self, head: &[u8], body: &[u8]) -> Result<(), FrameError> {
+        bounded(
+            self.limit(IoOp::Write),
+            IoOp::Write,
+            self.writev(head, body),
+        )
+        .await
+    }
+
+    async fn writev(&mut self, mut head: &[u8], mut body: &[u8]) -> Result<(), FrameError> {
         while !head.is_empty() || !body.is_empty() {
             let n = self
                 .writer
@@ -275,8 +373,12 @@ impl MessageIo {
     }
 
     pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
-        self.writer.write_all(bytes).await?;
-        Ok(())
+        let limit = self.limit(IoOp::Write);
+        bounded(limit, IoOp::Write, async {
+            self.writer.write_all(bytes).await?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -286,11 +388,30 @@ impl MessageIo {
 pub struct ReplySink<'a> {
     io: &'a mut MessageIo,
     framing: Framing,
+    /// Set when a write ran out of the connection's write limit, so the
+    /// listener can say so (the relay reports only "client side broke").
+    timed_out: Option<std::time::Duration>,
 }
 
 impl<'a> ReplySink<'a> {
     pub fn new(io: &'a mut MessageIo, framing: Framing) -> ReplySink<'a> {
-        ReplySink { io, framing }
+        ReplySink {
+            io,
+            framing,
+            timed_out: None,
+        }
+    }
+
+    /// The write limit that ran out while relaying, if one did.
+    pub fn timed_out(&self) -> Option<std::time::Duration> {
+        self.timed_out
+    }
+
+    fn note(&mut self, r: Result<(), FrameError>) -> Result<(), FrameError> {
+        if let Err(FrameError::TimedOut { after, .. }) = &r {
+            self.timed_out = Some(*after);
+        }
+        r
     }
 
     /// A wrapped frame (QOP auth-int/auth-conf) must be whole before it can
@@ -301,11 +422,13 @@ impl<'a> ReplySink<'a> {
 
     /// Starts a reply of `len` bytes whose first part is `head`.
     pub async fn start(&mut self, len: usize, head: &[u8]) -> Result<(), FrameError> {
-        self.io.write_frame_head(self.framing, len, head).await
+        let r = self.io.write_frame_head(self.framing, len, head).await;
+        self.note(r)
     }
 
     /// The next part of the reply.
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), FrameError> {
-        self.io.write_raw(chunk).await
+        let r = self.io.write_raw(chunk).await;
+        self.note(r)
     }
 }

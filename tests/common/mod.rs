@@ -703,6 +703,8 @@ pub enum Reply {
     Nothing,
     /// These bytes as they are, then close the connection.
     RawThenHangUp(Vec<u8>),
+    /// What [`Reply::Answer`] would send, after this long (a slow query).
+    AnswerAfter(Duration),
 }
 
 enum Handshake {
@@ -883,6 +885,12 @@ async fn fake_connection(
         seen.lock().unwrap().push(call.method.clone());
         let sent = match on_call(&call) {
             Reply::Answer => {
+                let id = handles.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                io.write_message(Framing::Sasl, &hs2_answer(&call, id))
+                    .await
+            }
+            Reply::AnswerAfter(d) => {
+                tokio::time::sleep(d).await;
                 let id = handles.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 io.write_message(Framing::Sasl, &hs2_answer(&call, id))
                     .await
