@@ -18,7 +18,8 @@ use kyuubi_broker::cloud::request::KyuubiRef;
 use kyuubi_broker::config::{Transport, UpstreamSasl};
 use kyuubi_broker::emulator::Faults;
 use kyuubi_broker::secret::Secret;
-use kyuubi_broker::tokens::{Lifecycle, TokenError, TokenState};
+use kyuubi_broker::tokens::schedule::Schedule;
+use kyuubi_broker::tokens::{Clock, Lifecycle, TokenError, TokenState};
 
 const AK: &str = EMU_AK;
 const SECRET: &str = EMU_SECRET;
@@ -419,4 +420,70 @@ async fn revoke_without_confirmation_changes_nothing() {
     );
     assert!(e.emu.snapshot().tokens.is_empty());
     assert!(TokenState::load(&state).unwrap().active.is_none());
+}
+
+/// The management API calls, per action, of an hour of the rotation loop
+/// (a rotation every 10 minutes, a minute of grace) while every call of
+/// `failing` fails. Paused time: the hour passes at once.
+async fn an_hour_of_rotation_while_failing(
+    failing: &str,
+) -> (std::collections::BTreeMap<String, u64>, u64) {
+    let e = emulator(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let origin = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let lc = Lifecycle::open(api_client(e.api), kref(), dir.path().join("t.json"), None)
+        .unwrap()
+        .with_clock(Clock::tokio(origin));
+    e.emu.set_faults(Faults {
+        fail_actions: vec![failing.into()],
+        ..Faults::default()
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let schedule = Schedule {
+        lifetime: Duration::from_secs(1200),
+        fraction: 0.5,
+        min_interval: Duration::from_secs(60),
+        max_interval: Duration::from_secs(86400),
+        grace: Duration::from_secs(60),
+    };
+    let r = kyuubi_broker::tokens::spawn(lc, schedule, stop.clone());
+    // half a minute past the 60-minute rotation
+    tokio::time::sleep(Duration::from_secs(3630)).await;
+    stop.cancel();
+    let rotations = r.status.lock().unwrap().rotations;
+    eprintln!(
+        "{failing} failing for an hour: {rotations} rotations, calls {:?}",
+        e.emu.snapshot().calls
+    );
+    (e.emu.snapshot().calls, rotations)
+}
+
+/// No state at the start: the first token at 0, then one every 10 minutes.
+const SCHEDULED_IN_AN_HOUR: u64 = 7;
+
+#[tokio::test(start_paused = true)]
+async fn an_hour_of_failing_get_calls_creates_no_token_beyond_the_schedule() {
+    let (calls, rotations) = an_hour_of_rotation_while_failing("GetKyuubiToken").await;
+    assert!(
+        calls.get("CreateKyuubiToken").copied().unwrap_or(0) <= SCHEDULED_IN_AN_HOUR,
+        "{calls:?}"
+    );
+    assert_eq!(rotations, SCHEDULED_IN_AN_HOUR, "{calls:?}");
+    // the failure was met, again and again, and nothing was deleted unchecked
+    assert!(calls["GetKyuubiToken"] > 20, "{calls:?}");
+    assert_eq!(calls.get("DeleteKyuubiToken"), None, "{calls:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_hour_of_failing_delete_calls_creates_no_token_beyond_the_schedule() {
+    let (calls, rotations) = an_hour_of_rotation_while_failing("DeleteKyuubiToken").await;
+    assert!(
+        calls.get("CreateKyuubiToken").copied().unwrap_or(0) <= SCHEDULED_IN_AN_HOUR,
+        "{calls:?}"
+    );
+    assert_eq!(rotations, SCHEDULED_IN_AN_HOUR, "{calls:?}");
+    assert!(calls["DeleteKyuubiToken"] > 20, "{calls:?}");
 }

@@ -14,10 +14,12 @@ pub mod schedule;
 mod state;
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use clock::Clock;
@@ -305,27 +307,52 @@ impl Lifecycle {
 pub struct Rotation {
     /// The live token value.
     pub live: watch::Receiver<Option<Secret>>,
-    pub status: std::sync::Arc<std::sync::Mutex<schedule::RotationStatus>>,
+    pub status: Arc<Mutex<schedule::RotationStatus>>,
+    rotate_now: mpsc::Sender<()>,
+}
+
+impl Rotation {
+    /// Asks the loop for a rotation now (what SIGUSR1 does). Requests made
+    /// before that rotation ends count as one. With rotation disabled,
+    /// nothing happens.
+    pub fn rotate_now(&self) {
+        // full: a rotation is already asked for, which answers this request too
+        let _ = self.rotate_now.try_send(());
+    }
+}
+
+/// Runs the rotation loop for `lc` (already opened, not yet reconciled:
+/// the loop does that first) until `stop` is cancelled.
+pub fn spawn(lc: Lifecycle, schedule: schedule::Schedule, stop: CancellationToken) -> Rotation {
+    let status = Arc::new(Mutex::new(schedule::RotationStatus::default()));
+    let (rotate_now, asked) = mpsc::channel(1);
+    let live = lc.subscribe();
+    tokio::spawn(schedule::run(lc, schedule, status.clone(), asked, stop));
+    Rotation {
+        live,
+        status,
+        rotate_now,
+    }
 }
 
 /// Starts the rotation loop for `[tokens]`. Problems (no credentials, a
 /// damaged state file, an unreachable API) are logged and shown in status;
 /// serving goes on with whatever token the state file holds.
-pub async fn start(
-    cfg: &crate::config::TokensConfig,
-    stop: tokio_util::sync::CancellationToken,
-) -> Rotation {
+pub async fn start(cfg: &crate::config::TokensConfig, stop: CancellationToken) -> Rotation {
     use crate::cloud::client::Endpoint;
     use crate::cloud::credentials::Chain;
-    let status = std::sync::Arc::new(std::sync::Mutex::new(schedule::RotationStatus::default()));
     let fail = |msg: String, live: Option<Secret>| {
         warn!("token rotation disabled: {msg}");
-        status.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(msg);
+        let status = schedule::RotationStatus {
+            last_error: Some(msg),
+            ..Default::default()
+        };
         // a receiver keeps the last value after its sender is gone
         let (_, rx) = watch::channel(live);
         Rotation {
             live: rx,
-            status: status.clone(),
+            status: Arc::new(Mutex::new(status)),
+            rotate_now: mpsc::channel(1).0,
         }
     };
     let recorded = || {
@@ -368,9 +395,7 @@ pub async fn start(
         max_interval: cfg.max_interval,
         grace: cfg.grace,
     };
-    let live = lc.subscribe();
-    tokio::spawn(schedule::run(lc, sched, status.clone(), stop));
-    Rotation { live, status }
+    spawn(lc, sched, stop)
 }
 
 #[cfg(test)]
