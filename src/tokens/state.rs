@@ -1,6 +1,6 @@
 //! The token state file: what the broker created and which value is live.
-//! Written atomically (temp file, fsync, rename, fsync of the directory),
-//! mode 0600, and never logged.
+//! Written atomically (a new temp file of a random name, fsync, rename,
+//! fsync of the directory), mode 0600, and never logged.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -122,40 +122,83 @@ impl TokenState {
     /// Replaces the file atomically: after a crash it holds either the old
     /// or the new state, never a mix.
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        self.save_via(path, std::iter::repeat_with(random_suffix))
+    }
+
+    /// [`TokenState::save`], naming its temp file with the first of
+    /// `suffixes` that is not taken.
+    fn save_via(
+        &self,
+        path: &Path,
+        suffixes: impl Iterator<Item = String>,
+    ) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: path.display().to_string(),
             source,
         };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let dir = parent_dir(path);
         std::fs::create_dir_all(dir).map_err(io)?;
-        let tmp: PathBuf = dir.join(format!(
-            ".{}.tmp{}",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("tokens"),
-            std::process::id()
-        ));
+        let base = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("tokens");
         let bytes = serde_json::to_vec_pretty(self).expect("state serialises");
-        {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
+        let (tmp, mut f) = create_temp(dir, base, suffixes).map_err(io)?;
+        let replaced = f
+            .write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        drop(f);
+        if let Err(e) = replaced {
+            // it holds token values: do not leave a copy lying around
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
         }
-        std::fs::rename(&tmp, path).map_err(io)?;
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io)?;
         Ok(())
     }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 8];
+    rand::rngs::OsRng.fill(&mut b);
+    crate::cloud::sign::hex(&b)
+}
+
+/// A new, empty temp file beside the state file, mode 0600. `create_new`
+/// (O_CREAT|O_EXCL) never opens a name that exists, symlinks included, so
+/// a link planted in the directory cannot redirect the token values
+/// elsewhere; a taken name is skipped rather than reused.
+fn create_temp(
+    dir: &Path,
+    base: &str,
+    suffixes: impl Iterator<Item = String>,
+) -> std::io::Result<(PathBuf, std::fs::File)> {
+    for suffix in suffixes.take(8) {
+        let tmp = dir.join(format!(".{base}.{suffix}.tmp"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        "every temporary file name tried is taken",
+    ))
 }
 
 #[cfg(test)]
@@ -181,6 +224,61 @@ mod tests {
         assert_eq!(TokenState::load(&p).unwrap(), s);
         let leftovers: Vec<_> = std::fs::read_dir(p.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temp file left behind");
+    }
+
+    #[test]
+    fn a_symlink_planted_at_a_temp_name_is_not_followed_and_the_file_is_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokens.json");
+        // an older state file that was world-readable
+        std::fs::write(&p, b"{}").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        // the name the next save tries first, and the pid-based name saves
+        // once used
+        let planted = [
+            dir.path().join(".tokens.json.planted.tmp"),
+            dir.path()
+                .join(format!(".tokens.json.tmp{}", std::process::id())),
+        ];
+        for link in &planted {
+            std::os::unix::fs::symlink(&victim, link).unwrap();
+        }
+        let mut s = TokenState::fresh();
+        s.active = Some(OwnedToken {
+            token_id: "tk-1".into(),
+            name: format!("{}x", s.prefix()),
+            value: "v".repeat(32),
+            created_ms: 1,
+            expires_ms: None,
+        });
+        s.save_via(&p, ["planted", "free"].map(String::from).into_iter())
+            .unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        assert!(meta.file_type().is_file(), "a regular file, not a link");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(TokenState::load(&p).unwrap(), s);
+        for link in &planted {
+            assert!(std::fs::symlink_metadata(link).unwrap().is_symlink());
+        }
+        assert!(!dir.path().join(".tokens.json.free.tmp").exists());
+    }
+
+    #[test]
+    fn a_save_that_fails_removes_its_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // a non-empty directory where the file should be: rename fails
+        let p = dir.path().join("tokens.json");
+        std::fs::create_dir_all(p.join("x")).unwrap();
+        let e = TokenState::fresh().save(&p).unwrap_err().to_string();
+        assert!(e.contains("tokens.json"), "{e}");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["tokens.json"], "no temp file left");
     }
 
     #[test]
