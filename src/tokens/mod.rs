@@ -265,7 +265,7 @@ impl Lifecycle {
                 .retiring
                 .retain(|x| x.token.token_id != r.token.token_id);
             self.save()?;
-            done.push(r.token.token_id);
+            done.push(r.token.token_id.clone());
         }
         Ok(done)
     }
@@ -358,7 +358,11 @@ pub async fn start(cfg: &crate::config::TokensConfig, stop: CancellationToken) -
     let recorded = || {
         TokenState::load(&cfg.state_file)
             .ok()
-            .and_then(|s| s.active.map(|t| Secret::new(t.value)))
+            // moved, not copied: the Secret wipes it
+            .and_then(|s| {
+                s.active
+                    .map(|mut t| Secret::new(std::mem::take(&mut t.value)))
+            })
     };
     let endpoint = match &cfg.endpoint {
         Some(e) => Endpoint::parse(e).expect("validated at load"),

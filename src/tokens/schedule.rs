@@ -320,7 +320,7 @@ mod tests {
                     api.failed_deletes.push(now - T0);
                     return Err(TokenError::Refused("injected delete failure".into()));
                 }
-                let id = self.state.retiring.remove(i).token.token_id;
+                let id = self.state.retiring.remove(i).token.token_id.clone();
                 api.deleted.push((now - T0, id.clone()));
                 if api.fail_saves_after_delete > 0 {
                     api.fail_saves_after_delete -= 1;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// One token this broker created; `value` is the secret.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -30,6 +31,14 @@ impl std::fmt::Debug for OwnedToken {
             .finish()
     }
 }
+
+impl Drop for OwnedToken {
+    fn drop(&mut self) {
+        self.value.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for OwnedToken {}
 
 /// A token being replaced; deleted once `delete_after_ms` has passed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -57,6 +66,14 @@ impl std::fmt::Debug for Intent {
             .finish()
     }
 }
+
+impl Drop for Intent {
+    fn drop(&mut self) {
+        self.value.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for Intent {}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TokenState {
@@ -289,6 +306,26 @@ mod tests {
         std::fs::write(&p, b"{not json").unwrap();
         let e = TokenState::load(&p).unwrap_err().to_string();
         assert!(e.contains("not valid") && e.contains("move it away"), "{e}");
+    }
+
+    #[test]
+    fn token_values_are_wiped_when_dropped() {
+        fn wiped_on_drop<T: ZeroizeOnDrop>() {}
+        wiped_on_drop::<OwnedToken>();
+        wiped_on_drop::<Intent>();
+        // what their Drop runs; and serde and Clone still work with it
+        let t = OwnedToken {
+            token_id: "tk-1".into(),
+            name: "n".into(),
+            value: "secretvalue0123456789abcdefghijk".into(),
+            created_ms: 0,
+            expires_ms: None,
+        };
+        let json = serde_json::to_string(&t.clone()).unwrap();
+        let mut back: OwnedToken = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, t);
+        back.value.zeroize();
+        assert!(back.value.is_empty());
     }
 
     #[test]
