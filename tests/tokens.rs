@@ -19,7 +19,7 @@ use kyuubi_broker::config::{Transport, UpstreamSasl};
 use kyuubi_broker::emulator::Faults;
 use kyuubi_broker::secret::Secret;
 use kyuubi_broker::tokens::schedule::Schedule;
-use kyuubi_broker::tokens::{Clock, Lifecycle, TokenError, TokenState};
+use kyuubi_broker::tokens::{Clock, Holder, Lifecycle, TokenError, TokenState};
 
 const AK: &str = EMU_AK;
 const SECRET: &str = EMU_SECRET;
@@ -306,7 +306,14 @@ async fn throttling_and_server_errors_during_rotation_are_survived() {
     let e = emulator(None).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("t.json");
-    let mut lc = Lifecycle::open(api_client(e.api), kref(), state.clone(), Some(1)).unwrap();
+    let mut lc = Lifecycle::open(
+        api_client(e.api),
+        kref(),
+        state.clone(),
+        Some(1),
+        Holder::Command,
+    )
+    .unwrap();
     let faults = |f: Faults| {
         let url = format!("http://{}/_emulator/faults", e.api);
         async move {
@@ -379,8 +386,14 @@ async fn tokens_not_created_by_this_broker_are_never_deleted() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut lc =
-        Lifecycle::open(api_client(e.api), kref(), dir.path().join("t.json"), None).unwrap();
+    let mut lc = Lifecycle::open(
+        api_client(e.api),
+        kref(),
+        dir.path().join("t.json"),
+        None,
+        Holder::Command,
+    )
+    .unwrap();
     for _ in 0..3 {
         lc.rotate(Duration::ZERO).await.unwrap();
         lc.reconcile(Duration::ZERO).await.unwrap();
@@ -434,9 +447,15 @@ async fn an_hour_of_rotation_while_failing(
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    let lc = Lifecycle::open(api_client(e.api), kref(), dir.path().join("t.json"), None)
-        .unwrap()
-        .with_clock(Clock::tokio(origin));
+    let lc = Lifecycle::open(
+        api_client(e.api),
+        kref(),
+        dir.path().join("t.json"),
+        None,
+        Holder::Command,
+    )
+    .unwrap()
+    .with_clock(Clock::tokio(origin));
     e.emu.set_faults(Faults {
         fail_actions: vec![failing.into()],
         ..Faults::default()
@@ -486,4 +505,106 @@ async fn an_hour_of_failing_delete_calls_creates_no_token_beyond_the_schedule() 
     );
     assert_eq!(rotations, SCHEDULED_IN_AN_HOUR, "{calls:?}");
     assert!(calls["DeleteKyuubiToken"] > 20, "{calls:?}");
+}
+
+/// Polls `done` every 50 ms until it holds; fails after 30 s.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_broker_holds_the_state_so_the_cli_is_refused_and_sigusr1_rotates_once() {
+    let e = emulator(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("tokens.json");
+    let config = dir.path().join("broker.toml");
+    // no scheduled rotation within the test: only the first token and the asked-for one
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"b\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:0\"\nroute = \"r\"\nauth = \"none\"\nallow_any_user = true\n\n\
+             {}\n{}",
+            route_toml("binary", closed_port().await, ""),
+            tokens_toml(e.api, &state, "1h", "1h")
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
+    let mut broker = tokio::process::Command::new(env!("CARGO_BIN_EXE_kyuubi-broker"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", AK)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", SECRET)
+        .env("ALIBABA_CLOUD_CLI_PROFILE_DISABLED", "true")
+        .env("ALIBABA_CLOUD_ECS_METADATA_DISABLED", "true")
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = broker.id().unwrap();
+    let creates = || {
+        e.emu
+            .snapshot()
+            .calls
+            .get("CreateKyuubiToken")
+            .copied()
+            .unwrap_or(0)
+    };
+    let active = || {
+        TokenState::load(&state)
+            .ok()
+            .and_then(|s| s.active)
+            .map(|t| t.token_id.clone())
+    };
+    eventually("the broker's first token", || {
+        creates() == 1 && active().is_some()
+    })
+    .await;
+    let first = active().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("tokens.json.lock")).unwrap(),
+        format!("{pid} broker\n")
+    );
+
+    let out = broker_cmd(&["rotate", "--grace", "0s"], e.api, &state, None).await;
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "error: token state file {} is in use by a running broker (pid {pid}); \
+             to rotate now, ask it: kill -USR1 {pid}\n",
+            state.display()
+        )
+    );
+    assert_eq!(creates(), 1, "the refused command made no token");
+
+    let kill = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(kill("-USR1").success());
+    eventually("the asked-for rotation", || {
+        creates() == 2 && active().is_some_and(|a| a != first)
+    })
+    .await;
+    assert!(kill("-TERM").success());
+    let status = tokio::time::timeout(Duration::from_secs(30), broker.wait())
+        .await
+        .expect("the broker stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(creates(), 2, "one signal, one rotation");
+    // its lock went with it
+    let out = broker_cmd(&["rotate", "--grace", "0s"], e.api, &state, None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

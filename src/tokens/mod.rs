@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use clock::Clock;
-pub use state::{Intent, OwnedToken, Retiring, StateError, TokenState};
+pub use state::{
+    lock_path, Holder, Intent, OwnedToken, Retiring, StateError, StateLock, TokenState,
+};
 
 use crate::cloud::client::{utc_timestamp, ApiClient, ApiError, TokenInfo};
 use crate::cloud::request::{AutoExpire, KyuubiRef, TokenBody};
@@ -78,17 +80,22 @@ pub struct Lifecycle {
     pub expire_days: Option<i32>,
     live: watch::Sender<Option<Secret>>,
     clock: Clock,
+    /// Held as long as this Lifecycle lives: one writer of the state file.
+    _lock: StateLock,
 }
 
 impl Lifecycle {
-    /// Loads the state file and publishes the active token, if any. Call
-    /// [`Lifecycle::reconcile`] before relying on it.
+    /// Locks the state file for `holder` (refused, with what to do instead,
+    /// while another process holds it), loads it and publishes the active
+    /// token, if any. Call [`Lifecycle::reconcile`] before relying on it.
     pub fn open(
         api: ApiClient,
         kref: KyuubiRef,
         state_path: PathBuf,
         expire_days: Option<i32>,
+        holder: Holder,
     ) -> Result<Lifecycle, TokenError> {
+        let lock = StateLock::acquire(&state_path, holder)?;
         let state = TokenState::load(&state_path)?;
         let (live, _) = watch::channel(state.active.as_ref().map(|t| Secret::new(t.value.clone())));
         Ok(Lifecycle {
@@ -99,6 +106,7 @@ impl Lifecycle {
             expire_days,
             live,
             clock: Clock::system(),
+            _lock: lock,
         })
     }
 
@@ -335,12 +343,22 @@ pub fn spawn(lc: Lifecycle, schedule: schedule::Schedule, stop: CancellationToke
     }
 }
 
-/// Starts the rotation loop for `[tokens]`. Problems (no credentials, a
-/// damaged state file, an unreachable API) are logged and shown in status;
-/// serving goes on with whatever token the state file holds.
+/// Starts the rotation loop for `[tokens]`, holding the state file's lock
+/// until `stop`; SIGUSR1 asks it for a rotation now. Problems (no
+/// credentials, a damaged or locked state file, an unreachable API) are
+/// logged and shown in status; serving goes on with whatever token the
+/// state file holds.
 pub async fn start(cfg: &crate::config::TokensConfig, stop: CancellationToken) -> Rotation {
     use crate::cloud::client::Endpoint;
     use crate::cloud::credentials::Chain;
+    use tokio::signal::unix::{signal, SignalKind};
+    // before the lock file names this process: from then on an operator may
+    // send SIGUSR1, whose default action would kill the broker
+    let usr1 = signal(SignalKind::user_defined1())
+        .inspect_err(
+            |e| warn!(error = %e, "SIGUSR1 cannot be handled; rotate-now requests are off"),
+        )
+        .ok();
     let fail = |msg: String, live: Option<Secret>| {
         warn!("token rotation disabled: {msg}");
         let status = schedule::RotationStatus {
@@ -384,8 +402,13 @@ pub async fn start(cfg: &crate::config::TokensConfig, stop: CancellationToken) -
         kref,
         cfg.state_file.clone(),
         expire_days,
+        Holder::Broker,
     ) {
         Ok(lc) => lc,
+        // the file is sound, only in use (a token command): serve its token
+        Err(e @ TokenError::State(StateError::Locked { .. })) => {
+            return fail(e.to_string(), recorded())
+        }
         Err(e) => return fail(e.to_string(), None),
     };
     let lifetime = match expire_days {
@@ -399,7 +422,22 @@ pub async fn start(cfg: &crate::config::TokensConfig, stop: CancellationToken) -
         max_interval: cfg.max_interval,
         grace: cfg.grace,
     };
-    spawn(lc, sched, stop)
+    let rotation = spawn(lc, sched, stop.clone());
+    if let Some(mut usr1) = usr1 {
+        let r = rotation.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    Some(()) = usr1.recv() => {
+                        info!("SIGUSR1: asking for a token rotation now");
+                        r.rotate_now();
+                    }
+                }
+            }
+        });
+    }
+    rotation
 }
 
 #[cfg(test)]

@@ -96,6 +96,109 @@ pub enum StateError {
     },
     #[error("token state file {path} is not valid: {detail}; restore it or move it away to start afresh")]
     Corrupt { path: String, detail: String },
+    #[error("{}", locked_message(path, *holder))]
+    Locked {
+        path: String,
+        /// Who holds it, as its lock file says (unknown while the holder
+        /// has not written it yet).
+        holder: Option<(u32, Holder)>,
+    },
+}
+
+fn locked_message(path: &str, holder: Option<(u32, Holder)>) -> String {
+    match holder {
+        Some((pid, Holder::Broker)) => format!(
+            "token state file {path} is in use by a running broker (pid {pid}); \
+             to rotate now, ask it: kill -USR1 {pid}"
+        ),
+        Some((pid, Holder::Command)) => format!(
+            "token state file {path} is in use by another `kyuubi-broker token` command \
+             (pid {pid}); wait for it to finish"
+        ),
+        None => format!(
+            "token state file {path} is in use by another process; \
+             if it is a running broker, ask it to rotate: kill -USR1 <its pid>"
+        ),
+    }
+}
+
+/// Who holds a state file's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// `serve`, for its whole lifetime; it rotates on SIGUSR1.
+    Broker,
+    /// A `kyuubi-broker token` command, while it runs.
+    Command,
+}
+
+impl Holder {
+    fn as_str(self) -> &'static str {
+        match self {
+            Holder::Broker => "broker",
+            Holder::Command => "token-command",
+        }
+    }
+}
+
+/// An exclusive `flock` on `<state>.lock`, released when dropped (or when
+/// the process dies, however it dies). The lock is on a sibling file, not
+/// on the state file itself: every save replaces the state file by a
+/// rename, so a lock on it would stay on the replaced inode while the next
+/// process locked the new one. For the same reason the lock file is never
+/// deleted. It holds the holder's pid and kind, for the refusal message.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    /// Takes the lock of the state file at `state` without waiting.
+    pub fn acquire(state: &Path, holder: Holder) -> Result<StateLock, StateError> {
+        let lock = lock_path(state);
+        let io = |source| StateError::Io {
+            path: lock.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(parent_dir(state)).map_err(io)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StateError::Locked {
+                    path: state.display().to_string(),
+                    holder: read_holder(&lock),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        file.set_len(0)
+            .and_then(|()| writeln!(file, "{} {}", std::process::id(), holder.as_str()))
+            .map_err(io)?;
+        Ok(StateLock { _file: file })
+    }
+}
+
+/// `<state>.lock`, beside the state file.
+pub fn lock_path(state: &Path) -> PathBuf {
+    let mut p = state.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+fn read_holder(lock: &Path) -> Option<(u32, Holder)> {
+    let text = std::fs::read_to_string(lock).ok()?;
+    let (pid, kind) = text.trim().split_once(' ')?;
+    let holder = [Holder::Broker, Holder::Command]
+        .into_iter()
+        .find(|h| h.as_str() == kind)?;
+    Some((pid.parse().ok()?, holder))
 }
 
 impl TokenState {
@@ -296,6 +399,46 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["tokens.json"], "no temp file left");
+    }
+
+    #[test]
+    fn a_held_state_lock_refuses_a_second_holder_and_says_how_to_ask_the_broker() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/tokens.json");
+        let held = StateLock::acquire(&p, Holder::Broker).unwrap();
+        let pid = std::process::id();
+        let lock = dir.path().join("sub/tokens.json.lock");
+        assert_eq!(
+            std::fs::read_to_string(&lock).unwrap(),
+            format!("{pid} broker\n")
+        );
+        let mode = std::fs::metadata(&lock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // flock is per open file: a second open in this process is refused too
+        let e = StateLock::acquire(&p, Holder::Command).unwrap_err();
+        assert!(
+            matches!(e, StateError::Locked { holder: Some((h, Holder::Broker)), .. } if h == pid)
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "token state file {} is in use by a running broker (pid {pid}); \
+                 to rotate now, ask it: kill -USR1 {pid}",
+                p.display()
+            )
+        );
+        drop(held);
+        let cmd = StateLock::acquire(&p, Holder::Command).unwrap();
+        let e = StateLock::acquire(&p, Holder::Broker)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "another `kyuubi-broker token` command (pid {pid})"
+            )),
+            "{e}"
+        );
+        drop(cmd);
     }
 
     #[test]
