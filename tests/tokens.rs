@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -607,4 +607,91 @@ async fn a_running_broker_holds_the_state_so_the_cli_is_refused_and_sigusr1_rota
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Every log line of this test binary, as JSON.
+fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || Capture(sink.clone()))
+            .init();
+        buf
+    })
+}
+
+#[tokio::test]
+async fn the_token_lifecycle_is_audited_with_ids_and_names_never_values() {
+    let logs = logs();
+    let e = emulator(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut lc = Lifecycle::open(
+        api_client(e.api),
+        kref(),
+        dir.path().join("t.json"),
+        None,
+        Holder::Command,
+    )
+    .unwrap();
+    let value = |lc: &Lifecycle| lc.state().active.as_ref().unwrap().value.clone();
+    let first = lc.rotate(Duration::ZERO).await.unwrap();
+    let mut values = vec![value(&lc)];
+    let second = lc.rotate(Duration::ZERO).await.unwrap();
+    values.push(value(&lc));
+    assert_eq!(lc.retire_due().await.unwrap(), vec![first.clone()]);
+    e.emu.set_faults(Faults {
+        fail_actions: vec!["CreateKyuubiToken".into()],
+        ..Faults::default()
+    });
+    lc.rotate(Duration::ZERO).await.unwrap_err();
+    let intent = lc.state().intent.clone().unwrap();
+    values.push(intent.value.clone());
+
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let prefix = lc.state().prefix();
+    let audit: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "audit")
+        .filter(|v| {
+            v["fields"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect();
+    let seen: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|v| {
+            let f = &v["fields"];
+            (
+                f["event"].as_str().unwrap(),
+                f["token_id"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("token_created", first.as_str()),
+            ("token_created", second.as_str()),
+            ("token_retired", first.as_str()),
+            ("token_rotation_failed", "-"),
+        ],
+        "{audit:#?}"
+    );
+    assert_eq!(audit[3]["fields"]["name"], intent.name.as_str());
+    assert!(
+        audit[3]["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("CreateKyuubiToken"),
+        "{audit:#?}"
+    );
+    for v in &values {
+        assert!(!text.contains(v.as_str()), "a token value reached the log");
+    }
 }

@@ -155,6 +155,7 @@ impl Lifecycle {
                 // created, then the broker stopped before recording it: adopt it
                 Some(t) => {
                     info!(token_id = %t.token_id, "adopting the token created before a restart");
+                    info!(target: "audit", event = "token_created", token_id = %t.token_id, name = %intent.name, adopted = true, "audit: token created");
                     report.adopted = Some(t.token_id.clone());
                     self.promote(t.token_id.clone(), &intent, grace);
                 }
@@ -184,6 +185,8 @@ impl Lifecycle {
             .collect();
         for o in orphans {
             if self.checked_delete(&o.token_id).await? {
+                let name = o.name.as_deref().unwrap_or_default();
+                info!(target: "audit", event = "token_retired", token_id = %o.token_id, name, reason = "orphan", "audit: token retired");
                 report.orphans_deleted.push(o.token_id);
             }
         }
@@ -210,6 +213,15 @@ impl Lifecycle {
     /// Creates a new token, makes it active and live, and schedules the old
     /// one for deletion after `grace`. Returns the new token id.
     pub async fn rotate(&mut self, grace: Duration) -> Result<String, TokenError> {
+        let r = self.rotate_steps(grace).await;
+        if let Err(e) = &r {
+            let name = self.state.intent.as_ref().map(|i| i.name.as_str());
+            warn!(target: "audit", event = "token_rotation_failed", name, error = %e, "audit: token rotation failed");
+        }
+        r
+    }
+
+    async fn rotate_steps(&mut self, grace: Duration) -> Result<String, TokenError> {
         if self.state.intent.is_some() {
             return Err(TokenError::Refused(
                 "an earlier rotation was interrupted; reconcile first".into(),
@@ -252,6 +264,7 @@ impl Lifecycle {
         self.publish();
         failpoint("after_swap");
         info!(%token_id, "token rotated");
+        info!(target: "audit", event = "token_created", %token_id, name = %intent.name, adopted = false, "audit: token created");
         Ok(token_id)
     }
 
@@ -273,6 +286,7 @@ impl Lifecycle {
                 .retiring
                 .retain(|x| x.token.token_id != r.token.token_id);
             self.save()?;
+            info!(target: "audit", event = "token_retired", token_id = %r.token.token_id, name = %r.token.name, reason = "grace_over", "audit: token retired");
             done.push(r.token.token_id.clone());
         }
         Ok(done)
