@@ -4,10 +4,12 @@ use std::fmt;
 
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// Holds a password, token or key. `Debug` and `Display` print `****`; the
 /// value is reachable only through [`Secret::expose`], which makes every use
-/// easy to find.
+/// easy to find. Dropping it overwrites the value, so it does not linger in
+/// freed memory (copies made through `expose` are the caller's to mind).
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -31,6 +33,20 @@ impl Secret {
     }
 }
 
+impl Zeroize for Secret {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for Secret {}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(****)")
@@ -52,6 +68,16 @@ mod tests {
         let s = Secret::new("hunter2-token");
         assert_eq!(format!("{s:?} {s}"), "Secret(****) ****");
         assert_eq!(s.expose(), "hunter2-token");
+    }
+
+    #[test]
+    fn dropping_wipes_the_value() {
+        fn wiped_on_drop<T: ZeroizeOnDrop>() {}
+        wiped_on_drop::<Secret>();
+        // what Drop runs
+        let mut s = Secret::new("hunter2-token");
+        s.zeroize();
+        assert!(s.is_empty());
     }
 
     #[test]

@@ -302,3 +302,38 @@ async fn server_errors_are_retried_only_where_repeating_is_safe() {
         "a create is not blindly repeated"
     );
 }
+
+#[tokio::test]
+async fn an_action_outage_fails_that_action_only_until_replaced_and_every_call_is_counted() {
+    let (endpoint, emu) = emulator().await;
+    let c = client(endpoint, SECRET);
+    let id = c
+        .create_kyuubi_token(&kref(), &body("abcdefghij0123456789abcdefghij01"))
+        .await
+        .unwrap();
+    emu.set_faults(Faults {
+        fail_actions: vec!["GetKyuubiToken".into()],
+        ..Faults::default()
+    });
+    for _ in 0..2 {
+        let err = c.get_kyuubi_token(&kref(), &id).await.unwrap_err();
+        // the gateway's 503 envelope, as a real outage answers
+        match &err {
+            ApiError::Api { status, code, .. } => {
+                assert_eq!((*status, code.as_str()), (503, "ServiceUnavailable"))
+            }
+            other => panic!("expected a 503, got {other:?}"),
+        }
+    }
+    c.list_kyuubi_tokens(&kref())
+        .await
+        .expect("other actions are unaffected");
+    let calls = emu.snapshot().calls;
+    // a GET is retried: 4 attempts each
+    assert_eq!(calls["GetKyuubiToken"], 8, "{calls:?}");
+    assert_eq!(calls["ListKyuubiToken"], 1);
+    assert_eq!(calls["CreateKyuubiToken"], 1);
+    emu.set_faults(Faults::default());
+    c.get_kyuubi_token(&kref(), &id).await.expect("outage over");
+    assert_eq!(emu.snapshot().calls["GetKyuubiToken"], 9);
+}

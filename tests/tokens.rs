@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -18,7 +18,8 @@ use kyuubi_broker::cloud::request::KyuubiRef;
 use kyuubi_broker::config::{Transport, UpstreamSasl};
 use kyuubi_broker::emulator::Faults;
 use kyuubi_broker::secret::Secret;
-use kyuubi_broker::tokens::{Lifecycle, TokenError, TokenState};
+use kyuubi_broker::tokens::schedule::Schedule;
+use kyuubi_broker::tokens::{Clock, Holder, Lifecycle, TokenError, TokenState};
 
 const AK: &str = EMU_AK;
 const SECRET: &str = EMU_SECRET;
@@ -305,7 +306,14 @@ async fn throttling_and_server_errors_during_rotation_are_survived() {
     let e = emulator(None).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("t.json");
-    let mut lc = Lifecycle::open(api_client(e.api), kref(), state.clone(), Some(1)).unwrap();
+    let mut lc = Lifecycle::open(
+        api_client(e.api),
+        kref(),
+        state.clone(),
+        Some(1),
+        Holder::Command,
+    )
+    .unwrap();
     let faults = |f: Faults| {
         let url = format!("http://{}/_emulator/faults", e.api);
         async move {
@@ -378,8 +386,14 @@ async fn tokens_not_created_by_this_broker_are_never_deleted() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut lc =
-        Lifecycle::open(api_client(e.api), kref(), dir.path().join("t.json"), None).unwrap();
+    let mut lc = Lifecycle::open(
+        api_client(e.api),
+        kref(),
+        dir.path().join("t.json"),
+        None,
+        Holder::Command,
+    )
+    .unwrap();
     for _ in 0..3 {
         lc.rotate(Duration::ZERO).await.unwrap();
         lc.reconcile(Duration::ZERO).await.unwrap();
@@ -419,4 +433,288 @@ async fn revoke_without_confirmation_changes_nothing() {
     );
     assert!(e.emu.snapshot().tokens.is_empty());
     assert!(TokenState::load(&state).unwrap().active.is_none());
+}
+
+type Calls = std::collections::BTreeMap<String, u64>;
+
+/// The management API calls, per action, of an hour of the rotation loop
+/// (a rotation every 10 minutes, a minute of grace) while every call of
+/// `failing` fails, and the rotations made. The hour is paused time, on a
+/// runtime of its own: paused time passes only while the loop waits, so a
+/// loop calling the API without pause never gets through the hour, and
+/// that shows here as a failure after 30 real seconds, not a hang.
+fn an_hour_of_rotation_while_failing(failing: &'static str) -> (Calls, u64) {
+    let (emu_tx, emu_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let e = emulator(None).await;
+            emu_tx.send(e.emu.clone()).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let origin = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+            let lc = Lifecycle::open(
+                api_client(e.api),
+                kref(),
+                dir.path().join("t.json"),
+                None,
+                Holder::Command,
+            )
+            .unwrap()
+            .with_clock(Clock::tokio(origin));
+            e.emu.set_faults(Faults {
+                fail_actions: vec![failing.into()],
+                ..Faults::default()
+            });
+            let stop = tokio_util::sync::CancellationToken::new();
+            let schedule = Schedule {
+                lifetime: Duration::from_secs(1200),
+                fraction: 0.5,
+                min_interval: Duration::from_secs(60),
+                max_interval: Duration::from_secs(86400),
+                grace: Duration::from_secs(60),
+            };
+            let r = kyuubi_broker::tokens::spawn(lc, schedule, stop.clone());
+            // half a minute past the 60-minute rotation
+            tokio::time::sleep(Duration::from_secs(3630)).await;
+            stop.cancel();
+            let rotations = r.status.lock().unwrap().rotations;
+            let _ = done_tx.send((e.emu.snapshot().calls, rotations));
+        });
+    });
+    let emu = emu_rx.recv().unwrap();
+    let (calls, rotations) = done_rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| {
+            panic!(
+                "{failing} failing: an hour of paused time did not pass; \
+                 the loop calls the API without pause: {:?}",
+                emu.snapshot().calls
+            )
+        });
+    eprintln!("{failing} failing for an hour: {rotations} rotations, calls {calls:?}");
+    (calls, rotations)
+}
+
+/// No state at the start: the first token at 0, then one every 10 minutes.
+const SCHEDULED_IN_AN_HOUR: u64 = 7;
+
+#[test]
+fn an_hour_of_failing_get_calls_creates_no_token_beyond_the_schedule() {
+    let (calls, rotations) = an_hour_of_rotation_while_failing("GetKyuubiToken");
+    assert!(
+        calls.get("CreateKyuubiToken").copied().unwrap_or(0) <= SCHEDULED_IN_AN_HOUR,
+        "{calls:?}"
+    );
+    assert_eq!(rotations, SCHEDULED_IN_AN_HOUR, "{calls:?}");
+    // the failure was met, again and again, and nothing was deleted unchecked
+    assert!(calls["GetKyuubiToken"] > 20, "{calls:?}");
+    assert_eq!(calls.get("DeleteKyuubiToken"), None, "{calls:?}");
+}
+
+#[test]
+fn an_hour_of_failing_delete_calls_creates_no_token_beyond_the_schedule() {
+    let (calls, rotations) = an_hour_of_rotation_while_failing("DeleteKyuubiToken");
+    assert!(
+        calls.get("CreateKyuubiToken").copied().unwrap_or(0) <= SCHEDULED_IN_AN_HOUR,
+        "{calls:?}"
+    );
+    assert_eq!(rotations, SCHEDULED_IN_AN_HOUR, "{calls:?}");
+    assert!(calls["DeleteKyuubiToken"] > 20, "{calls:?}");
+}
+
+/// Polls `done` every 50 ms until it holds; fails after 30 s.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_broker_holds_the_state_so_the_cli_is_refused_and_sigusr1_rotates_once() {
+    let e = emulator(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("tokens.json");
+    let config = dir.path().join("broker.toml");
+    // no scheduled rotation within the test: only the first token and the asked-for one
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"b\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:0\"\nroute = \"r\"\nauth = \"none\"\nallow_any_user = true\n\n\
+             {}\n{}",
+            route_toml("binary", closed_port().await, ""),
+            tokens_toml(e.api, &state, "1h", "1h")
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
+    let mut broker = tokio::process::Command::new(env!("CARGO_BIN_EXE_kyuubi-broker"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_ID", AK)
+        .env("ALIBABA_CLOUD_ACCESS_KEY_SECRET", SECRET)
+        .env("ALIBABA_CLOUD_CLI_PROFILE_DISABLED", "true")
+        .env("ALIBABA_CLOUD_ECS_METADATA_DISABLED", "true")
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = broker.id().unwrap();
+    let creates = || {
+        e.emu
+            .snapshot()
+            .calls
+            .get("CreateKyuubiToken")
+            .copied()
+            .unwrap_or(0)
+    };
+    let active = || {
+        TokenState::load(&state)
+            .ok()
+            .and_then(|s| s.active)
+            .map(|t| t.token_id.clone())
+    };
+    eventually("the broker's first token", || {
+        creates() == 1 && active().is_some()
+    })
+    .await;
+    let first = active().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("tokens.json.lock")).unwrap(),
+        format!("{pid} broker\n")
+    );
+
+    let out = broker_cmd(&["rotate", "--grace", "0s"], e.api, &state, None).await;
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "error: token state file {} is in use by a running broker (pid {pid}); \
+             to rotate now, ask it: kill -USR1 {pid}\n",
+            state.display()
+        )
+    );
+    assert_eq!(creates(), 1, "the refused command made no token");
+
+    let kill = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(kill("-USR1").success());
+    eventually("the asked-for rotation", || {
+        creates() == 2 && active().is_some_and(|a| a != first)
+    })
+    .await;
+    assert!(kill("-TERM").success());
+    let status = tokio::time::timeout(Duration::from_secs(30), broker.wait())
+        .await
+        .expect("the broker stops on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(creates(), 2, "one signal, one rotation");
+    // its lock went with it
+    let out = broker_cmd(&["rotate", "--grace", "0s"], e.api, &state, None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every log line of this test binary, as JSON.
+fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || Capture(sink.clone()))
+            .init();
+        buf
+    })
+}
+
+#[tokio::test]
+async fn the_token_lifecycle_is_audited_with_ids_and_names_never_values() {
+    let logs = logs();
+    let e = emulator(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut lc = Lifecycle::open(
+        api_client(e.api),
+        kref(),
+        dir.path().join("t.json"),
+        None,
+        Holder::Command,
+    )
+    .unwrap();
+    let value = |lc: &Lifecycle| lc.state().active.as_ref().unwrap().value.clone();
+    let first = lc.rotate(Duration::ZERO).await.unwrap();
+    let mut values = vec![value(&lc)];
+    let second = lc.rotate(Duration::ZERO).await.unwrap();
+    values.push(value(&lc));
+    assert_eq!(lc.retire_due().await.unwrap(), vec![first.clone()]);
+    e.emu.set_faults(Faults {
+        fail_actions: vec!["CreateKyuubiToken".into()],
+        ..Faults::default()
+    });
+    lc.rotate(Duration::ZERO).await.unwrap_err();
+    let intent = lc.state().intent.clone().unwrap();
+    values.push(intent.value.clone());
+
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let prefix = lc.state().prefix();
+    let audit: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "audit")
+        .filter(|v| {
+            v["fields"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect();
+    let seen: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|v| {
+            let f = &v["fields"];
+            (
+                f["event"].as_str().unwrap(),
+                f["token_id"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("token_created", first.as_str()),
+            ("token_created", second.as_str()),
+            ("token_retired", first.as_str()),
+            ("token_rotation_failed", "-"),
+        ],
+        "{audit:#?}"
+    );
+    assert_eq!(audit[3]["fields"]["name"], intent.name.as_str());
+    assert!(
+        audit[3]["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("CreateKyuubiToken"),
+        "{audit:#?}"
+    );
+    for v in &values {
+        assert!(!text.contains(v.as_str()), "a token value reached the log");
+    }
 }

@@ -9,7 +9,7 @@ use crate::cloud::client::{ApiClient, Endpoint};
 use crate::cloud::credentials::Chain;
 use crate::cloud::request::KyuubiRef;
 use crate::config::Config;
-use crate::tokens::{Lifecycle, TokenError, TokenState};
+use crate::tokens::{Holder, Lifecycle, StateLock, TokenError, TokenState};
 
 #[derive(clap::Args)]
 pub struct TokenArgs {
@@ -191,7 +191,7 @@ async fn rotate(
         return fail("--state FILE is required: the broker must record the token value, which the API never shows again");
     };
     let expire = (expire_days > 0).then_some(expire_days as i32);
-    let mut lc = match Lifecycle::open(api, r.kref.clone(), state, expire) {
+    let mut lc = match Lifecycle::open(api, r.kref.clone(), state, expire, Holder::Command) {
         Ok(lc) => lc,
         Err(e) => return fail(e),
     };
@@ -248,6 +248,22 @@ async fn revoke(api: &ApiClient, r: &Resolved, token_id: &str, yes: bool, force:
         Err(e) => return fail(e),
     };
     let state_path = r.state.clone();
+    let recorded = |p: &PathBuf| {
+        TokenState::load(p).ok().filter(|s| {
+            s.active.as_ref().is_some_and(|a| a.token_id == token_id)
+                || s.retiring.iter().any(|x| x.token.token_id == token_id)
+        })
+    };
+    // a token the state records is revoked under the state's lock (the
+    // state is rewritten); any other one needs no lock, even while a
+    // broker runs
+    let _lock = match state_path.as_ref().filter(|p| recorded(p).is_some()) {
+        Some(p) => match StateLock::acquire(p, Holder::Command) {
+            Ok(l) => Some(l),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
     let state = state_path.as_ref().and_then(|p| TokenState::load(p).ok());
     let active = state
         .as_ref()

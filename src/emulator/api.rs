@@ -316,14 +316,15 @@ async fn handle(req: Request<Incoming>, emu: &Emulator) -> Reply {
     if let Err(r) = verify(emu, &parts.method, &parts.uri, &parts.headers, &body, &rid) {
         return r;
     }
-    if let Some(r) = take_fault(emu, &rid, &parts.headers) {
-        return r;
-    }
     let action = parts
         .headers
         .get("x-acs-action")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    *emu.state().calls.entry(action.to_string()).or_default() += 1;
+    if let Some(r) = take_fault(emu, &rid, &parts.headers, action) {
+        return r;
+    }
     let segs: Option<Vec<String>> = parts
         .uri
         .path()
@@ -346,7 +347,7 @@ async fn handle(req: Request<Incoming>, emu: &Emulator) -> Reply {
     r
 }
 
-fn take_fault(emu: &Emulator, rid: &str, headers: &HeaderMap) -> Option<Reply> {
+fn take_fault(emu: &Emulator, rid: &str, headers: &HeaderMap, action: &str) -> Option<Reply> {
     let mut s = emu.state();
     let host = headers
         .get("host")
@@ -368,8 +369,11 @@ fn take_fault(emu: &Emulator, rid: &str, headers: &HeaderMap) -> Option<Reply> {
         }
         return Some(r);
     }
-    if s.faults.server_errors > 0 {
-        s.faults.server_errors -= 1;
+    let outage = s.faults.fail_actions.iter().any(|a| a == action);
+    if outage || s.faults.server_errors > 0 {
+        if !outage {
+            s.faults.server_errors -= 1;
+        }
         return Some(gateway_error(
             StatusCode::SERVICE_UNAVAILABLE,
             rid,

@@ -40,6 +40,10 @@ pub struct Faults {
     pub server_errors: u32,
     /// Delay every request by this much.
     pub latency_ms: u64,
+    /// Answer every request for these actions (`x-acs-action`, e.g.
+    /// `GetKyuubiToken`) with HTTP 503 until the faults are replaced: an
+    /// outage of one operation rather than a few bad replies.
+    pub fail_actions: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -62,6 +66,8 @@ pub struct Snapshot {
     pub creates: u32,
     pub deletes: u32,
     pub requests: u64,
+    /// Signed requests per `x-acs-action`, failed ones included.
+    pub calls: BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -72,6 +78,7 @@ struct State {
     creates: u32,
     deletes: u32,
     requests: u64,
+    calls: BTreeMap<String, u64>,
     faults: Faults,
     /// Nonces seen in the last 15 minutes.
     nonces: HashMap<String, Instant>,
@@ -160,7 +167,13 @@ impl Emulator {
             creates: s.creates,
             deletes: s.deletes,
             requests: s.requests,
+            calls: s.calls.clone(),
         }
+    }
+
+    /// Replaces the faults, as `POST /_emulator/faults` does.
+    pub fn set_faults(&self, faults: Faults) {
+        self.state().faults = faults;
     }
 
     /// True if `value` is a live token; records its use.

@@ -14,14 +14,18 @@ pub mod schedule;
 mod state;
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use clock::Clock;
-pub use state::{Intent, OwnedToken, Retiring, StateError, TokenState};
+pub use state::{
+    lock_path, Holder, Intent, OwnedToken, Retiring, StateError, StateLock, TokenState,
+};
 
 use crate::cloud::client::{utc_timestamp, ApiClient, ApiError, TokenInfo};
 use crate::cloud::request::{AutoExpire, KyuubiRef, TokenBody};
@@ -76,17 +80,22 @@ pub struct Lifecycle {
     pub expire_days: Option<i32>,
     live: watch::Sender<Option<Secret>>,
     clock: Clock,
+    /// Held as long as this Lifecycle lives: one writer of the state file.
+    _lock: StateLock,
 }
 
 impl Lifecycle {
-    /// Loads the state file and publishes the active token, if any. Call
-    /// [`Lifecycle::reconcile`] before relying on it.
+    /// Locks the state file for `holder` (refused, with what to do instead,
+    /// while another process holds it), loads it and publishes the active
+    /// token, if any. Call [`Lifecycle::reconcile`] before relying on it.
     pub fn open(
         api: ApiClient,
         kref: KyuubiRef,
         state_path: PathBuf,
         expire_days: Option<i32>,
+        holder: Holder,
     ) -> Result<Lifecycle, TokenError> {
+        let lock = StateLock::acquire(&state_path, holder)?;
         let state = TokenState::load(&state_path)?;
         let (live, _) = watch::channel(state.active.as_ref().map(|t| Secret::new(t.value.clone())));
         Ok(Lifecycle {
@@ -97,6 +106,7 @@ impl Lifecycle {
             expire_days,
             live,
             clock: Clock::system(),
+            _lock: lock,
         })
     }
 
@@ -145,6 +155,7 @@ impl Lifecycle {
                 // created, then the broker stopped before recording it: adopt it
                 Some(t) => {
                     info!(token_id = %t.token_id, "adopting the token created before a restart");
+                    info!(target: "audit", event = "token_created", token_id = %t.token_id, name = %intent.name, adopted = true, "audit: token created");
                     report.adopted = Some(t.token_id.clone());
                     self.promote(t.token_id.clone(), &intent, grace);
                 }
@@ -174,6 +185,8 @@ impl Lifecycle {
             .collect();
         for o in orphans {
             if self.checked_delete(&o.token_id).await? {
+                let name = o.name.as_deref().unwrap_or_default();
+                info!(target: "audit", event = "token_retired", token_id = %o.token_id, name, reason = "orphan", "audit: token retired");
                 report.orphans_deleted.push(o.token_id);
             }
         }
@@ -200,6 +213,15 @@ impl Lifecycle {
     /// Creates a new token, makes it active and live, and schedules the old
     /// one for deletion after `grace`. Returns the new token id.
     pub async fn rotate(&mut self, grace: Duration) -> Result<String, TokenError> {
+        let r = self.rotate_steps(grace).await;
+        if let Err(e) = &r {
+            let name = self.state.intent.as_ref().map(|i| i.name.as_str());
+            warn!(target: "audit", event = "token_rotation_failed", name, error = %e, "audit: token rotation failed");
+        }
+        r
+    }
+
+    async fn rotate_steps(&mut self, grace: Duration) -> Result<String, TokenError> {
         if self.state.intent.is_some() {
             return Err(TokenError::Refused(
                 "an earlier rotation was interrupted; reconcile first".into(),
@@ -242,6 +264,7 @@ impl Lifecycle {
         self.publish();
         failpoint("after_swap");
         info!(%token_id, "token rotated");
+        info!(target: "audit", event = "token_created", %token_id, name = %intent.name, adopted = false, "audit: token created");
         Ok(token_id)
     }
 
@@ -263,7 +286,8 @@ impl Lifecycle {
                 .retiring
                 .retain(|x| x.token.token_id != r.token.token_id);
             self.save()?;
-            done.push(r.token.token_id);
+            info!(target: "audit", event = "token_retired", token_id = %r.token.token_id, name = %r.token.name, reason = "grace_over", "audit: token retired");
+            done.push(r.token.token_id.clone());
         }
         Ok(done)
     }
@@ -305,33 +329,72 @@ impl Lifecycle {
 pub struct Rotation {
     /// The live token value.
     pub live: watch::Receiver<Option<Secret>>,
-    pub status: std::sync::Arc<std::sync::Mutex<schedule::RotationStatus>>,
+    pub status: Arc<Mutex<schedule::RotationStatus>>,
+    rotate_now: mpsc::Sender<()>,
 }
 
-/// Starts the rotation loop for `[tokens]`. Problems (no credentials, a
-/// damaged state file, an unreachable API) are logged and shown in status;
-/// serving goes on with whatever token the state file holds.
-pub async fn start(
-    cfg: &crate::config::TokensConfig,
-    stop: tokio_util::sync::CancellationToken,
-) -> Rotation {
+impl Rotation {
+    /// Asks the loop for a rotation now (what SIGUSR1 does). Requests made
+    /// before that rotation ends count as one. With rotation disabled,
+    /// nothing happens.
+    pub fn rotate_now(&self) {
+        // full: a rotation is already asked for, which answers this request too
+        let _ = self.rotate_now.try_send(());
+    }
+}
+
+/// Runs the rotation loop for `lc` (already opened, not yet reconciled:
+/// the loop does that first) until `stop` is cancelled.
+pub fn spawn(lc: Lifecycle, schedule: schedule::Schedule, stop: CancellationToken) -> Rotation {
+    let status = Arc::new(Mutex::new(schedule::RotationStatus::default()));
+    let (rotate_now, asked) = mpsc::channel(1);
+    let live = lc.subscribe();
+    tokio::spawn(schedule::run(lc, schedule, status.clone(), asked, stop));
+    Rotation {
+        live,
+        status,
+        rotate_now,
+    }
+}
+
+/// Starts the rotation loop for `[tokens]`, holding the state file's lock
+/// until `stop`; SIGUSR1 asks it for a rotation now. Problems (no
+/// credentials, a damaged or locked state file, an unreachable API) are
+/// logged and shown in status; serving goes on with whatever token the
+/// state file holds.
+pub async fn start(cfg: &crate::config::TokensConfig, stop: CancellationToken) -> Rotation {
     use crate::cloud::client::Endpoint;
     use crate::cloud::credentials::Chain;
-    let status = std::sync::Arc::new(std::sync::Mutex::new(schedule::RotationStatus::default()));
+    use tokio::signal::unix::{signal, SignalKind};
+    // before the lock file names this process: from then on an operator may
+    // send SIGUSR1, whose default action would kill the broker
+    let usr1 = signal(SignalKind::user_defined1())
+        .inspect_err(
+            |e| warn!(error = %e, "SIGUSR1 cannot be handled; rotate-now requests are off"),
+        )
+        .ok();
     let fail = |msg: String, live: Option<Secret>| {
         warn!("token rotation disabled: {msg}");
-        status.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(msg);
+        let status = schedule::RotationStatus {
+            last_error: Some(msg),
+            ..Default::default()
+        };
         // a receiver keeps the last value after its sender is gone
         let (_, rx) = watch::channel(live);
         Rotation {
             live: rx,
-            status: status.clone(),
+            status: Arc::new(Mutex::new(status)),
+            rotate_now: mpsc::channel(1).0,
         }
     };
     let recorded = || {
         TokenState::load(&cfg.state_file)
             .ok()
-            .and_then(|s| s.active.map(|t| Secret::new(t.value)))
+            // moved, not copied: the Secret wipes it
+            .and_then(|s| {
+                s.active
+                    .map(|mut t| Secret::new(std::mem::take(&mut t.value)))
+            })
     };
     let endpoint = match &cfg.endpoint {
         Some(e) => Endpoint::parse(e).expect("validated at load"),
@@ -353,8 +416,13 @@ pub async fn start(
         kref,
         cfg.state_file.clone(),
         expire_days,
+        Holder::Broker,
     ) {
         Ok(lc) => lc,
+        // the file is sound, only in use (a token command): serve its token
+        Err(e @ TokenError::State(StateError::Locked { .. })) => {
+            return fail(e.to_string(), recorded())
+        }
         Err(e) => return fail(e.to_string(), None),
     };
     let lifetime = match expire_days {
@@ -368,9 +436,22 @@ pub async fn start(
         max_interval: cfg.max_interval,
         grace: cfg.grace,
     };
-    let live = lc.subscribe();
-    tokio::spawn(schedule::run(lc, sched, status.clone(), stop));
-    Rotation { live, status }
+    let rotation = spawn(lc, sched, stop.clone());
+    if let Some(mut usr1) = usr1 {
+        let r = rotation.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    Some(()) = usr1.recv() => {
+                        info!("SIGUSR1: asking for a token rotation now");
+                        r.rotate_now();
+                    }
+                }
+            }
+        });
+    }
+    rotation
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -126,11 +127,16 @@ impl Rotator for Lifecycle {
     }
 }
 
-/// Runs until `stop` is cancelled.
+/// Runs until `stop` is cancelled. A message on `rotate_now` rotates at
+/// once, whatever the schedule or a failure's backoff says. Requests made
+/// before a rotation ends are answered by it (the channel holds one, and
+/// the loop empties it after each rotation), so a burst of requests makes
+/// one token, not a burst of them.
 pub(crate) async fn run<R: Rotator>(
     mut lc: R,
     schedule: Schedule,
     status: Arc<Mutex<RotationStatus>>,
+    mut rotate_now: mpsc::Receiver<()>,
     stop: CancellationToken,
 ) {
     let clock = lc.clock();
@@ -164,11 +170,15 @@ pub(crate) async fn run<R: Rotator>(
         let rotate_at = rotate_at(lc.state(), &schedule, &rotation, now);
         let wake = rotate_at.min(retire_at(lc.state(), &retirement));
         let wait = Duration::from_millis((wake - now).max(0) as u64);
-        tokio::select! {
+        let asked = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            Some(()) = rotate_now.recv() => true,
+            _ = tokio::time::sleep(wait) => false,
+        };
+        if asked {
+            info!("rotating the token now, as asked");
         }
-        if clock.now_ms() >= rotate_at {
+        if asked || clock.now_ms() >= rotate_at {
             let step = async {
                 if lc.state().intent.is_some() {
                     lc.reconcile(schedule.grace).await?;
@@ -185,6 +195,8 @@ pub(crate) async fn run<R: Rotator>(
                     warn!(error = %e, failures = n, "token rotation failed; retrying in {wait:?}");
                 }
             }
+            // whoever asked meanwhile has their new token (or its failure)
+            while rotate_now.try_recv().is_ok() {}
             set(&lc, &|s| {
                 s.rotations += u64::from(rotated);
                 failures(s, &rotation, &retirement);
@@ -308,7 +320,7 @@ mod tests {
                     api.failed_deletes.push(now - T0);
                     return Err(TokenError::Refused("injected delete failure".into()));
                 }
-                let id = self.state.retiring.remove(i).token.token_id;
+                let id = self.state.retiring.remove(i).token.token_id.clone();
                 api.deleted.push((now - T0, id.clone()));
                 if api.fail_saves_after_delete > 0 {
                     api.fail_saves_after_delete -= 1;
@@ -334,6 +346,7 @@ mod tests {
     struct Running {
         api: Arc<Mutex<Api>>,
         status: Arc<Mutex<RotationStatus>>,
+        rotate_now: mpsc::Sender<()>,
         base: tokio::time::Instant,
         _stop: tokio_util::sync::DropGuard,
     }
@@ -372,10 +385,12 @@ mod tests {
         };
         let status = Arc::new(Mutex::new(RotationStatus::default()));
         let stop = CancellationToken::new();
-        tokio::spawn(run(fake, schedule, status.clone(), stop.clone()));
+        let (rotate_now, asked) = mpsc::channel(1);
+        tokio::spawn(run(fake, schedule, status.clone(), asked, stop.clone()));
         Running {
             api,
             status,
+            rotate_now,
             base: tokio::time::Instant::now(),
             _stop: stop.drop_guard(),
         }
@@ -534,6 +549,43 @@ mod tests {
         assert_eq!(
             created(&r)[1..],
             [(ms(hours(2) + secs(15)), "tk-2".to_string())]
+        );
+        assert_eq!(r.status().consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_rotate_now_requests_makes_one_token_and_the_schedule_restarts_from_it() {
+        let r = start(hourly());
+        r.at(secs(600)).await;
+        for _ in 0..3 {
+            let _ = r.rotate_now.try_send(());
+        }
+        r.at(secs(601)).await;
+        assert_eq!(created(&r), vec![(ms(secs(600)), "tk-1".to_string())]);
+        assert_eq!(r.status().rotations, 1);
+        // no scheduled rotation at 1 h: the next is an hour after tk-1
+        r.at(hours(1) + secs(599)).await;
+        assert_eq!(created(&r).len(), 1);
+        r.at(hours(1) + secs(601)).await;
+        assert_eq!(
+            created(&r)[1..],
+            [(ms(hours(1) + secs(600)), "tk-2".to_string())]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotate_now_does_not_wait_out_a_failed_rotations_backoff() {
+        let r = start(hourly());
+        r.api().fail_creates = 7;
+        // failures at 1 h, +5, +10, +20, +40, +80 s; the next is due 160 s later
+        r.at(hours(1) + secs(156)).await;
+        assert_eq!(r.api().failed_creates.len(), 6);
+        r.api().fail_creates = 0;
+        let _ = r.rotate_now.try_send(());
+        r.at(hours(1) + secs(157)).await;
+        assert_eq!(
+            created(&r),
+            vec![(ms(hours(1) + secs(156)), "tk-1".to_string())]
         );
         assert_eq!(r.status().consecutive_failures, 0);
     }
