@@ -131,7 +131,7 @@ fn get_info(guid: &[u8], secret: &[u8]) -> Vec<u8> {
 }
 
 /// Polls the broker's /metrics until `series{reason}` reaches `n`.
-async fn timed_out_count(b: &Broker, reason: &str, n: f64, within: Duration) -> f64 {
+async fn timed_out_count(b: &Broker, reason: &str, n: u64, within: Duration) -> u64 {
     let deadline = Instant::now() + within;
     loop {
         let m = admin_get(b.addrs["admin"], "/metrics").await.1;
@@ -139,7 +139,7 @@ async fn timed_out_count(b: &Broker, reason: &str, n: f64, within: Duration) -> 
             .iter()
             .filter(|(k, _)| k.contains(&format!("reason=\"{reason}\"")))
             .map(|(_, v)| *v)
-            .sum::<f64>();
+            .sum::<f64>() as u64;
         if got >= n || Instant::now() > deadline {
             return got;
         }
@@ -162,14 +162,14 @@ async fn a_logged_in_connection_that_sends_nothing_is_closed_at_client_idle_time
     );
     assert!(took >= Duration::from_millis(900), "closed early: {took:?}");
     assert_eq!(
-        timed_out_count(&b, "idle", 1.0, Duration::from_secs(5)).await,
-        1.0
+        timed_out_count(&b, "idle", 1, Duration::from_secs(5)).await,
+        1
     );
     // its session went with it (a binary upstream ends the sessions of a
     // connection that closes)
     let m = admin_get(b.addrs["admin"], "/metrics").await.1;
     let open = series(&m, "kyuubi_broker_sessions");
-    assert_eq!(open.values().sum::<f64>(), 0.0, "{open:?}");
+    assert_eq!(open.values().sum::<f64>() as u64, 0, "{open:?}");
     b.shutdown().await;
 }
 
@@ -194,7 +194,7 @@ async fn a_reply_slower_than_the_idle_timeout_still_reaches_its_client() {
         .expect("a reply within 15 s")
         .expect("the reply, not a closed connection");
     assert_eq!(peek_header(&reply).unwrap().name, "GetInfo");
-    assert_eq!(timed_out_count(&b, "idle", 0.0, Duration::ZERO).await, 0.0);
+    assert_eq!(timed_out_count(&b, "idle", 0, Duration::ZERO).await, 0);
     b.shutdown().await;
 }
 
@@ -225,8 +225,8 @@ async fn a_client_that_stops_reading_a_big_reply_is_closed_at_client_write_timeo
         .await
         .unwrap();
     // ... and never read
-    let n = timed_out_count(&b, "write", 1.0, Duration::from_secs(20)).await;
-    assert_eq!(n, 1.0, "the stalled reader's connection was not closed");
+    let n = timed_out_count(&b, "write", 1, Duration::from_secs(20)).await;
+    assert_eq!(n, 1, "the stalled reader's connection was not closed");
     fake_client_served(&b).await;
     drop(io);
     b.shutdown().await;
