@@ -245,11 +245,15 @@ pub async fn run(
             &shared.broker,
             &config.server,
         );
-        let addr: Option<SocketAddr> = bound.tcp.local_addr().ok();
+        let addr: String = bound
+            .tcp
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         up.push(admin::ListenerInfo {
             name: lc.name.clone(),
             protocol: lc.protocol.as_str().to_string(),
-            addr: addr.map(|a| a.to_string()).unwrap_or_default(),
+            addr: addr.clone(),
             route: lc.route.clone(),
             auth: format!("{:?}", lc.auth).to_lowercase(),
         });
@@ -258,7 +262,7 @@ pub async fn run(
         match l.config.protocol {
             Transport::Binary => {
                 let lc = Arc::new(l);
-                info!(listener = %lc.config.name, addr = ?addr, route = %lc.config.route, "binary listener up");
+                info!(listener = %lc.config.name, %addr, route = %lc.config.route, "binary listener up");
                 accept_loops.spawn(listen::accept_loop(
                     bound.tcp,
                     shared.clone(),
@@ -269,7 +273,7 @@ pub async fn run(
                 ));
             }
             Transport::Http => {
-                info!(listener = %lc.name, addr = ?addr, path = %lc.http_path, route = %lc.route, "HTTP listener up");
+                info!(listener = %lc.name, %addr, path = %lc.http_path, route = %lc.route, "HTTP listener up");
                 let hl = listen::http::HttpListener::new(l);
                 accept_loops.spawn(listen::accept_loop(
                     bound.tcp,

@@ -109,3 +109,113 @@ fn hash_password_output_is_accepted_in_a_users_file() {
     std::fs::write(&f, format!("alice:{hash}")).unwrap();
     assert_eq!(kyuubi_broker::auth::load_users(&f).unwrap()[0].0, "alice");
 }
+
+/// Stops a `serve` child even when an assertion fails first.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One SASL frame: status byte, 4-byte big-endian length, payload.
+fn sasl_frame(status: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![status];
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn serve_writes_audit_events_to_server_audit_log_as_private_json_lines() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    const RIGHT: &str = "Right-Pw-4k";
+    const WRONG: &str = "Wrong-Pw-8m";
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    std::fs::write(
+        &users,
+        format!("alice:{}\n", kyuubi_broker::auth::hash_password(RIGHT)),
+    )
+    .unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let f = dir.path().join("c.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "[server]\naudit_log = {audit:?}\n\n\
+             [[listener]]\nname = \"b\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:0\"\nroute = \"r\"\n\
+             auth = \"static\"\nusers_file = {users:?}\nallow_any_user = true\n\n\
+             [routes.r.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = 9\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Child(
+        Command::new(BIN)
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(&f)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let addr = lines
+        .by_ref()
+        .take(20)
+        .map_while(Result::ok)
+        .find(|l| l.contains("binary listener up"))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            v["fields"]["addr"].as_str().unwrap().to_string()
+        })
+        .expect("the broker reports its listener");
+    // keep draining stderr so the child never blocks on a full pipe
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&sasl_frame(1, b"PLAIN")).unwrap();
+    s.write_all(&sasl_frame(2, format!("\0alice\0{WRONG}").as_bytes()))
+        .unwrap();
+    let mut status = [0u8; 1];
+    s.read_exact(&mut status).unwrap();
+    assert!(
+        matches!(status[0], 3 | 4),
+        "a refusal, got status {}",
+        status[0]
+    );
+    drop(s);
+
+    let t0 = Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        if text.contains("login_failed") {
+            break text;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no login_failed event in {} within 10 s: {text:?}",
+            audit.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every audit line is one JSON object"))
+        .collect();
+    let failed = events
+        .iter()
+        .find(|e| e["fields"]["event"] == "login_failed")
+        .expect("a login_failed event");
+    assert_eq!(failed["fields"]["user"], "alice", "{failed}");
+    assert!(!text.contains(WRONG) && !text.contains(RIGHT), "{text}");
+    assert!(
+        events.iter().all(|e| e["target"] == "audit"),
+        "only audit events reach the audit file: {text}"
+    );
+    let mode = std::fs::metadata(&audit).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the audit file is private");
+}
