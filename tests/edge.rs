@@ -448,3 +448,58 @@ async fn a_listener_whose_users_file_is_broken_stops_startup_naming_the_key() {
     assert!(e.starts_with("listener[0].users_file:"), "{e}");
     assert!(e.contains(":1:") && e.contains("argon2"), "{e}");
 }
+
+#[tokio::test]
+async fn a_hostile_user_name_reaches_the_log_truncated_with_its_control_characters_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker("hostile_name", &users(&dir)).await;
+    // a forged log line, terminal escapes and 6,000 characters more (no
+    // ':', which ends the user name in HTTP Basic)
+    let evil = format!(
+        "mallory\nFORGED ERROR admin logged in\r\x1b[31m{}",
+        "x".repeat(6000)
+    );
+    let reply = send_and_read_all(
+        b.addrs["hostile_name_bin"],
+        &sasl::plain_client_hello(&evil, &Secret::new("nope")),
+    )
+    .await;
+    assert_eq!(reply.first(), Some(&(sasl::Status::Bad as u8)), "{reply:?}");
+    let (status, _, _) = http_post(
+        b.addrs["hostile_name_http"],
+        "/cliservice",
+        &basic(&evil, "nope"),
+        b"x",
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    for listener in ["hostile_name_bin", "hostile_name_http"] {
+        let lines = logged(listener, |l| !l.is_empty()).await;
+        for (_, f) in &lines {
+            for key in ["user", "error"] {
+                let Some(v) = f[key].as_str() else { continue };
+                assert!(
+                    !v.chars().any(char::is_control),
+                    "{listener}: raw control characters in {key}: {v:?}"
+                );
+                assert!(
+                    v.chars().count() <= 600,
+                    "{listener}: {key} not truncated ({} characters)",
+                    v.chars().count()
+                );
+            }
+            let user = f["user"].as_str().expect("the user field");
+            assert!(user.starts_with("mallory\\nFORGED"), "{user:?}");
+            assert!(user.ends_with('…'), "truncation is marked: {user:?}");
+            assert!(user.chars().count() <= 128 + 16, "{user:?}");
+        }
+    }
+    // the forged line is data inside a field, never a line of its own
+    let text = String::from_utf8(logs().lock().unwrap().clone()).unwrap();
+    assert!(
+        !text.lines().any(|l| l.starts_with("FORGED")),
+        "a client forged a log line"
+    );
+    b.shutdown().await;
+}
