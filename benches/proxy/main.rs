@@ -196,6 +196,10 @@ async fn run() {
     let mut cfg = format!(
         r#"[server]
 max_connections = 20000
+# the idle-sessions pass is one user on one address holding thousands
+max_connections_per_ip = 20000
+max_connections_per_user = 20000
+max_sessions_per_user = 20000
 slow_rpc_threshold = "0s"
 worker_threads = {threads}
 [admin]
