@@ -2,7 +2,7 @@
 //! by every listener (one attacking address is one attacker whichever
 //! listener it tries):
 //!
-//! - password checks (argon2, LDAP) run on the blocking pool, at most
+//! - password checks (argon2, LDAP) run on the auth pool (`pool.rs`), at most
 //!   `server.auth_threads` at a time with `server.auth_queue` waiting;
 //!   beyond that a login is refused at once as "busy", so a flood of bad
 //!   logins never occupies the async workers that serve everyone's RPCs;
@@ -24,6 +24,7 @@ use moka::future::Cache;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::pool::AuthPool;
 use super::AuthError;
 use crate::config::ServerConfig;
 
@@ -31,7 +32,7 @@ use crate::config::ServerConfig;
 const MAX_ENTRIES: u64 = 100_000;
 
 pub struct Guard {
-    running: Arc<Semaphore>,
+    pool: AuthPool,
     admitted: Arc<Semaphore>,
     free_failures: u32,
     backoff_max: Duration,
@@ -75,7 +76,7 @@ impl Throttle {
 impl Guard {
     pub fn new(s: &ServerConfig) -> Guard {
         Guard {
-            running: Arc::new(Semaphore::new(s.auth_threads)),
+            pool: AuthPool::new(s.auth_threads),
             admitted: Arc::new(Semaphore::new(s.auth_threads + s.auth_queue)),
             free_failures: s.login_free_failures,
             backoff_max: s.login_backoff_max,
@@ -168,7 +169,7 @@ impl Guard {
         self.ips.insert(ip, w).await;
     }
 
-    /// Runs a password check on the blocking pool, or refuses at once when
+    /// Runs a password check on the auth pool, or refuses at once when
     /// the pool and its queue are full.
     async fn run<T: Send + 'static>(
         &self,
@@ -180,15 +181,10 @@ impl Guard {
                     .into(),
             ));
         };
-        let _running = self
-            .running
-            .clone()
-            .acquire_owned()
+        self.pool
+            .run(check)
             .await
-            .map_err(|_| AuthError::Unavailable("authentication pool closed".into()))?;
-        tokio::task::spawn_blocking(check)
-            .await
-            .map_err(|e| AuthError::Unavailable(format!("password check failed: {e}")))
+            .ok_or_else(|| AuthError::Unavailable("password check failed".into()))
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod guard;
 mod ldap;
+mod pool;
 
 pub use self::guard::{Guard, Throttle};
 use std::sync::Arc;
@@ -40,7 +41,7 @@ pub enum AuthError {
 }
 
 /// One listener's way of checking credentials, with the process-wide
-/// [`Guard`] (blocking pool, backoff) in front of it.
+/// [`Guard`] (auth pool, backoff) in front of it.
 pub struct Authenticator {
     check: Check,
     guard: Arc<Guard>,
