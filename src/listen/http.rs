@@ -267,6 +267,9 @@ fn respond(
                     if a.retryable && status == StatusCode::SERVICE_UNAVAILABLE {
                         h.insert(RETRY_AFTER, http::HeaderValue::from_static("5"));
                     }
+                    if let RpcError::Auth(AuthError::Throttled { retry_after, .. }) = &e {
+                        h.insert(RETRY_AFTER, http::HeaderValue::from(*retry_after));
+                    }
                     // the body may be unread (a refusal, a timeout): the
                     // connection cannot carry another request
                     if close {

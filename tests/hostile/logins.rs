@@ -144,6 +144,25 @@ async fn an_address_over_its_failure_budget_is_refused_for_every_user() {
     assert!(e.contains("too many failed logins"), "{e}");
     let http = current_user(b.http, Transport::Http, "alice", "alice-pw").await;
     assert!(format!("{http:?}").contains("status: 429"), "{http:?}");
+    // ... saying when to come back
+    let (status, head, body) =
+        http_post(b.http, "/cliservice", &basic("alice", "alice-pw"), b"x").await;
+    assert_eq!(status, 429, "{body}");
+    let retry = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after: ")
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no Retry-After in {head}"));
+    assert!(
+        retry
+            .trim()
+            .parse::<u64>()
+            .is_ok_and(|s| (1..=60).contains(&s)),
+        "{retry}"
+    );
     // the connection that logged in before is still served
     bob.get_info(&session).await.unwrap();
     b.shutdown().await;
