@@ -157,7 +157,13 @@ impl Edge {
         self.metrics.connection_timed_out(&self.listener, reason);
         let (listener, user) = (&*self.listener, loggable(user));
         let after_s = after.as_secs_f64();
-        info!(listener, %peer, %user, reason, after_s, "client connection closed by timeout");
+        // HTTP clients open connections ahead of need; closing an unused one
+        // is routine
+        if reason == "no_request" {
+            debug!(listener, %peer, reason, after_s, "client connection closed by timeout");
+        } else {
+            info!(listener, %peer, %user, reason, after_s, "client connection closed by timeout");
+        }
     }
 
     /// A NOSASL client's login, which happens inside its OpenSession: the

@@ -503,3 +503,52 @@ async fn a_hostile_user_name_reaches_the_log_truncated_with_its_control_characte
     );
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_byte_is_closed_at_the_handshake_timeout_but_is_no_failed_login(
+) {
+    let b = broker("mute", "auth = \"none\"\nallow_any_user = true").await;
+    for l in ["mute_bin", "mute_http"] {
+        let mut s = TcpStream::connect(b.addrs[l]).await.unwrap();
+        let t0 = std::time::Instant::now();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("the broker closes a connection that never spoke")
+            .ok();
+        assert!(out.is_empty(), "{l}: nothing to answer: {out:?}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(400),
+            "{l}: closed early"
+        );
+    }
+    // the close is counted once the edge has recorded it
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = metrics(&b).await;
+        let t = series(&m, "kyuubi_broker_connections_timed_out_total");
+        if t.values().sum::<f64>() >= 2.0 || tokio::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let timed_out = series(&m, "kyuubi_broker_connections_timed_out_total");
+    for l in ["mute_bin", "mute_http"] {
+        let key = format!("listener=\"{l}\",reason=\"no_request\"");
+        assert_eq!(timed_out.get(&key), Some(&1.0), "{key}: {timed_out:?}");
+    }
+    let errors = series(&m, "kyuubi_broker_client_errors_total");
+    assert!(
+        !errors.keys().any(|k| k.contains("mute_")),
+        "a silent connection is not a client error: {errors:?}"
+    );
+    let logins = series(&m, "kyuubi_broker_login_duration_seconds_count");
+    assert!(
+        !logins.keys().any(|k| k.contains("mute_")),
+        "nor a login: {logins:?}"
+    );
+    for l in ["mute_bin", "mute_http"] {
+        assert!(lines_of(l).is_empty(), "{l}: {:?}", lines_of(l));
+    }
+    b.shutdown().await;
+}

@@ -238,6 +238,13 @@ async fn connection(
             debug!("closed before the handshake (health check?)");
             return;
         }
+        // a client that connects and never says anything (a pre-opened or
+        // forgotten connection) did not fail a login: no login failure, no
+        // audit event, only the timeout count
+        Err(HandshakeEnd::Failed(RpcError::HandshakeTimeout(after))) if !progress.spoke => {
+            listener.edge.timed_out(peer, "", "no_request", after);
+            return;
+        }
         Err(HandshakeEnd::Failed(e)) => {
             let ex = login(progress.user.as_str());
             let stage = Stage::Handshake {
@@ -411,6 +418,8 @@ struct Progress {
     user: String,
     /// The client sent a complete SASL message and waits for the answer.
     awaits_answer: bool,
+    /// The client sent at least one byte.
+    spoke: bool,
 }
 
 impl Default for Progress {
@@ -419,6 +428,7 @@ impl Default for Progress {
             mechanism: "unknown",
             user: String::new(),
             awaits_answer: false,
+            spoke: false,
         }
     }
 }
@@ -481,6 +491,7 @@ async fn handshake(
         Err(FrameError::Eof) => return Err(HandshakeEnd::Closed),
         Err(e) => return Err(e.into()),
     };
+    p.spoke = true;
     match first {
         SASL_START => {}
         THRIFT_STRICT if allow_nosasl => {

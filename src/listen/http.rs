@@ -100,6 +100,11 @@ pub async fn serve(
         async move { Ok::<_, Infallible>(handle(req, peer, &listener, &shared, &user).await) }
     });
     let started = Instant::now();
+    let spoke = Arc::new(AtomicBool::new(false));
+    let stream = Spoke {
+        inner: stream,
+        spoke: spoke.clone(),
+    };
     let conn = builder(&shared).serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -113,6 +118,14 @@ pub async fn serve(
     match result {
         // hyper closes a connection whose request head is late: the client
         // sees the close, the edge records why
+        // opened ahead of need and never used (hyper's and browsers' pools
+        // do this): not a failed login
+        Err(e) if e.is_timeout() && !spoke.load(Ordering::Relaxed) => {
+            listener
+                .l
+                .edge
+                .timed_out(peer, "", "no_request", shared.server.handshake_timeout);
+        }
         Err(e) if e.is_timeout() && !served.load(Ordering::Relaxed) => {
             let e = RpcError::HandshakeTimeout(shared.server.handshake_timeout);
             let ex = Exchange::new(Kind::Login, peer, "", "unknown", started);
@@ -552,6 +565,65 @@ async fn authenticate_request(
         }
         Ok(None) => Err(unusable("basic", "credentials required (HTTP Basic)")),
         Err(msg) => Err(unusable("basic", msg)),
+    }
+}
+
+/// A client stream that remembers whether the client sent any byte, which
+/// tells a late request head (a failed handshake) from a connection that
+/// was never used.
+struct Spoke {
+    inner: TcpStream,
+    spoke: Arc<AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for Spoke {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before && !self.spoke.load(Ordering::Relaxed) {
+            self.spoke.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Spoke {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
