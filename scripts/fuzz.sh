@@ -63,6 +63,8 @@ for t in "${TARGETS[@]}"; do
     corpus=fuzz/corpus/$t
     artifacts=fuzz/artifacts/$t
     mkdir -p "$corpus" "$artifacts" "fuzz/regressions/$t"
+    # what an earlier run found is in fuzz/regressions already
+    rm -f "$artifacts"/crash-* "$artifacts"/timeout-* "$artifacts"/oom-* "$artifacts"/leak-*
     log=fuzz/artifacts/$t.log
     echo "[fuzz] $t: $RUNS executions (max_len $(max_len "$t"))"
     status=ok
