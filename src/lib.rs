@@ -51,7 +51,8 @@
 //! - [`error`] (every client-visible failure and how it is answered), then
 //!   [`upstream`], [`edge`], [`session`];
 //! - top: [`listen`], [`admin`], [`tokens`], [`client`], [`loadgen`],
-//!   [`commands`], and this crate root.
+//!   [`commands`], `fuzzing` (what the fuzz targets in `fuzz/` call), and
+//!   this crate root.
 
 pub mod admin;
 pub mod audit;
@@ -65,6 +66,8 @@ pub mod deadline;
 pub mod edge;
 pub mod emulator;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod kerberos;
 pub mod listen;

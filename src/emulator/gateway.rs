@@ -48,7 +48,7 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 }
 
 /// The token in `/<anything>/token/<token>[/...]`.
-fn token_in_path(path: &str) -> Option<&str> {
+pub(crate) fn token_in_path(path: &str) -> Option<&str> {
     let mut it = path.split('/').skip_while(|s| *s != "token");
     it.next()?;
     it.next().filter(|t| !t.is_empty())

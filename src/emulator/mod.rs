@@ -7,6 +7,9 @@
 mod api;
 mod gateway;
 
+/// For the fuzz targets ([`crate::fuzzing`]).
+pub(crate) use gateway::token_in_path;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

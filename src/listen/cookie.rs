@@ -42,11 +42,16 @@ impl CookieJar {
         mac
     }
 
+    /// The `s=` part of a cookie whose payload is `payload`.
+    pub(crate) fn signature(&self, payload: &str) -> String {
+        B64.encode(self.sign(payload).finalize().into_bytes())
+    }
+
     /// Records `id` and returns the Set-Cookie header value.
     pub async fn issue(&self, id: ClientIdentity) -> String {
         let rn = rand::rngs::OsRng.next_u64();
         let payload = format!("cu={}&rn={rn}", B64.encode(&id.user));
-        let sig = B64.encode(self.sign(&payload).finalize().into_bytes());
+        let sig = self.signature(&payload);
         self.issued.insert(rn, id).await;
         format!(
             "{NAME}={payload}&s={sig}; Max-Age={}; Path=/; HttpOnly",

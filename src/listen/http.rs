@@ -203,7 +203,7 @@ fn thrift(body: Bytes) -> Response<Full<Bytes>> {
 const BASIC: &str = "Basic realm=\"kyuubi-broker\"";
 const NEGOTIATE: &str = "Negotiate";
 
-fn path_matches(path: &str, base: &str) -> bool {
+pub(crate) fn path_matches(path: &str, base: &str) -> bool {
     let p = path.trim_start_matches('/');
     p == base
         || p.strip_prefix(base)
@@ -212,8 +212,8 @@ fn path_matches(path: &str, base: &str) -> bool {
 
 /// The value of an `Authorization: <scheme> <value>` header, if present;
 /// another scheme is refused with `wrong_scheme`.
-fn authorization<'r>(
-    req: &'r Request<Incoming>,
+fn authorization<'r, B>(
+    req: &'r Request<B>,
     scheme: &str,
     wrong_scheme: &'static str,
 ) -> Result<Option<&'r str>, &'static str> {
@@ -228,7 +228,9 @@ fn authorization<'r>(
     Ok(Some(value))
 }
 
-fn basic_credentials(req: &Request<Incoming>) -> Result<Option<(String, Secret)>, &'static str> {
+pub(crate) fn basic_credentials<B>(
+    req: &Request<B>,
+) -> Result<Option<(String, Secret)>, &'static str> {
     let wrong = "only Basic authentication is enabled on this listener";
     let Some(value) = authorization(req, "basic", wrong)? else {
         return Ok(None);
@@ -480,7 +482,7 @@ async fn read_body(body: Incoming, max: usize, limit: Duration) -> Result<Bytes,
 }
 
 /// A SPNEGO token from `Authorization: Negotiate <base64>`.
-fn negotiate_token(req: &Request<Incoming>) -> Result<Option<Vec<u8>>, &'static str> {
+pub(crate) fn negotiate_token<B>(req: &Request<B>) -> Result<Option<Vec<u8>>, &'static str> {
     let wrong = "this listener takes Kerberos only (SPNEGO: Authorization: Negotiate)";
     let Some(value) = authorization(req, "negotiate", wrong)? else {
         return Ok(None);

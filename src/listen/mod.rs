@@ -5,7 +5,7 @@
 //! in the backlog.
 
 pub mod binary;
-mod cookie;
+pub(crate) mod cookie;
 pub mod http;
 pub mod limits;
 

@@ -149,7 +149,7 @@ fn guid_at(buf: &[u8], start: usize, path: &[i16]) -> Result<Option<Guid>, WireE
 pub fn request_guid(msg: &[u8], h: &MessageHeader<'_>) -> Result<Option<Guid>, WireError> {
     let mut at = h.body_offset;
     for (depth, want) in [1i16, 1, 1].into_iter().enumerate() {
-        match unique_field(msg, at, want)? {
+        match unique_field(msg, at, want, "on the handle path")? {
             Some((ttype::STRUCT, pos)) => at = pos,
             Some(_) => {
                 return Err(WireError::Malformed(format!(
@@ -160,7 +160,7 @@ pub fn request_guid(msg: &[u8], h: &MessageHeader<'_>) -> Result<Option<Guid>, W
         }
     }
     // `at` is the THandleIdentifier: guid (1) and secret (2), once each
-    let guid = match unique_field(msg, at, 1)? {
+    let guid = match unique_field(msg, at, 1, "on the handle path")? {
         Some((ttype::STRING, pos)) => {
             let b = Reader::at(msg, pos).binary()?;
             let g: Guid = b.try_into().map_err(|_| {
@@ -171,7 +171,7 @@ pub fn request_guid(msg: &[u8], h: &MessageHeader<'_>) -> Result<Option<Guid>, W
         Some(_) => return Err(WireError::Malformed("handle guid is not binary".into())),
         None => return Err(WireError::Malformed("handle without a guid".into())),
     };
-    match unique_field(msg, at, 2)? {
+    match unique_field(msg, at, 2, "on the handle path")? {
         Some((ttype::STRING, _)) => Ok(Some(guid)),
         _ => Err(WireError::Malformed(
             "handle without a binary secret".into(),
@@ -181,15 +181,20 @@ pub fn request_guid(msg: &[u8], h: &MessageHeader<'_>) -> Result<Option<Guid>, W
 
 /// The value position and wire type of field `want` of the struct whose
 /// body starts at `start`, walking the whole struct: `Malformed` if the
-/// field appears more than once.
-fn unique_field(buf: &[u8], start: usize, want: i16) -> Result<Option<(u8, usize)>, WireError> {
+/// field appears more than once (`place` says where, for the message).
+fn unique_field(
+    buf: &[u8],
+    start: usize,
+    want: i16,
+    place: &str,
+) -> Result<Option<(u8, usize)>, WireError> {
     let mut r = Reader::at(buf, start);
     let mut hit = None;
     while let Some((t, id)) = r.field_begin()? {
         if id == want {
             if hit.is_some() {
                 return Err(WireError::Malformed(format!(
-                    "field {want} appears twice on the handle path"
+                    "field {want} {place} appears twice"
                 )));
             }
             hit = Some((t, r.pos()));
@@ -251,11 +256,7 @@ pub fn read_statement(msg: &[u8]) -> Option<String> {
 pub fn read_open_session(msg: &[u8]) -> Result<OpenSessionInfo, WireError> {
     let h = peek_header(msg)?;
     let mut info = OpenSessionInfo::default();
-    let Some((ttype::STRUCT, mut r)) = find_field(msg, h.body_offset, &[1])? else {
-        return Err(WireError::Malformed(
-            "OpenSession without a request struct".into(),
-        ));
-    };
+    let mut r = Reader::at(msg, open_session_request(msg, &h)?);
     while let Some((t, id)) = r.field_begin()? {
         match (id, t) {
             (1, ttype::I32) => info.client_protocol = r.i32()?,
@@ -266,6 +267,19 @@ pub fn read_open_session(msg: &[u8]) -> Result<OpenSessionInfo, WireError> {
         }
     }
     Ok(info)
+}
+
+/// Where the TOpenSessionReq of an OpenSession call starts. The whole args
+/// struct is walked and a second request struct is refused: the upstream's
+/// decoder keeps the last one, so editing the first would let the client's
+/// own user name and configuration through.
+fn open_session_request(msg: &[u8], h: &MessageHeader<'_>) -> Result<usize, WireError> {
+    match unique_field(msg, h.body_offset, 1, "of the OpenSession args")? {
+        Some((ttype::STRUCT, pos)) => Ok(pos),
+        _ => Err(WireError::Malformed(
+            "OpenSession without a request struct".into(),
+        )),
+    }
 }
 
 fn read_string_map(r: &mut Reader<'_>) -> Result<Vec<(String, String)>, WireError> {
@@ -292,12 +306,8 @@ pub fn rewrite_open_session(msg: &[u8], edit: &OpenSessionEdit) -> Result<Vec<u8
         return Ok(msg.to_vec());
     }
     let h = peek_header(msg)?;
-    let Some((ttype::STRUCT, mut r)) = find_field(msg, h.body_offset, &[1])? else {
-        return Err(WireError::Malformed(
-            "OpenSession without a request struct".into(),
-        ));
-    };
-    let req_start = r.pos();
+    let req_start = open_session_request(msg, &h)?;
+    let mut r = Reader::at(msg, req_start);
     let mut w = Writer {
         buf: msg[..req_start].to_vec(),
     };
@@ -470,6 +480,61 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(t, ttype::I64);
+    }
+
+    #[test]
+    fn an_open_session_with_two_request_structs_is_refused() {
+        // the upstream keeps the last `req`: rewriting the first would let
+        // the second (the client's own user and conf) through unedited
+        let mut w = Writer::default();
+        w.message_begin("OpenSession", MessageType::Call, 1);
+        for user in ["alice", "admin"] {
+            w.field(ttype::STRUCT, 1);
+            w.field(ttype::I32, 1);
+            w.i32(9);
+            w.field(ttype::STRING, 2);
+            w.string(user);
+            w.field(ttype::MAP, 4);
+            w.string_map(&[("hive.server2.proxy.user".into(), user.into())]);
+            w.stop();
+        }
+        w.stop();
+        let edit = OpenSessionEdit {
+            credentials: Some(("etl".into(), "pw".into())),
+            configuration: Some(vec![("k".into(), "broker".into())]),
+        };
+        for err in [
+            rewrite_open_session(&w.buf, &edit).unwrap_err(),
+            read_open_session(&w.buf).unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, WireError::Malformed(m) if m.contains("appears twice")),
+                "{err}"
+            );
+        }
+        // one request struct among other args fields is still fine
+        let mut ok = Writer::default();
+        ok.message_begin("OpenSession", MessageType::Call, 1);
+        ok.field(ttype::I32, 7);
+        ok.i32(1);
+        let m = open_session_msg(false);
+        ok.buf
+            .extend_from_slice(&m[peek_header(&m).unwrap().body_offset..]);
+        let out = rewrite_open_session(&ok.buf, &edit).unwrap();
+        assert_eq!(decode_req_after(&out, 7).username.as_deref(), Some("etl"));
+    }
+
+    /// The request of an OpenSession whose args start with field `skip`.
+    fn decode_req_after(msg: &[u8], skip: i16) -> TOpenSessionReq {
+        let h = peek_header(msg).unwrap();
+        let mut p = TBinaryInputProtocol::new(&msg[h.body_offset..], true);
+        p.read_struct_begin().unwrap();
+        let f = p.read_field_begin().unwrap();
+        assert_eq!(f.id, Some(skip));
+        p.skip(f.field_type).unwrap();
+        p.read_field_end().unwrap();
+        assert_eq!(p.read_field_begin().unwrap().id, Some(1));
+        TOpenSessionReq::read_from_in_protocol(&mut p).unwrap()
     }
 
     #[test]
