@@ -10,6 +10,7 @@
 # Output: target/login-flood/{*.json,broker.log,summary.txt}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/measure.sh
 secs=${FLOOD_SECS:-20}
 clients=${FLOOD_CLIENTS:-16}
 out=target/login-flood
@@ -52,18 +53,8 @@ port = 10000
 EOF
 
 "$bin" serve --config "$out/flood.toml" >"$out/broker.log" 2>&1 &
-broker=$!
-flood=
-cleanup() {
-    [ -n "$flood" ] && kill "$flood" 2>/dev/null || true
-    kill "$broker" 2>/dev/null || true
-    wait "$broker" 2>/dev/null || true
-}
-trap cleanup EXIT
-for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/10919) 2>/dev/null && break
-    sleep 0.1
-done
+measure_pids+=($!)
+wait_port 10919
 
 url='jdbc:hive2://127.0.0.1:10919/default'
 ping() { # name
@@ -75,10 +66,10 @@ KYUUBI_BENCH_PASSWORD=wrong "$bin" bench --target "$url" --user alice \
     --scenario connect --concurrency "$clients" --duration $((secs + 4)) \
     --json "$out/flood.json" >"$out/flood.txt" 2>&1 &
 flood=$!
-sleep 2
+measure_pids+=($flood)
+sleep 2 # the flood is under way before bob's second run starts
 ping flooded
 wait "$flood" || true
-flood=
 failures=$(curl -s http://127.0.0.1:10929/metrics |
     awk '/^kyuubi_broker_auth_failures_total/ {s += $2} END {print s + 0}')
 

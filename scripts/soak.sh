@@ -8,6 +8,7 @@
 # Output: target/soak/{rss.csv,*.json,broker.log,summary.txt}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/measure.sh
 secs=${SOAK_SECS:-600}
 warm=$((secs / 10 < 60 ? secs / 10 : 60))
 out=target/soak
@@ -57,18 +58,9 @@ EOF
 
 ./target/release/kyuubi-broker serve --config "$out/soak.toml" >"$out/broker.log" 2>&1 &
 broker=$!
+measure_pids+=($broker)
 pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    kill "$broker" 2>/dev/null || true
-    wait "$broker" 2>/dev/null || true
-}
-trap cleanup EXIT
-
-for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/10909) 2>/dev/null && break
-    sleep 0.1
-done
+wait_port 10909
 
 bin='jdbc:hive2://127.0.0.1:10909/default'
 http='jdbc:hive2://127.0.0.1:10910/default;transportMode=http;httpPath=cliservice'
@@ -79,6 +71,7 @@ run() { # name url scenario concurrency [extra...]
         --scenario "$scenario" --concurrency "$n" --duration "$secs" \
         --json "$out/$name.json" "$@" >"$out/$name.txt" 2>&1 &
     pids+=($!)
+    measure_pids+=($!)
 }
 run binary-small "$bin" small 80
 run http-small "$http" small 80

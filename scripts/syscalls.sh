@@ -8,6 +8,7 @@
 # Output: target/syscalls/{broker,haproxy}.strace and summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/measure.sh
 rpcs=${RPCS:-10000}
 out=target/syscalls
 mkdir -p "$out"
@@ -53,26 +54,15 @@ backend be
   server s1 127.0.0.1:10000
 EOF
 
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
 "$bin" serve --config "$out/broker.toml" >"$out/broker.log" 2>&1 &
-pids+=($!)
 broker=$!
+measure_pids+=($broker)
 haproxy=$(command -v haproxy || echo /usr/sbin/haproxy)
 "$haproxy" -f "$out/haproxy.cfg" -db >"$out/haproxy.log" 2>&1 &
-pids+=($!)
 ha=$!
-for port in 10949 10959; do
-    for _ in $(seq 100); do
-        (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break
-        sleep 0.1
-    done
-done
+measure_pids+=($ha)
+wait_port 10949
+wait_port 10959
 
 # A warm-up run first (the broker's first connection pays for lazy setup),
 # then the measured run with strace attached to every thread. The measured

@@ -157,13 +157,18 @@ impl Edge {
         self.metrics.connection_timed_out(&self.listener, reason);
         let (listener, user) = (&*self.listener, loggable(user));
         let after_s = after.as_secs_f64();
-        // HTTP clients open connections ahead of need; closing an unused one
-        // is routine
-        if reason == "no_request" {
-            debug!(listener, %peer, reason, after_s, "client connection closed by timeout");
-        } else {
-            info!(listener, %peer, %user, reason, after_s, "client connection closed by timeout");
-        }
+        info!(listener, %peer, %user, reason, after_s, "client connection closed by timeout");
+    }
+
+    /// A connection that sent nothing before the handshake timeout closed
+    /// it. HTTP client pools open connections ahead of need, so this is
+    /// routine: counted as a timeout (`no_request`), logged at debug, and no
+    /// failed login.
+    pub fn unused(&self, peer: SocketAddr, after: Duration) {
+        self.metrics
+            .connection_timed_out(&self.listener, "no_request");
+        let after_s = after.as_secs_f64();
+        debug!(listener = &*self.listener, %peer, after_s, "unused client connection closed");
     }
 
     /// A NOSASL client's login, which happens inside its OpenSession: the

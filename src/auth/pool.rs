@@ -20,7 +20,7 @@ type Job = Box<dyn FnOnce() + Send>;
 /// The queue is not bounded here: the caller admits at most as many jobs
 /// as it allows to wait.
 pub struct AuthPool {
-    tx: Mutex<Sender<Job>>,
+    tx: Sender<Job>,
 }
 
 impl AuthPool {
@@ -34,7 +34,7 @@ impl AuthPool {
                 .spawn(move || serve(&rx))
                 .expect("spawning a password-check thread");
         }
-        AuthPool { tx: Mutex::new(tx) }
+        AuthPool { tx }
     }
 
     /// Runs `f` on a pool thread; `None` if it panicked.
@@ -49,7 +49,7 @@ impl AuthPool {
                 let _ = done.send(v);
             }
         });
-        self.tx.lock().ok()?.send(job).ok()?;
+        self.tx.send(job).ok()?;
         result.await.ok()
     }
 }

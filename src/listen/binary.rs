@@ -242,7 +242,7 @@ async fn connection(
         // forgotten connection) did not fail a login: no login failure, no
         // audit event, only the timeout count
         Err(HandshakeEnd::Failed(RpcError::HandshakeTimeout(after))) if !progress.spoke => {
-            listener.edge.timed_out(peer, "", "no_request", after);
+            listener.edge.unused(peer, after);
             return;
         }
         Err(HandshakeEnd::Failed(e)) => {

@@ -124,7 +124,7 @@ pub async fn serve(
             listener
                 .l
                 .edge
-                .timed_out(peer, "", "no_request", shared.server.handshake_timeout);
+                .unused(peer, shared.server.handshake_timeout);
         }
         Err(e) if e.is_timeout() && !served.load(Ordering::Relaxed) => {
             let e = RpcError::HandshakeTimeout(shared.server.handshake_timeout);
