@@ -18,6 +18,10 @@ use crate::identity::Credential;
 
 const AUTH_COOKIE: &str = "hive.server2.auth";
 
+/// The read buffer of one pooled upstream HTTP connection (a reply of
+/// 10,000 rows still takes few reads).
+const UPSTREAM_READ_BUF: usize = 64 * 1024;
+
 /// A keep-alive connection pool for one upstream.
 #[derive(Clone)]
 pub struct HttpPool {
@@ -31,6 +35,12 @@ impl HttpPool {
         conn.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            // A fixed read buffer per pooled connection: hyper's adaptive one
+            // grows (to ~400 KiB by default) on a big reply and keeps that
+            // size while the connection lives, so RSS crept up for minutes
+            // as each pooled connection met its first big reply. Fixed, the
+            // pool costs its connection count times this from the start.
+            .http1_read_buf_exact_size(UPSTREAM_READ_BUF)
             .build(conn);
         HttpPool { client }
     }
