@@ -20,6 +20,10 @@
 #                                              state + keytabs in /tmp/hs2-kdc (users alice,
 #                                              bob, carol; services hive/, HTTP/, kyuubi/localhost)
 #   scripts/fixture.sh start NAME --auth kerberos  a Spark Thrift Server as hive/localhost
+#   scripts/fixture.sh tls-certs               a test CA and certificates in /tmp/kb-tls
+#                                              (listed at cmd_tls_certs)
+#   scripts/fixture.sh start NAME --ssl        a Spark Thrift Server with hive.server2.use.SSL
+#                                              and /tmp/kb-tls/server.pem
 #
 # Environment: KB_FIXTURE_DIR (state, default /tmp/kyuubi-broker-fixture),
 # KB_CACHE_DIR (venv + shim, default ~/.cache/kyuubi-broker),
@@ -101,12 +105,13 @@ port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
 cmd_start() {
   local name=${1:?usage: start NAME [--mode binary|http] [--port N]}; shift
-  local mode=binary port="" auth=none
+  local mode=binary port="" auth=none ssl=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --auth) auth=${2:?}; shift 2 ;;
       --mode) mode=${2:?}; shift 2 ;;
       --port) port=${2:?}; shift 2 ;;
+      --ssl) ssl=1; shift ;;
       *) die "unknown option $1" ;;
     esac
   done
@@ -118,6 +123,7 @@ cmd_start() {
   flock 9
   case "$auth" in none|ldap|kerberos) ;; *) die "--auth none|ldap|kerberos" ;; esac
   local sig="mode=$mode port=$port auth=$auth"
+  if [ "$ssl" = 1 ]; then sig="$sig ssl"; fi
   if [ -f "$dir/pid" ] && alive "$(cat "$dir/pid")"; then
     if [ "$(cat "$dir/signature" 2>/dev/null)" = "$sig" ] && port_open "$port"; then
       echo "$HOST:$port"; return 0
@@ -148,6 +154,12 @@ cmd_start() {
       --hiveconf "hive.server2.authentication.kerberos.keytab=$KDC_DIR/hive-localhost.keytab")
   else
     hive+=(--hiveconf hive.server2.authentication=NONE)
+  fi
+  if [ "$ssl" = 1 ]; then
+    cmd_tls_certs >/dev/null
+    hive+=(--hiveconf hive.server2.use.SSL=true
+      --hiveconf "hive.server2.keystore.path=$TLS_DIR/server-keystore.jks"
+      --hiveconf hive.server2.keystore.password=changeit)
   fi
   local java_opts="-Dderby.system.home=$dir -Djava.io.tmpdir=$dir/tmp"
   local extra=()
@@ -461,7 +473,98 @@ cmd_kdc_stop() {
   rm -f "$KDC_DIR/krb5kdc.pid"
 }
 
+# --- TLS test certificates -------------------------------------------------
+TLS_DIR=${KB_TLS_DIR:-/tmp/kb-tls}
+
+# A fresh EC P-256 key in PKCS#8 PEM at $1.
+tls_key() {
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null
+}
+
+# A self-signed CA: file prefix $1, subject CN $2.
+tls_ca() {
+  tls_key "$TLS_DIR/$1-key.pem"
+  openssl req -x509 -new -key "$TLS_DIR/$1-key.pem" -subj "/CN=$2" -days 3650 -sha256 \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+    -out "$TLS_DIR/$1.pem"
+}
+
+# A certificate signed by CA prefix $1: file prefix $2, subject CN $3,
+# extensions $4 (lines of an openssl extension section).
+tls_issue() {
+  local ca=$1 name=$2 cn=$3 ext=$4
+  tls_key "$TLS_DIR/$name-key.pem"
+  openssl req -new -key "$TLS_DIR/$name-key.pem" -subj "/CN=$cn" -out "$TLS_DIR/$name.csr"
+  printf '%s\n' "$ext" >"$TLS_DIR/$name.ext"
+  openssl x509 -req -in "$TLS_DIR/$name.csr" -CA "$TLS_DIR/$ca.pem" -CAkey "$TLS_DIR/$ca-key.pem" \
+    -CAcreateserial -days 825 -sha256 -extfile "$TLS_DIR/$name.ext" -out "$TLS_DIR/$name.pem" 2>/dev/null
+  rm -f "$TLS_DIR/$name.csr" "$TLS_DIR/$name.ext"
+}
+
+# An expired certificate for localhost signed by ca: `x509 -req` cannot date
+# a certificate in the past, `openssl ca` can.
+tls_expired() {
+  local db="$TLS_DIR/cadb"
+  mkdir -p "$db"
+  : >"$db/index.txt"
+  echo 1000 >"$db/serial"
+  printf '%s\n' '[ca]' 'default_ca = test' '[test]' "database = $db/index.txt" \
+    "serial = $db/serial" "new_certs_dir = $db" 'default_md = sha256' 'policy = any' \
+    '[any]' 'commonName = supplied' '[ext]' 'subjectAltName = DNS:localhost,IP:127.0.0.1' \
+    'extendedKeyUsage = serverAuth' >"$db/ca.cnf"
+  tls_key "$TLS_DIR/expired-key.pem"
+  openssl req -new -key "$TLS_DIR/expired-key.pem" -subj "/CN=localhost" -out "$db/expired.csr"
+  openssl ca -batch -notext -config "$db/ca.cnf" -cert "$TLS_DIR/ca.pem" -keyfile "$TLS_DIR/ca-key.pem" \
+    -startdate 20200101000000Z -enddate 20210101000000Z -extensions ext \
+    -in "$db/expired.csr" -out "$TLS_DIR/expired.pem" 2>/dev/null
+  rm -rf "$db"
+}
+
+# Writes to $TLS_DIR (KB_TLS_DIR, default /tmp/kb-tls); EC P-256, PKCS#8 keys:
+#   ca.pem ca-key.pem                  the test CA
+#   server.pem server-key.pem          SANs localhost and 127.0.0.1, signed by ca
+#   client.pem client-key.pem          CN alice, e-mail alice@example.com, clientAuth
+#   truststore.jks                     ca.pem for Java clients, password changeit
+#   server-keystore.jks                server.pem and its key for a Spark Thrift Server
+#                                      (store and key password changeit)
+#   other-ca.pem other-server.pem/-key.pem   the same names, signed by a CA nobody trusts
+#   wrong-host.pem wrong-host-key.pem  signed by ca, valid only for wrong.example
+#   expired.pem expired-key.pem        signed by ca, SANs as server.pem, expired in 2021
+# Idempotent: an existing complete set is kept.
+cmd_tls_certs() {
+  if [ -f "$TLS_DIR/complete" ]; then echo "$TLS_DIR"; return 0; fi
+  command -v openssl >/dev/null || die "openssl is needed (apt-get install openssl)"
+  command -v keytool >/dev/null || die "keytool is needed (a JDK: apt-get install openjdk-17-jdk-headless)"
+  [ -n "$TLS_DIR" ] && [ "$TLS_DIR" != / ] || die "KB_TLS_DIR is empty"
+  rm -rf "$TLS_DIR"
+  mkdir -p "$TLS_DIR"
+  chmod 700 "$TLS_DIR"
+  local server_ext
+  server_ext=$(printf '%s\n' 'subjectAltName=DNS:localhost,IP:127.0.0.1' 'extendedKeyUsage=serverAuth')
+  tls_ca ca "kyuubi-broker test CA"
+  tls_ca other-ca "an untrusted test CA"
+  tls_issue ca server localhost "$server_ext"
+  tls_issue ca client alice "$(printf '%s\n' 'subjectAltName=email:alice@example.com' 'extendedKeyUsage=clientAuth')"
+  tls_issue other-ca other-server localhost "$server_ext"
+  tls_issue ca wrong-host wrong.example "$(printf '%s\n' 'subjectAltName=DNS:wrong.example' 'extendedKeyUsage=serverAuth')"
+  tls_expired
+  rm -f "$TLS_DIR"/*.srl
+  keytool -importcert -noprompt -alias kb-test-ca -file "$TLS_DIR/ca.pem" \
+    -keystore "$TLS_DIR/truststore.jks" -storetype JKS -storepass changeit >/dev/null 2>&1
+  openssl pkcs12 -export -in "$TLS_DIR/server.pem" -inkey "$TLS_DIR/server-key.pem" \
+    -certfile "$TLS_DIR/ca.pem" -name server -passout pass:changeit -out "$TLS_DIR/server.p12"
+  keytool -importkeystore -noprompt -srckeystore "$TLS_DIR/server.p12" -srcstoretype PKCS12 \
+    -srcstorepass changeit -destkeystore "$TLS_DIR/server-keystore.jks" -deststoretype JKS \
+    -deststorepass changeit >/dev/null 2>&1
+  rm -f "$TLS_DIR/server.p12"
+  chmod 600 "$TLS_DIR"/*-key.pem
+  touch "$TLS_DIR/complete"
+  log "TLS test certificates in $TLS_DIR"
+  echo "$TLS_DIR"
+}
+
 case "${1:-}" in
+  tls-certs) cmd_tls_certs ;;
   kdc-start) cmd_kdc_start ;;
   kdc-stop) cmd_kdc_stop ;;
   install) shift; cmd_install ;;
@@ -471,5 +574,5 @@ case "${1:-}" in
   stop) shift; cmd_stop "$@" ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

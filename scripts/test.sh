@@ -29,11 +29,19 @@ scripts/fixture.sh start sts-kerberos --mode binary --port 10005 --auth kerberos
 kb=$!
 scripts/fixture.sh start sts-kerberos-http --mode http --port 10006 --auth kerberos >/dev/null &
 kh=$!
+# TLS upstreams, with the fixture's test CA (written before they start)
+scripts/fixture.sh tls-certs >/dev/null
+scripts/fixture.sh start sts-ssl --mode binary --port 10007 --ssl >/dev/null &
+sb=$!
+scripts/fixture.sh start sts-ssl-http --mode http --port 10008 --ssl >/dev/null &
+sh=$!
 wait $b
 wait $h
 wait $l
 wait $kb
 wait $kh
+wait $sb
+wait $sh
 echo "[test] fixture ready after $((SECONDS - t0)) s"
 
 cargo test --all-targets "$@"

@@ -36,6 +36,9 @@ pub struct ListenerInfo {
     pub addr: String,
     pub route: String,
     pub auth: String,
+    /// Serves TLS.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 pub struct AdminState {
@@ -46,6 +49,8 @@ pub struct AdminState {
     pub configured: usize,
     pub rotation: Option<crate::tokens::Rotation>,
     pub started: Instant,
+    /// TLS listeners, for their certificates' time to expiry.
+    pub tls: Vec<(Arc<str>, Arc<crate::tls::server::ServerTls>)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -147,6 +152,16 @@ impl AdminState {
             self.broker
                 .metrics
                 .set_token(secs(t.age_s), secs(t.expires_in_s));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for (name, t) in &self.tls {
+            if let Some(end) = t.not_after() {
+                self.broker
+                    .metrics
+                    .set_tls_cert_expiry(name, (end - now) as f64);
+            }
         }
         self.broker.metrics.render()
     }

@@ -25,6 +25,9 @@ pub enum ClientError {
     Thrift(#[from] thrift::Error),
     #[error("server exception: {0}")]
     Application(String),
+    /// The connection cannot be set up as described (a TLS CA file).
+    #[error("{0}")]
+    Setup(String),
     /// An error TStatus: code, message and SQLSTATE.
     #[error("{0:?}: {1}")]
     Status(TStatusCode, String, Option<String>),
@@ -44,14 +47,18 @@ impl Hs2Client {
         user: &str,
         password: &str,
     ) -> Result<Hs2Client, ClientError> {
-        let target = Arc::new(Target::from_config(cfg, 1 << 30, None));
+        let tls = cfg
+            .client_tls("target")
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        let target = Arc::new(Target::from_config(cfg, 1 << 30, None, tls));
         let cred = Credential {
             user: user.to_string(),
             password: Secret::new(password),
             kerberos: None,
         };
         let local = std::net::IpAddr::from([127, 0, 0, 1]);
-        let link = Link::open(&target, &cred, &HttpPool::new(cfg.connect_timeout), local).await?;
+        let pool = HttpPool::new(cfg.connect_timeout, target.tls.as_ref());
+        let link = Link::open(&target, &cred, &pool, local).await?;
         let nosasl = cfg.transport == Transport::Binary && cfg.sasl == UpstreamSasl::Nosasl;
         Ok(Hs2Client {
             link,

@@ -171,6 +171,21 @@ impl Edge {
         debug!(listener = &*self.listener, %peer, after_s, "unused client connection closed");
     }
 
+    /// A client's TLS handshake failed (or it spoke plaintext to a TLS port):
+    /// counted by reason, logged once. A client that sent nothing before the
+    /// handshake timeout is [`Edge::unused`] instead.
+    pub fn tls_failed(&self, peer: SocketAddr, reason: &'static str, detail: &str) {
+        self.metrics.tls_handshake_failed(&self.listener, reason);
+        info!(listener = &*self.listener, %peer, reason, detail = %loggable(detail), "TLS handshake failed");
+    }
+
+    /// A plaintext client on a TLS port: counted here; the transport's
+    /// answer ([`crate::error::RpcError::TlsRequired`]) logs it.
+    pub fn tls_plaintext(&self) {
+        self.metrics
+            .tls_handshake_failed(&self.listener, "plaintext");
+    }
+
     /// A NOSASL client's login, which happens inside its OpenSession: the
     /// login histogram gets it, and a success its log line. A refusal is
     /// counted and logged once, as the OpenSession it failed.

@@ -39,6 +39,10 @@ pub enum UpstreamError {
     HttpStatus { upstream: String, status: u16 },
     #[error("{upstream} sent a malformed reply: {detail}")]
     Protocol { upstream: String, detail: String },
+    /// The TLS handshake with the upstream failed: `reason` says how to
+    /// fix it (an untrusted CA, an expiry, a name mismatch).
+    #[error("TLS to {upstream} failed: {reason}")]
+    Tls { upstream: String, reason: String },
 }
 
 impl UpstreamError {
@@ -62,6 +66,7 @@ impl UpstreamError {
             UpstreamError::AuthRejected { .. } => "auth_rejected",
             UpstreamError::HttpStatus { .. } => "http_status",
             UpstreamError::Protocol { .. } => "protocol",
+            UpstreamError::Tls { .. } => "tls",
         }
     }
 }
@@ -119,6 +124,9 @@ pub enum RpcError {
     /// An HTTP request body that did not arrive in time.
     #[error("request body not received within {0:?}")]
     BodyTimeout(std::time::Duration),
+    /// A plaintext client on a TLS listener (answered in plaintext).
+    #[error("this port speaks TLS: connect with ssl=true (https:// for HTTP)")]
+    TlsRequired,
     /// The user already has `server.max_sessions_per_user` live sessions.
     #[error("this user has {0} sessions open (server.max_sessions_per_user); close one (CloseSession) or try again later")]
     SessionLimit(usize),
@@ -375,6 +383,11 @@ impl RpcError {
                 sasl: sasl::Status::Bad,
                 close: true,
                 ..Rule::refusal("denied")
+            },
+            RpcError::TlsRequired => Rule {
+                sasl: sasl::Status::Bad,
+                close: true,
+                ..Rule::client("tls_required")
             },
             RpcError::BodyTimeout(_) => Rule {
                 http: Some(H::REQUEST_TIMEOUT),

@@ -412,7 +412,8 @@ fn cookie_jar() -> &'static (tokio::runtime::Runtime, crate::listen::cookie::Coo
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("a current-thread runtime");
-        let jar = crate::listen::cookie::CookieJar::new(std::time::Duration::from_secs(3600));
+        let jar =
+            crate::listen::cookie::CookieJar::new(std::time::Duration::from_secs(3600), false);
         (rt, jar)
     })
 }

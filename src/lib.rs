@@ -3,8 +3,11 @@
 //!
 //! # One RPC, in data-flow order
 //!
-//! 1. [`listen`] accepts a client. [`listen::binary`] runs the SASL PLAIN or
-//!    GSSAPI handshake (sans-IO in [`wire::sasl`], GSS in [`kerberos`]) or
+//! 1. [`listen`] accepts a client and, on a TLS listener, runs the TLS
+//!    handshake in the connection's task ([`tls::server`]; the stream, plain
+//!    or TLS, is a [`wire::stream::Stream`]). [`listen::binary`] runs the
+//!    SASL PLAIN or GSSAPI handshake (sans-IO in [`wire::sasl`], GSS in
+//!    [`kerberos`]) or
 //!    recognises NOSASL by its first byte; [`listen::http`] checks Basic or
 //!    SPNEGO credentials or its signed `hive.server2.auth` cookie. Both ask
 //!    the listener's [`auth::Authenticator`] (built at startup by [`prepare`])
@@ -24,7 +27,8 @@
 //!    chosen by [`session::upstream_credential`] ([`mapping`]); a NOSASL
 //!    client is authenticated there, from the same parse.
 //! 5. [`upstream`] sends the bytes unchanged (SASL PLAIN or GSSAPI, NOSASL, or
-//!    HTTP POST with Basic or SPNEGO) and returns the reply bytes; only
+//!    HTTP POST with Basic or SPNEGO; over TLS verified by [`tls::client`]
+//!    when the route says so) and returns the reply bytes; only
 //!    OpenSession replies and new operation handles are read. A big reply
 //!    from a binary upstream to a binary client is passed on as it arrives
 //!    ([`upstream::Link::call_streaming`]).
@@ -46,6 +50,7 @@
 //!
 //! - bottom: [`secret`], [`percent`], [`metrics`], [`audit`], [`deadline`], [`wire`], then [`tcli`],
 //!   [`kerberos`] and [`identity`] (who is on each side, as plain data);
+//! - [`tls`] (certificates, reloads, verifiers over [`wire::stream`]);
 //! - [`config`] (TOML, each section validating itself), [`cloud`];
 //! - [`auth`] and [`mapping`], each with its own error type;
 //! - [`error`] (every client-visible failure and how it is answered), then
@@ -78,6 +83,7 @@ pub mod percent;
 pub mod secret;
 pub mod session;
 pub mod tcli;
+pub mod tls;
 pub mod tokens;
 pub mod upstream;
 pub mod wire;
@@ -155,11 +161,24 @@ pub struct Prepared {
     config: Config,
     /// One per `[[listener]]`, in order.
     auths: Vec<Arc<Authenticator>>,
+    /// One per `[[listener]]`, in order: its certificate, when it serves TLS.
+    tls: Vec<Option<Arc<tls::server::ServerTls>>>,
+    /// By route: how its TLS upstream is verified.
+    upstream_tls: std::collections::BTreeMap<String, tls::client::ClientTls>,
 }
 
 impl Prepared {
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// What is valid but unwise (printed by `check-config`, logged by `serve`).
+    pub fn warnings(&self) -> Vec<String> {
+        self.config
+            .listeners
+            .iter()
+            .filter_map(|l| l.plaintext_passwords_warning())
+            .collect()
     }
 }
 
@@ -178,7 +197,35 @@ pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
             Authenticator::from_config(l, &format!("listener[{i}]"), &guard).map(Arc::new)
         })
         .collect::<Result<_, _>>()?;
-    Ok(Prepared { config, auths })
+    let tls = config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| match &l.tls {
+            None => Ok(None),
+            Some(t) => tls::server::ServerTls::new(t, l.protocol == Transport::Http)
+                .map(|t| Some(Arc::new(t)))
+                .map_err(|e| {
+                    config::invalid(
+                        format!("listener[{i}].tls"),
+                        e.to_string(),
+                        "give a PEM certificate chain (leaf first) and its private key",
+                    )
+                }),
+        })
+        .collect::<Result<_, _>>()?;
+    let mut upstream_tls = std::collections::BTreeMap::new();
+    for (name, r) in &config.routes {
+        if let Some(t) = r.upstream.client_tls(&format!("routes.{name}"))? {
+            upstream_tls.insert(name.clone(), t);
+        }
+    }
+    Ok(Prepared {
+        config,
+        auths,
+        tls,
+        upstream_tls,
+    })
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
@@ -189,7 +236,19 @@ pub async fn run(
     listeners: Vec<BoundListener>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let Prepared { config, auths } = prepared;
+    let Prepared {
+        config,
+        auths,
+        tls,
+        upstream_tls,
+    } = prepared;
+    for w in config
+        .listeners
+        .iter()
+        .filter_map(|l| l.plaintext_passwords_warning())
+    {
+        warn!("{w}");
+    }
     let rotation_stop = CancellationToken::new();
     let rotation = match &config.tokens {
         Some(t) => Some(tokens::start(t, rotation_stop.clone()).await),
@@ -198,6 +257,7 @@ pub async fn run(
     let broker = Arc::new(Broker::new(
         &config,
         rotation.as_ref().map(|r| r.live.clone()),
+        &upstream_tls,
     ));
     let shared = Arc::new(Shared {
         limits: listen::limits::Limits::new(&config.server, broker.metrics.clone()),
@@ -243,6 +303,7 @@ pub async fn run(
         let l = listen::Listener::new(
             lc.clone(),
             auths[i].clone(),
+            tls[i].clone(),
             route,
             &shared.broker,
             &config.server,
@@ -258,6 +319,7 @@ pub async fn run(
             addr: addr.clone(),
             route: lc.route.clone(),
             auth: format!("{:?}", lc.auth).to_lowercase(),
+            tls: lc.tls.is_some(),
         });
         let sh = shared.clone();
         let gate = listen::limits::Gate::new(&lc.name, lc.max_connections);
@@ -288,8 +350,22 @@ pub async fn run(
             }
         }
     }
+    let served_tls: Vec<(Arc<str>, Arc<tls::server::ServerTls>)> = config
+        .listeners
+        .iter()
+        .zip(&tls)
+        .filter_map(|(l, t)| Some((Arc::from(l.name.as_str()), t.clone()?)))
+        .collect();
+    if !served_tls.is_empty() {
+        accept_loops.spawn(reload_tls(
+            served_tls.clone(),
+            shared.broker.metrics.clone(),
+            shared.cancel.clone(),
+        ));
+    }
     if let Some(tcp) = admin_socket {
         let state = Arc::new(admin::AdminState {
+            tls: served_tls,
             broker: shared.broker.clone(),
             listeners: up,
             configured: config.listeners.len(),
@@ -321,3 +397,45 @@ pub async fn run(
     }
     info!("stopped");
 }
+
+/// Keeps TLS listeners' certificates current: on SIGHUP, and whenever a
+/// file's size or modification time changes (checked every few seconds, so a
+/// certificate renewed by an ACME client or a secret mount is picked up
+/// without a signal). A file that does not load keeps the served pair.
+async fn reload_tls(
+    listeners: Vec<(Arc<str>, Arc<tls::server::ServerTls>)>,
+    metrics: Arc<metrics::Metrics>,
+    stop: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(TLS_FILE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let force = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        for (name, t) in &listeners {
+            // reading PEM files is blocking I/O: off the async workers
+            let t2 = t.clone();
+            let r = tokio::task::spawn_blocking(move || t2.reload(force)).await;
+            match r {
+                Ok(Ok(false)) => {}
+                Ok(Ok(true)) => {
+                    metrics.tls_reloaded(name, "ok");
+                    info!(listener = %name, "TLS certificate reloaded; new connections get it");
+                }
+                Ok(Err(e)) => {
+                    metrics.tls_reloaded(name, "error");
+                    warn!(listener = %name, error = %e, "TLS certificate not reloaded; still serving the previous one");
+                }
+                Err(e) => warn!(listener = %name, error = %e, "TLS reload task failed"),
+            }
+        }
+    }
+}
+
+/// How often TLS listeners' files are checked for a change.
+const TLS_FILE_CHECK: Duration = Duration::from_secs(2);

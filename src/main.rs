@@ -105,6 +105,9 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { file } => match load(&file) {
             Ok(p) => {
+                for w in p.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 let c = p.config();
                 println!(
                     "{}: OK ({} listener(s), {} route(s))",

@@ -122,6 +122,9 @@ pub struct Metrics {
     connections: Family<ListenerLabels, Gauge>,
     refused: Family<RefusedLabels, Counter>,
     timed_out: Family<RefusedLabels, Counter>,
+    tls_handshake_failures: Family<RefusedLabels, Counter>,
+    tls_reloads: Family<RefusedLabels, Counter>,
+    tls_cert_expiry: Family<ListenerLabels, Gauge<f64, AtomicU64>>,
     audit_dropped: Counter,
     sessions: Family<RouteLabels, Gauge>,
     token_age: Gauge<f64, AtomicU64>,
@@ -236,6 +239,25 @@ impl Metrics {
             "Logged-in client connections closed by a timeout, by listener and reason (idle: no request within server.client_idle_timeout; write: a reply not taken within server.client_write_timeout)",
             timed_out.clone(),
         );
+        let tls_handshake_failures = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Client TLS handshakes that failed, by listener and reason (plaintext: a client without TLS; closed; client_certificate: none or not trusted; protocol; timeout)",
+            tls_handshake_failures.clone(),
+        );
+        let tls_reloads = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Certificate reloads of a TLS listener, by listener and reason (ok, error: the old certificate stays)",
+            tls_reloads.clone(),
+        );
+        let tls_cert_expiry = Family::<ListenerLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "tls_cert_expiry",
+            "Time until the certificate a TLS listener serves expires (negative: expired)",
+            Unit::Seconds,
+            tls_cert_expiry.clone(),
+        );
         let audit_dropped = Counter::default();
         registry.register(
             "audit_events_dropped",
@@ -278,6 +300,9 @@ impl Metrics {
             connections,
             refused,
             timed_out,
+            tls_handshake_failures,
+            tls_reloads,
+            tls_cert_expiry,
             audit_dropped,
             sessions,
             token_age,
@@ -373,6 +398,34 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    pub fn tls_handshake_failed(&self, listener: &Arc<str>, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&RefusedLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// `ok`: the new certificate is served; `error`: the old one stays.
+    pub fn tls_reloaded(&self, listener: &Arc<str>, reason: &'static str) {
+        self.tls_reloads
+            .get_or_create(&RefusedLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Set when `/metrics` is rendered, from the certificate's not-after.
+    pub fn set_tls_cert_expiry(&self, listener: &str, seconds: f64) {
+        self.tls_cert_expiry
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .set(seconds);
     }
 
     pub fn client_error(&self, listener: &Arc<str>, kind: &'static str) {

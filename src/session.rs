@@ -208,7 +208,12 @@ const RELAY_ABOVE: usize = 64 * 1024;
 
 impl Broker {
     /// `live_token` is the rotating gateway token, for routes that use it.
-    pub fn new(config: &Config, live_token: Option<watch::Receiver<Option<Secret>>>) -> Broker {
+    /// `upstream_tls`: by route, how a TLS upstream is verified.
+    pub fn new(
+        config: &Config,
+        live_token: Option<watch::Receiver<Option<Secret>>>,
+        upstream_tls: &std::collections::BTreeMap<String, crate::tls::client::ClientTls>,
+    ) -> Broker {
         let routes = config
             .routes
             .iter()
@@ -217,10 +222,11 @@ impl Broker {
                     &r.upstream,
                     config.server.max_message_bytes,
                     live_token.clone(),
+                    upstream_tls.get(name).cloned(),
                 ));
                 let route = Route {
                     name: name.as_str().into(),
-                    pool: HttpPool::new(target.connect_timeout),
+                    pool: HttpPool::new(target.connect_timeout, target.tls.as_ref()),
                     target,
                     initiators: mapping::initiators(&r.credentials, r.mapping.as_ref()),
                     credentials: r.credentials.clone(),

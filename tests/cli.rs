@@ -24,6 +24,91 @@ fn check_config_accepts_the_shipped_local_config() {
 }
 
 #[test]
+fn check_config_warns_about_a_non_loopback_listener_taking_passwords_without_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    let hash = kyuubi_broker::auth::hash_password("alice-pw");
+    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
+    let listener = |name: &str, bind: &str, tls: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nprotocol = \"http\"\nbind = \"{bind}\"\nroute = \"r\"\nauth = \"static\"\nusers_file = \"{}\"\n{tls}\n",
+            users.display()
+        )
+    };
+    let certs = std::path::PathBuf::from(
+        String::from_utf8(
+            Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fixture.sh"))
+                .arg("tls-certs")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+        .trim(),
+    );
+    let tls = format!(
+        "[listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        certs.join("server.pem").display(),
+        certs.join("server-key.pem").display()
+    );
+    let f = dir.path().join("c.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "{}{}{}[routes.r.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = 10000\n",
+            listener("open", "0.0.0.0:10099", ""),
+            listener("covered", "0.0.0.0:10098", &tls),
+            listener("local", "127.0.0.1:10097", "")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&f)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "only the plaintext non-loopback one: {err}"
+    );
+    assert!(
+        warnings[0]
+            .contains("listener 'open' on 0.0.0.0:10099 takes passwords (HTTP Basic) without TLS"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_accepts_the_tls_examples_once_the_test_certificates_exist() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let made = Command::new(format!("{root}/scripts/fixture.sh"))
+        .arg("tls-certs")
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    for example in ["tls.toml", "tls-upstream.toml"] {
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg(format!("{root}/config/examples/{example}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
 fn check_config_names_the_bad_key_and_exits_64() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.toml");

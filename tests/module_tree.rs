@@ -134,7 +134,9 @@ fn identity_and_wire_types_sit_at_the_bottom() {
     leaves("deadline", &[]);
     leaves("secret", &[]);
     leaves("identity", &["kerberos", "secret"]);
-    leaves("config", &["secret", "kerberos", "cloud"]);
+    // TLS certificates and verifiers: above the byte streams, below config
+    leaves("tls", &["wire"]);
+    leaves("config", &["secret", "kerberos", "cloud", "tls"]);
     leaves("mapping", &["config", "identity", "kerberos", "secret"]);
 }
 

@@ -132,6 +132,10 @@ pub struct ListenerConfig {
     /// `server.max_connections`); unset: no cap of its own.
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Serve TLS (binary: TLS first, then SASL or NOSASL, as HiveServer2
+    /// with `hive.server2.use.SSL`; HTTP: HTTPS).
+    #[serde(default)]
+    pub tls: Option<crate::tls::server::ListenerTls>,
 }
 
 fn yes() -> bool {
@@ -142,6 +146,20 @@ fn default_cookie_age() -> Duration {
 }
 
 impl ListenerConfig {
+    /// A listener that takes passwords in clear from other machines: worth
+    /// a warning at startup and in `check-config`.
+    pub fn plaintext_passwords_warning(&self) -> Option<String> {
+        let passwords = matches!(self.auth, ClientAuth::Ldap | ClientAuth::Static);
+        (passwords && self.tls.is_none() && !self.bind.ip().is_loopback()).then(|| {
+            format!(
+                "listener '{}' on {} takes passwords ({}) without TLS: they cross the network in clear; add [listener.tls]",
+                self.name,
+                self.bind,
+                if self.protocol == Transport::Http { "HTTP Basic" } else { "SASL PLAIN" }
+            )
+        })
+    }
+
     /// The rules of one listener on its own; `key` is `listener[i]`. Its
     /// krb5.conf goes into `krb5` for the one-per-process check.
     pub(super) fn validate(
@@ -227,6 +245,13 @@ impl ListenerConfig {
                 }
             }
             ClientAuth::None => {}
+        }
+        if let Some(t) = &self.tls {
+            readable(&t.cert, &format!("{key}.tls.cert"))?;
+            readable(&t.key, &format!("{key}.tls.key"))?;
+            if let Some(ca) = &t.client_ca {
+                readable(ca, &format!("{key}.tls.client_ca"))?;
+            }
         }
         if self.kerberos.is_some() && self.auth != ClientAuth::Kerberos {
             return Err(invalid(

@@ -142,6 +142,17 @@ pub struct UpstreamConfig {
     /// Binary + Kerberos: the SASL QOP to ask for.
     #[serde(default)]
     pub qop: crate::kerberos::Qop,
+    /// Speak TLS to the upstream (HiveServer2's `hive.server2.use.SSL`, an
+    /// `https://` gateway), verified against the system's roots or `tls_ca`.
+    #[serde(default)]
+    pub tls: bool,
+    /// Trust only the CAs in this PEM bundle (a private gateway's CA).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// The name checked against the certificate and sent as SNI, when it is
+    /// not `host` (e.g. connecting by IP to a certificate for a name).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
 }
 
 impl UpstreamConfig {
@@ -160,7 +171,43 @@ impl UpstreamConfig {
             read_timeout: default_read_timeout(),
             principal: None,
             qop: Default::default(),
+            tls: false,
+            tls_ca: None,
+            tls_server_name: None,
         }
+    }
+
+    /// The name a TLS upstream's certificate must carry.
+    pub fn tls_name(&self) -> &str {
+        self.tls_server_name.as_deref().unwrap_or(&self.host)
+    }
+
+    /// How this upstream's certificate is checked, when it speaks TLS:
+    /// reads `tls_ca` (or the system's roots).
+    pub fn client_tls(
+        &self,
+        key: &str,
+    ) -> Result<Option<crate::tls::client::ClientTls>, ConfigError> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let config = crate::tls::client::config(self.tls_ca.as_deref(), "upstream.tls_ca")
+            .map_err(|e| {
+                invalid(
+                    format!("{key}.upstream"),
+                    e.to_string(),
+                    "give a PEM bundle of the CA certificates that sign the upstream's certificate",
+                )
+            })?;
+        crate::tls::client::ClientTls::new(config, self.tls_name(), "upstream.tls_server_name")
+            .map(Some)
+            .map_err(|e| {
+                invalid(
+                    format!("{key}.upstream.tls_server_name"),
+                    e.to_string(),
+                    "set the host name the upstream's certificate names",
+                )
+            })
     }
 }
 
@@ -323,6 +370,23 @@ impl UpstreamConfig {
                     "check the token value",
                 ));
             }
+        }
+        if !self.tls {
+            for (k, set) in [
+                ("tls_ca", self.tls_ca.is_some()),
+                ("tls_server_name", self.tls_server_name.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        format!("{key}.upstream.{k}"),
+                        "is set but tls is not",
+                        "add tls = true, or remove it",
+                    ));
+                }
+            }
+        }
+        if let Some(ca) = &self.tls_ca {
+            super::readable(ca, &format!("{key}.upstream.tls_ca"))?;
         }
         match (&self.principal, kerberos_identity) {
             (Some(_), _) if self.sasl == UpstreamSasl::Nosasl => Err(invalid(

@@ -13,7 +13,7 @@ use tokio::time::timeout;
 use tracing::{debug, Instrument};
 
 use super::limits::{Refusal, Slot};
-use super::{Listener, Shared};
+use super::{Listener, Shared, Tls};
 use crate::auth::AuthError;
 use crate::edge::{Exchange, Kind};
 use crate::error::RpcError;
@@ -22,6 +22,7 @@ use crate::session::{BinaryClient, Out};
 use crate::tcli::Call;
 use crate::wire::io::{FrameError, Framing, MessageIo, ReplySink, SecurityLayer};
 use crate::wire::sasl::{self, SaslError, ServerHandshake, ServerStep};
+use crate::wire::stream::Stream;
 use crate::wire::thrift::peek_header;
 
 const SASL_START: u8 = 1;
@@ -39,27 +40,36 @@ pub async fn serve(
 ) {
     let _open = shared.broker.metrics.connection(&listener.config.name);
     let span = tracing::info_span!("conn", listener = %listener.config.name, %peer);
-    match admission {
-        Ok(slot) => {
-            connection(stream, peer, listener, shared)
-                .instrument(span)
-                .await;
-            drop(slot);
-        }
-        Err(r) => {
-            let limit = shared.server.handshake_timeout;
-            let _ = timeout(limit, refuse(stream, peer, &listener, &shared, r.error))
-                .instrument(span)
-                .await;
+    async move {
+        let limit = shared.server.handshake_timeout;
+        let stream = match super::tls_handshake(stream, peer, &listener, &shared).await {
+            Tls::Ready(s) => s,
+            Tls::Plaintext(tcp, _) => {
+                let e = RpcError::TlsRequired;
+                let _ = timeout(limit, refuse(tcp.into(), peer, &listener, &shared, e)).await;
+                return;
+            }
+            Tls::Failed => return,
+        };
+        match admission {
+            Ok(slot) => {
+                connection(stream, peer, listener, shared).await;
+                drop(slot);
+            }
+            Err(r) => {
+                let _ = timeout(limit, refuse(stream, peer, &listener, &shared, r.error)).await;
+            }
         }
     }
+    .instrument(span)
+    .await
 }
 
 /// Answers a connection refused at accept: reads its first message (under
 /// the handshake cap) and answers it with `error`, a SASL BAD or a Thrift
 /// error reply, whichever its client speaks.
 async fn refuse(
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     listener: &Listener,
     shared: &Shared,
@@ -184,7 +194,7 @@ async fn answer(
 }
 
 async fn connection(
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     listener: Arc<Listener>,
     shared: Arc<Shared>,

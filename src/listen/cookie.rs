@@ -20,10 +20,13 @@ pub struct CookieJar {
     key: [u8; 32],
     issued: Cache<u64, ClientIdentity>,
     max_age: Duration,
+    /// On TLS listeners: the browser-style `Secure` flag, so a client never
+    /// sends the cookie over plaintext.
+    secure: bool,
 }
 
 impl CookieJar {
-    pub fn new(max_age: Duration) -> CookieJar {
+    pub fn new(max_age: Duration, secure: bool) -> CookieJar {
         let mut key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);
         CookieJar {
@@ -33,6 +36,7 @@ impl CookieJar {
                 .max_capacity(100_000)
                 .build(),
             max_age,
+            secure,
         }
     }
 
@@ -54,8 +58,9 @@ impl CookieJar {
         let sig = self.signature(&payload);
         self.issued.insert(rn, id).await;
         format!(
-            "{NAME}={payload}&s={sig}; Max-Age={}; Path=/; HttpOnly",
-            self.max_age.as_secs()
+            "{NAME}={payload}&s={sig}; Max-Age={}; Path=/; HttpOnly{}",
+            self.max_age.as_secs(),
+            if self.secure { "; Secure" } else { "" }
         )
     }
 
@@ -102,27 +107,38 @@ mod tests {
 
     #[tokio::test]
     async fn issued_cookie_is_honoured_among_other_cookies() {
-        let jar = CookieJar::new(Duration::from_secs(60));
+        let jar = CookieJar::new(Duration::from_secs(60), false);
         let set = jar.issue(alice()).await;
         assert!(set.contains("HttpOnly") && set.contains("Max-Age=60"));
+        assert!(
+            !set.contains("Secure"),
+            "a plaintext listener's cookie: {set}"
+        );
         let header = format!("other=1; {}", cookie_pair(&set));
         assert_eq!(jar.check(&header).await.unwrap().user, "alice");
     }
 
     #[tokio::test]
+    async fn a_tls_listeners_cookie_is_marked_secure() {
+        let jar = CookieJar::new(Duration::from_secs(60), true);
+        let set = jar.issue(alice()).await;
+        assert!(set.ends_with("; HttpOnly; Secure"), "{set}");
+    }
+
+    #[tokio::test]
     async fn tampered_or_foreign_cookies_are_refused() {
-        let jar = CookieJar::new(Duration::from_secs(60));
+        let jar = CookieJar::new(Duration::from_secs(60), false);
         let pair = cookie_pair(&jar.issue(alice()).await);
         let forged = pair.replace(&B64.encode("alice"), &B64.encode("admin"));
         assert!(jar.check(&forged).await.is_none());
-        let other_broker = CookieJar::new(Duration::from_secs(60));
+        let other_broker = CookieJar::new(Duration::from_secs(60), false);
         assert!(other_broker.check(&pair).await.is_none());
         assert!(jar.check("hive.server2.auth=garbage").await.is_none());
     }
 
     #[tokio::test]
     async fn password_never_appears_in_the_cookie() {
-        let jar = CookieJar::new(Duration::from_secs(60));
+        let jar = CookieJar::new(Duration::from_secs(60), false);
         let set = jar.issue(alice()).await;
         assert!(!set.contains(&B64.encode("pw")));
     }

@@ -25,7 +25,7 @@ use tracing::debug;
 
 use super::cookie::CookieJar;
 use super::limits::{Refusal, Slot, UserSlot};
-use super::{Listener, Shared};
+use super::{Listener, Shared, Tls};
 use crate::auth::AuthError;
 use crate::edge::{Exchange, Kind};
 use crate::error::RpcError;
@@ -33,6 +33,7 @@ use crate::identity::ClientIdentity;
 use crate::secret::Secret;
 use crate::session::HttpClient;
 use crate::tcli::Call;
+use crate::wire::stream::Stream;
 
 /// Per-listener state shared by its connections.
 pub struct HttpListener {
@@ -43,7 +44,7 @@ pub struct HttpListener {
 impl HttpListener {
     pub fn new(l: Listener) -> Arc<HttpListener> {
         Arc::new(HttpListener {
-            cookies: CookieJar::new(l.config.cookie_max_age),
+            cookies: CookieJar::new(l.config.cookie_max_age, l.tls.is_some()),
             l,
         })
     }
@@ -79,9 +80,16 @@ pub async fn serve(
     shared: Arc<Shared>,
     admission: Result<Slot, Refusal>,
 ) {
+    let stream = match super::tls_handshake(stream, peer, &listener.l, &shared).await {
+        Tls::Ready(s) => s,
+        Tls::Plaintext(tcp, _) => {
+            return refuse(tcp.into(), peer, listener, shared, RpcError::TlsRequired).await
+        }
+        Tls::Failed => return,
+    };
     let slot = match admission {
         Ok(s) => s,
-        Err(r) => return refuse(stream, peer, listener, shared, r).await,
+        Err(r) => return refuse(stream, peer, listener, shared, r.error).await,
     };
     let _open = shared.broker.metrics.connection(&listener.l.config.name);
     let span = tracing::debug_span!("http", listener = %listener.l.config.name, %peer);
@@ -145,19 +153,20 @@ pub async fn serve(
     drop(slot);
 }
 
-/// A connection refused at a cap: its one request is answered with the
-/// refusal (a 503 naming the cap, with Retry-After), then it is closed.
+/// A connection refused at a cap, or a plaintext client on an HTTPS port:
+/// its one request is answered with `error` (a 503 naming the cap, with
+/// Retry-After; a 400 saying to use https), then it is closed.
 /// The request's head is read under the handshake limits; a small body is
 /// drained first so that closing does not reset the connection before the
 /// client has read the answer.
 async fn refuse(
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     listener: Arc<HttpListener>,
     shared: Arc<Shared>,
-    refusal: Refusal,
+    error: RpcError,
 ) {
-    let refusal = Arc::new(Mutex::new(Some(refusal)));
+    let refusal = Arc::new(Mutex::new(Some(error)));
     let hl = listener.clone();
     let sh = shared.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
@@ -168,7 +177,7 @@ async fn refuse(
             let body = Limited::new(req.into_body(), max).collect();
             let _ = tokio::time::timeout(shared.server.http_body_timeout, body).await;
             let taken = refusal.lock().unwrap_or_else(|p| p.into_inner()).take();
-            let e = taken.map_or(RpcError::ShuttingDown, |r| r.error);
+            let e = taken.unwrap_or(RpcError::ShuttingDown);
             let ex = Exchange::new(Kind::Unparsed, peer, "", "unknown", started);
             Ok::<_, Infallible>(respond(&listener, &ex, Err(e), Extra::default()))
         }
@@ -574,7 +583,7 @@ async fn authenticate_request(
 /// tells a late request head (a failed handshake) from a connection that
 /// was never used.
 struct Spoke {
-    inner: TcpStream,
+    inner: Stream,
     spoke: Arc<AtomicBool>,
 }
 

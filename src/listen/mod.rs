@@ -22,6 +22,8 @@ use crate::auth::Authenticator;
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::edge::Edge;
 use crate::session::{Broker, Route};
+use crate::tls::server::{HandshakeError, ServerTls};
+use crate::wire::stream::Stream;
 
 use self::limits::{Admission, Gate, Limits, Refusal, Slot};
 
@@ -30,6 +32,8 @@ use self::limits::{Admission, Gate, Limits, Refusal, Slot};
 pub struct Listener {
     pub config: ListenerConfig,
     pub auth: Arc<Authenticator>,
+    /// Its certificate, when it serves TLS.
+    pub tls: Option<Arc<ServerTls>>,
     /// The computing resource this listener's clients reach.
     pub route: Arc<Route>,
     pub edge: Edge,
@@ -39,6 +43,7 @@ impl Listener {
     pub fn new(
         config: ListenerConfig,
         auth: Arc<Authenticator>,
+        tls: Option<Arc<ServerTls>>,
         route: Arc<Route>,
         broker: &Broker,
         server: &ServerConfig,
@@ -54,6 +59,7 @@ impl Listener {
         Listener {
             config,
             auth,
+            tls,
             route,
             edge,
         }
@@ -67,6 +73,51 @@ pub struct Shared {
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
     pub limits: Arc<Limits>,
+}
+
+/// How a TLS handshake ended for a caller that must answer a plaintext
+/// client in its own protocol.
+pub enum Tls {
+    Ready(Stream),
+    /// A plaintext client on a TLS port (its first byte is not a TLS
+    /// record): counted; the transport tells it in plaintext to use TLS.
+    Plaintext(TcpStream, u8),
+    /// Failed, counted and logged: close.
+    Failed,
+}
+
+/// A TLS listener's handshake, inside the connection task and within the
+/// handshake timeout (a plain listener's stream passes through). Failures
+/// are finished at the edge here, once.
+pub async fn tls_handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: &Listener,
+    shared: &Shared,
+) -> Tls {
+    let Some(tls) = &listener.tls else {
+        return Tls::Ready(Stream::Plain(tcp));
+    };
+    let limit = shared.server.handshake_timeout;
+    match tokio::time::timeout(limit, tls.accept(tcp)).await {
+        Ok(Ok(s)) => Tls::Ready(s),
+        Ok(Err(HandshakeError::Plaintext(tcp, first))) => {
+            listener.edge.tls_plaintext();
+            Tls::Plaintext(tcp, first)
+        }
+        Ok(Err(e)) => {
+            listener.edge.tls_failed(peer, e.reason(), &e.detail());
+            Tls::Failed
+        }
+        Err(_) => {
+            listener.edge.tls_failed(
+                peer,
+                "timeout",
+                "TLS handshake not finished within server.handshake_timeout",
+            );
+            Tls::Failed
+        }
+    }
 }
 
 /// Accepts until shutdown; calls `serve` in a tracked task per connection

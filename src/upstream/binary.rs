@@ -13,6 +13,7 @@ use crate::error::{Side, UpstreamError};
 use crate::identity::Credential;
 use crate::wire::io::{FrameError, Framing, MessageIo, ReplySink};
 use crate::wire::sasl;
+use crate::wire::stream::Stream;
 
 /// The start of a reply.
 pub enum Head {
@@ -39,12 +40,22 @@ impl BinaryConn {
     ) -> Result<BinaryConn, UpstreamError> {
         let t = target.clone();
         let setup = async move {
-            let stream = TcpStream::connect((t.host.as_str(), t.port))
+            let tcp = TcpStream::connect((t.host.as_str(), t.port))
                 .await
                 .map_err(|source| UpstreamError::Connect {
                     upstream: t.display.clone(),
                     source,
                 })?;
+            let stream: Stream = match &t.tls {
+                None => tcp.into(),
+                Some(tls) => {
+                    let _ = tcp.set_nodelay(true);
+                    tls.connect(tcp).await.map_err(|e| UpstreamError::Tls {
+                        upstream: t.display.clone(),
+                        reason: crate::tls::explain(&e).unwrap_or_else(|| e.to_string()),
+                    })?
+                }
+            };
             let framing = match t.sasl {
                 UpstreamSasl::Plain => Framing::Sasl,
                 UpstreamSasl::Nosasl => Framing::Bare,

@@ -8,13 +8,15 @@ use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, COOKIE, SET_COOKIE, USER_AGENT};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::TokioExecutor;
 
 use super::Target;
 use crate::error::UpstreamError;
 use crate::identity::Credential;
+use crate::tls::client::ClientTls;
 
 const AUTH_COOKIE: &str = "hive.server2.auth";
 
@@ -25,23 +27,55 @@ const UPSTREAM_READ_BUF: usize = 64 * 1024;
 /// A keep-alive connection pool for one upstream.
 #[derive(Clone)]
 pub struct HttpPool {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: PoolClient,
+}
+
+/// Plain or HTTPS; plaintext routes build no TLS config at all.
+#[derive(Clone)]
+enum PoolClient {
+    Plain(Client<HttpConnector, Full<Bytes>>),
+    Tls(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+}
+
+impl PoolClient {
+    fn request(&self, req: Request<Full<Bytes>>) -> ResponseFuture {
+        match self {
+            PoolClient::Plain(c) => c.request(req),
+            PoolClient::Tls(c) => c.request(req),
+        }
+    }
 }
 
 impl HttpPool {
-    pub fn new(connect_timeout: Duration) -> HttpPool {
+    /// `tls`: the upstream speaks HTTPS, verified by it.
+    pub fn new(connect_timeout: Duration, tls: Option<&ClientTls>) -> HttpPool {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(connect_timeout));
         conn.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_idle_timeout(Duration::from_secs(90))
             // A fixed read buffer per pooled connection: hyper's adaptive one
             // grows (to ~400 KiB by default) on a big reply and keeps that
             // size while the connection lives, so RSS crept up for minutes
             // as each pooled connection met its first big reply. Fixed, the
             // pool costs its connection count times this from the start.
-            .http1_read_buf_exact_size(UPSTREAM_READ_BUF)
-            .build(conn);
+            .http1_read_buf_exact_size(UPSTREAM_READ_BUF);
+        let client = match tls {
+            None => PoolClient::Plain(builder.build(conn)),
+            Some(t) => {
+                conn.enforce_http(false);
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config((*t.config).clone())
+                    .https_only()
+                    .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
+                        t.server_name.clone(),
+                    ))
+                    .enable_http1()
+                    .wrap_connector(conn);
+                PoolClient::Tls(builder.build(https))
+            }
+        };
         HttpPool { client }
     }
 }
@@ -220,15 +254,27 @@ fn classify(t: &Target, e: hyper_util::client::legacy::Error) -> UpstreamError {
     let mut chain = e.to_string();
     let mut src = std::error::Error::source(&e);
     let mut timed_out = false;
+    let mut tls = None;
     while let Some(s) = src {
         chain.push_str(": ");
         chain.push_str(&s.to_string());
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             timed_out |= io.kind() == std::io::ErrorKind::TimedOut;
+            tls = tls.or_else(|| crate::tls::explain(io));
+        }
+        if let Some(r) = s.downcast_ref::<rustls::Error>() {
+            tls = tls.or_else(|| Some(crate::tls::explain_rustls(r)));
         }
         src = s.source();
     }
-    if e.is_connect() && (timed_out || chain.contains("timed out") || chain.contains("timeout")) {
+    if let Some(reason) = tls {
+        UpstreamError::Tls {
+            upstream: t.display.clone(),
+            reason,
+        }
+    } else if e.is_connect()
+        && (timed_out || chain.contains("timed out") || chain.contains("timeout"))
+    {
         UpstreamError::ConnectTimeout {
             upstream: t.display.clone(),
             secs: t.connect_timeout.as_secs_f64(),

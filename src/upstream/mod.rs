@@ -20,6 +20,7 @@ use crate::config::{Transport, UpstreamConfig, UpstreamSasl};
 use crate::error::{RpcError, UpstreamError};
 use crate::identity::Credential;
 use crate::secret::Secret;
+use crate::tls::client::ClientTls;
 use crate::wire::io::ReplySink;
 
 /// Where and how to reach one upstream.
@@ -42,6 +43,8 @@ pub struct Target {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub max_message_bytes: usize,
+    /// How the upstream's certificate is checked, when it speaks TLS.
+    pub tls: Option<ClientTls>,
 }
 
 /// Where an HTTP upstream's path token comes from.
@@ -54,11 +57,13 @@ pub enum TokenSource {
 }
 
 impl Target {
-    /// `live` is the rotating token, used when the upstream asks for it.
+    /// `live` is the rotating token, used when the upstream asks for it;
+    /// `tls` is how a TLS upstream is verified ([`UpstreamConfig::client_tls`]).
     pub fn from_config(
         u: &UpstreamConfig,
         max_message_bytes: usize,
         live: Option<watch::Receiver<Option<Secret>>>,
+        tls: Option<ClientTls>,
     ) -> Target {
         let token = match (&u.token, u.token_rotation, live) {
             (Some(t), _, _) => TokenSource::Static(t.clone()),
@@ -75,16 +80,23 @@ impl Target {
             .map(|p| crate::kerberos::service_principal(p, &u.host));
         let display = match u.transport {
             Transport::Binary => format!(
-                "upstream {}:{} (binary, {})",
+                "upstream {}:{} (binary, {}{})",
                 u.host,
                 u.port,
+                if tls.is_some() { "TLS, " } else { "" },
                 match (&service, u.sasl) {
                     (Some(_), _) => "SASL GSSAPI",
                     (None, UpstreamSasl::Plain) => "SASL PLAIN",
                     (None, UpstreamSasl::Nosasl) => "NOSASL",
                 }
             ),
-            Transport::Http => format!("upstream http://{}:{}{}", u.host, u.port, shown_path),
+            Transport::Http => format!(
+                "upstream {}://{}:{}{}",
+                if tls.is_some() { "https" } else { "http" },
+                u.host,
+                u.port,
+                shown_path
+            ),
         };
         let mut t = Target {
             transport: u.transport,
@@ -100,6 +112,7 @@ impl Target {
             connect_timeout: u.connect_timeout,
             read_timeout: u.read_timeout,
             max_message_bytes,
+            tls,
         };
         if !matches!(t.token, TokenSource::Live(_)) {
             t.fixed_uri = t.http_uri().ok();
@@ -120,7 +133,8 @@ impl Target {
             (TokenSource::None, _) => self.http_base.clone(),
             (TokenSource::Static(t), _) => format!("{}/token/{}", self.http_base, t.expose()),
         };
-        format!("http://{}:{}{path}", self.host, self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}{path}", self.host, self.port)
             .parse()
             .map_err(|_| UpstreamError::Protocol {
                 upstream: self.display.clone(),

@@ -1,18 +1,16 @@
-//! Async message I/O over a TCP stream, shared by the client and upstream
-//! sides: SASL negotiation messages, SASL data frames, and bare (NOSASL)
+//! Async message I/O over a connection (plain or TLS), shared by the client
+//! and upstream sides: SASL negotiation messages, SASL data frames, and bare (NOSASL)
 //! Thrift messages. Payloads are split off the read buffer without copying.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
-
+use super::stream::Stream;
 use super::{sasl, thrift};
 use crate::deadline::{Deadline, Elapsed};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Most memory reserved ahead of data that has not arrived.
 const RESERVE_STEP: usize = 4 << 20;
@@ -100,8 +98,7 @@ pub enum Framing {
 }
 
 pub struct MessageIo {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+    stream: Stream,
     buf: BytesMut,
     max: usize,
     /// Set after a SASL handshake with QOP above `auth`.
@@ -113,14 +110,13 @@ pub struct MessageIo {
 }
 
 impl MessageIo {
-    pub fn new(stream: TcpStream, max: usize) -> MessageIo {
-        let _ = stream.set_nodelay(true);
-        let (reader, writer) = stream.into_split();
+    pub fn new(stream: impl Into<Stream>, max: usize) -> MessageIo {
+        let stream = stream.into();
+        let _ = stream.tcp().set_nodelay(true);
         // small at first: an idle connection should cost little memory;
         // big messages get room sized to them (see `fill`, `read_frame`)
         MessageIo {
-            reader,
-            writer,
+            stream,
             buf: BytesMut::with_capacity(8 * 1024),
             max,
             layer: None,
@@ -171,7 +167,7 @@ impl MessageIo {
             self.buf
                 .reserve(self.buf.len().clamp(16 * 1024, RESERVE_STEP));
         }
-        match self.reader.read_buf(&mut self.buf).await? {
+        match self.stream.read_buf(&mut self.buf).await? {
             0 if at_boundary && self.buf.is_empty() => Err(FrameError::Eof),
             0 => Err(FrameError::Truncated),
             _ => Ok(()),
@@ -272,6 +268,11 @@ impl MessageIo {
         Ok(self.buf.split_to(n).freeze())
     }
 
+    /// The connection underneath (for a TLS client's certificate).
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
     /// Whether frames are wrapped (QOP auth-int/auth-conf): then they cannot
     /// be relayed piecewise.
     pub fn has_layer(&self) -> bool {
@@ -351,7 +352,7 @@ impl MessageIo {
     async fn writev(&mut self, mut head: &[u8], mut body: &[u8]) -> Result<(), FrameError> {
         while !head.is_empty() || !body.is_empty() {
             let n = self
-                .writer
+                .stream
                 .write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(body)])
                 .await?;
             if n == 0 {
@@ -361,6 +362,8 @@ impl MessageIo {
             head = &head[h..];
             body = &body[n - h..];
         }
+        // TLS may hold the last records until flushed; plain TCP: no-op
+        self.stream.flush().await?;
         Ok(())
     }
 
@@ -375,7 +378,8 @@ impl MessageIo {
     pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
         let limit = self.limit(IoOp::Write);
         bounded(limit, IoOp::Write, async {
-            self.writer.write_all(bytes).await?;
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await?;
             Ok(())
         })
         .await

@@ -2,7 +2,8 @@
 kyuubi-broker integration tests and prints one JSON object with the results.
 
   hs2_client.py --client impyla|pyhive --mode binary|http --port N
-                [--user U --password P] SCENARIO [ARGS]
+                [--user U --password P] [--ssl-ca PEM [--client-cert PEM --client-key PEM]]
+                SCENARIO [ARGS]
 
 Scenarios:
   workload TABLE   create/insert/select (NULLs, unicode, decimals, timestamps),
@@ -41,6 +42,10 @@ def connect(args):
                       timeout=args.timeout)
         if args.mode == "http":
             kw.update(use_http_transport=True, http_path="cliservice")
+        if args.ssl_ca:
+            # verified against this CA only; impyla checks the host name too
+            kw.update(use_ssl=True, ca_cert=args.ssl_ca)
+            kw["host"] = "localhost"
         return impyla_connect(**kw)
     from pyhive import hive
 
@@ -51,7 +56,16 @@ def connect(args):
     if args.mode == "http":
         from thrift.transport import THttpClient
 
-        t = THttpClient.THttpClient(f"http://127.0.0.1:{args.port}/cliservice")
+        if args.ssl_ca:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=args.ssl_ca)
+            if args.client_cert:
+                ctx.load_cert_chain(certfile=args.client_cert, keyfile=args.client_key)
+            t = THttpClient.THttpClient(f"https://localhost:{args.port}/cliservice",
+                                        ssl_context=ctx)
+        else:
+            t = THttpClient.THttpClient(f"http://127.0.0.1:{args.port}/cliservice")
         token = base64.b64encode(f"{args.user}:{args.password}".encode()).decode()
         t.setCustomHeaders({"Authorization": "Basic " + token})
         if args.timeout:
@@ -252,6 +266,10 @@ def main():
     p.add_argument("--password", default="alice-pw")
     p.add_argument("--timeout", type=int, default=0)
     p.add_argument("--kerberos-service", help="impyla: GSSAPI/SPNEGO to <service>/localhost")
+    p.add_argument("--ssl-ca", help="TLS to localhost, verified against this PEM CA "
+                   "(impyla: use_ssl + ca_cert; PyHive: https, HTTP mode only)")
+    p.add_argument("--client-cert", help="PyHive https: present this PEM client certificate")
+    p.add_argument("--client-key", help="PyHive https: the client certificate's key")
     p.add_argument("scenario", choices=["workload", "fetch", "error", "cancel", "long", "query"])
     p.add_argument("arg", nargs="?")
     args = p.parse_args()

@@ -76,6 +76,11 @@ pub fn sts(name: &str, mode: &str, port: u16) -> SocketAddr {
 
 /// As [`sts`], with the server's own authentication (`none` or `ldap`).
 pub fn sts_auth(name: &str, mode: &str, port: u16, auth: &str) -> SocketAddr {
+    sts_args(name, mode, port, &["--auth", auth])
+}
+
+/// As [`sts`], with more `fixture.sh start` options.
+pub fn sts_args(name: &str, mode: &str, port: u16, extra: &[&str]) -> SocketAddr {
     static STARTED: OnceLock<Mutex<HashMap<String, SocketAddr>>> = OnceLock::new();
     let started = STARTED.get_or_init(Default::default);
     let mut map = started.lock().unwrap_or_else(|p| p.into_inner());
@@ -83,11 +88,9 @@ pub fn sts_auth(name: &str, mode: &str, port: u16, auth: &str) -> SocketAddr {
         return *a;
     }
     let port = port.to_string();
-    let addr: SocketAddr = fixture(&[
-        "start", name, "--mode", mode, "--port", &port, "--auth", auth,
-    ])
-    .parse()
-    .unwrap();
+    let mut args = vec!["start", name, "--mode", mode, "--port", &port];
+    args.extend_from_slice(extra);
+    let addr: SocketAddr = fixture(&args).parse().unwrap();
     map.insert(name.to_string(), addr);
     addr
 }
@@ -120,6 +123,26 @@ pub async fn sts_http() -> SocketAddr {
     tokio::task::spawn_blocking(|| sts("sts-http", "http", 10001))
         .await
         .unwrap()
+}
+
+/// The fixture's TLS test CA and certificates (`scripts/fixture.sh
+/// tls-certs`): `ca.pem`, `server.pem`, `truststore.jks`, ...
+pub async fn tls_dir() -> PathBuf {
+    tokio::task::spawn_blocking(|| PathBuf::from(fixture(&["tls-certs"])))
+        .await
+        .unwrap()
+}
+
+/// A Spark Thrift Server with `hive.server2.use.SSL=true` and the fixture's
+/// server certificate: binary on 127.0.0.1:10007, HTTP on 10008.
+pub async fn sts_ssl(mode: &'static str) -> SocketAddr {
+    tls_dir().await;
+    tokio::task::spawn_blocking(move || match mode {
+        "http" => sts_args("sts-ssl-http", "http", 10008, &["--ssl"]),
+        _ => sts_args("sts-ssl", "binary", 10007, &["--ssl"]),
+    })
+    .await
+    .unwrap()
 }
 
 pub fn stop_sts(name: &str) {

@@ -1,0 +1,275 @@
+//! A listener's TLS: its certificate and key (reloaded without a restart
+//! when the files change or on SIGHUP; a bad new file keeps the old pair),
+//! and optional client certificates checked against a CA bundle.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use rustls::server::{StoresServerSessions, WebPkiClientVerifier};
+use rustls::ServerConfig;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+
+use super::{certs, file_err, private_key, provider, roots, TlsError, VERSIONS};
+use crate::wire::stream::Stream;
+
+/// `[listener.tls]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (RSA, ECDSA or Ed25519).
+    pub key: PathBuf,
+    /// Verify client certificates against this PEM CA bundle.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: whether a client must present a certificate.
+    #[serde(default)]
+    pub client_cert: ClientCert,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCert {
+    #[default]
+    Required,
+    /// A client without a certificate logs in as the listener's `auth` says.
+    Optional,
+}
+
+/// Why a client's TLS handshake failed, as counted in
+/// `kyuubi_broker_tls_handshake_failures_total{reason}`.
+#[derive(Debug)]
+pub enum HandshakeError {
+    /// The client's first byte is not a TLS record: a plaintext client.
+    /// The stream comes back so the listener can say so in plaintext.
+    Plaintext(TcpStream, u8),
+    /// The client closed before finishing the handshake.
+    Closed,
+    /// No client certificate, or one the CA bundle does not vouch for.
+    ClientCertificate(String),
+    /// Anything else the TLS layer refused (versions, ciphers, alerts).
+    Protocol(String),
+}
+
+impl HandshakeError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HandshakeError::Plaintext(..) => "plaintext",
+            HandshakeError::Closed => "closed",
+            HandshakeError::ClientCertificate(_) => "client_certificate",
+            HandshakeError::Protocol(_) => "protocol",
+        }
+    }
+
+    pub fn detail(&self) -> String {
+        match self {
+            HandshakeError::Plaintext(_, b) => {
+                format!("plaintext client on a TLS port (first byte 0x{b:02x})")
+            }
+            HandshakeError::Closed => "closed during the TLS handshake".into(),
+            HandshakeError::ClientCertificate(d) | HandshakeError::Protocol(d) => d.clone(),
+        }
+    }
+}
+
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Size and modification time of each file, to notice a change.
+type Stamp = Vec<Option<(u64, SystemTime)>>;
+
+struct Loaded {
+    config: Arc<ServerConfig>,
+    stamp: Stamp,
+    not_after: Option<i64>,
+}
+
+pub struct ServerTls {
+    files: ListenerTls,
+    alpn: Vec<Vec<u8>>,
+    /// Shared by every config this listener loads, so a reload does not
+    /// forget the sessions clients may resume.
+    sessions: Arc<dyn StoresServerSessions>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    current: RwLock<Loaded>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// `http`: offer ALPN `http/1.1` (HTTP listeners).
+    pub fn new(files: &ListenerTls, http: bool) -> Result<ServerTls, TlsError> {
+        let sessions = rustls::server::ServerSessionMemoryCache::new(4096);
+        let ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| TlsError::Setup(format!("TLS session tickets: {e}")))?;
+        let alpn = if http {
+            vec![b"http/1.1".to_vec()]
+        } else {
+            Vec::new()
+        };
+        let loaded = load(files, &alpn, sessions.clone(), ticketer.clone())?;
+        Ok(ServerTls {
+            files: files.clone(),
+            alpn,
+            sessions,
+            ticketer,
+            current: RwLock::new(loaded),
+        })
+    }
+
+    pub fn files(&self) -> &ListenerTls {
+        &self.files
+    }
+
+    pub fn requires_client_cert(&self) -> bool {
+        self.files.client_ca.is_some() && self.files.client_cert == ClientCert::Required
+    }
+
+    /// Unix time the served certificate expires.
+    pub fn not_after(&self) -> Option<i64> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .not_after
+    }
+
+    /// Loads the files again if any changed since the last load (or always,
+    /// with `force`) and swaps them in when they are valid. `Ok(false)`:
+    /// nothing changed. On an error the served pair stays.
+    pub fn reload(&self, force: bool) -> Result<bool, TlsError> {
+        if !force
+            && stamp(&self.files) == self.current.read().unwrap_or_else(|p| p.into_inner()).stamp
+        {
+            return Ok(false);
+        }
+        let fresh = load(
+            &self.files,
+            &self.alpn,
+            self.sessions.clone(),
+            self.ticketer.clone(),
+        );
+        let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
+        match fresh {
+            Ok(l) => {
+                *cur = l;
+                Ok(true)
+            }
+            Err(e) => {
+                // retry only when the files change again, not every check
+                cur.stamp = stamp(&self.files);
+                Err(e)
+            }
+        }
+    }
+
+    /// The server side of a TLS handshake on an accepted connection. The
+    /// caller bounds it in time (the handshake timeout).
+    pub async fn accept(&self, tcp: TcpStream) -> Result<Stream, HandshakeError> {
+        let mut first = [0u8; 1];
+        match tcp.peek(&mut first).await {
+            Ok(0) | Err(_) => return Err(HandshakeError::Closed),
+            Ok(_) if first[0] != TLS_HANDSHAKE => {
+                return Err(HandshakeError::Plaintext(tcp, first[0]))
+            }
+            Ok(_) => {}
+        }
+        let config = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .config
+            .clone();
+        match tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
+            Ok(s) => Ok(Stream::Server(Box::new(s))),
+            Err(e) => Err(classify(e)),
+        }
+    }
+}
+
+fn classify(e: std::io::Error) -> HandshakeError {
+    use rustls::Error as E;
+    let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
+        return match e.kind() {
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe => HandshakeError::Closed,
+            _ => HandshakeError::Protocol(e.to_string()),
+        };
+    };
+    let text = super::explain_rustls(inner);
+    match inner {
+        E::NoCertificatesPresented | E::InvalidCertificate(_) => {
+            HandshakeError::ClientCertificate(text)
+        }
+        _ => HandshakeError::Protocol(text),
+    }
+}
+
+fn stamp(files: &ListenerTls) -> Stamp {
+    let mut paths: Vec<&Path> = vec![&files.cert, &files.key];
+    if let Some(ca) = &files.client_ca {
+        paths.push(ca);
+    }
+    paths
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        })
+        .collect()
+}
+
+fn load(
+    files: &ListenerTls,
+    alpn: &[Vec<u8>],
+    sessions: Arc<dyn StoresServerSessions>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+) -> Result<Loaded, TlsError> {
+    // stamped before reading: a write racing the read shows up next check
+    let stamped = stamp(files);
+    let chain = certs("listener.tls.cert", &files.cert)?;
+    let key = private_key("listener.tls.key", &files.key)?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let roots = Arc::new(roots("listener.tls.client_ca", ca)?);
+            let v = WebPkiClientVerifier::builder_with_provider(roots, provider());
+            let v = match files.client_cert {
+                ClientCert::Required => v,
+                ClientCert::Optional => v.allow_unauthenticated(),
+            };
+            builder.with_client_cert_verifier(
+                v.build()
+                    .map_err(|e| file_err("listener.tls.client_ca", ca, e.to_string()))?,
+            )
+        }
+    };
+    let not_after = super::not_after(&chain[0]);
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+        file_err(
+            "listener.tls.key",
+            &files.key,
+            format!("does not go with listener.tls.cert: {e}"),
+        )
+    })?;
+    config.alpn_protocols = alpn.to_vec();
+    config.session_storage = sessions;
+    config.ticketer = ticketer;
+    Ok(Loaded {
+        config: Arc::new(config),
+        stamp: stamped,
+        not_after,
+    })
+}

@@ -1,0 +1,523 @@
+//! TLS on both sides, with the fixture's test CA (`scripts/fixture.sh
+//! tls-certs`): TLS listeners in front of a real Spark Thrift Server, real
+//! clients (beeline with a JKS trust store, impyla, PyHive over https), a
+//! real TLS Spark Thrift Server as the upstream, the failures a user must be
+//! able to tell apart (untrusted CA, expired, wrong name, plaintext on a TLS
+//! port, no client certificate) and a certificate swapped under load.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kyuubi_broker::client::{ClientError, Hs2Client};
+use kyuubi_broker::config::{Transport, UpstreamConfig, UpstreamSasl};
+use kyuubi_broker::error::UpstreamError;
+
+/// A broker with a TLS binary listener "binary", an HTTPS listener "http"
+/// (both with `tls`, a `[listener.tls]` body) and an admin listener, in
+/// front of `route`.
+async fn tls_broker(tls: &str, route: &str) -> (Broker, SocketAddr) {
+    let toml = format!(
+        r#"
+[server]
+shutdown_grace = "10s"
+handshake_timeout = "3s"
+
+[admin]
+bind = "127.0.0.1:0"
+
+[[listener]]
+name = "binary"
+protocol = "binary"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "none"
+allow_any_user = true
+
+[listener.tls]
+{tls}
+
+[[listener]]
+name = "http"
+protocol = "http"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "none"
+allow_any_user = true
+
+[listener.tls]
+{tls}
+
+{route}
+"#
+    );
+    let b = start_broker_toml(&toml).await;
+    let admin = b.addrs["admin"];
+    (b, admin)
+}
+
+fn server_tls(dir: &Path, name: &str) -> String {
+    format!(
+        "cert = \"{}\"\nkey = \"{}\"\n",
+        dir.join(format!("{name}.pem")).display(),
+        dir.join(format!("{name}-key.pem")).display()
+    )
+}
+
+/// How a test client reaches a TLS listener: verified against `ca`, by the
+/// name `localhost`.
+fn tls_client(t: Transport, addr: SocketAddr, ca: &Path) -> UpstreamConfig {
+    let mut c = client_cfg(t, addr, UpstreamSasl::Plain);
+    c.tls = true;
+    c.tls_ca = Some(ca.to_path_buf());
+    c.tls_server_name = Some("localhost".into());
+    c
+}
+
+async fn select_user(cfg: &UpstreamConfig) -> Result<String, ClientError> {
+    let mut c = Hs2Client::connect(cfg, "alice", "x").await?;
+    scalar(&mut c, &[], "select current_user()", 0).await
+}
+
+fn tls_error(r: Result<String, ClientError>) -> String {
+    match r {
+        Err(ClientError::Transport(UpstreamError::Tls { reason, .. })) => reason,
+        other => panic!("expected a TLS failure, got {other:?}"),
+    }
+}
+
+/// Polls a metric until `ok` holds for it (a file-change reload is checked
+/// every 2 s), failing after `within`.
+async fn metric_until(
+    admin: SocketAddr,
+    name: &str,
+    labels: &str,
+    within: Duration,
+    ok: impl Fn(f64) -> bool,
+) -> f64 {
+    let end = Instant::now() + within;
+    loop {
+        let (_, text) = admin_get(admin, "/metrics").await;
+        let v = series(&text, name).get(labels).copied().unwrap_or(0.0);
+        if ok(v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "{name}{{{labels}}} = {v} after {within:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn tls_listeners_serve_queries_verified_against_the_test_ca_and_report_the_certificate_expiry(
+) {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let (b, admin) = tls_broker(&server_tls(&dir, "server"), &route_toml("binary", up, "")).await;
+    let ca = dir.join("ca.pem");
+    for t in [Transport::Binary, Transport::Http] {
+        let addr = if t == Transport::Binary {
+            b.binary
+        } else {
+            b.http
+        };
+        assert_eq!(
+            select_user(&tls_client(t, addr, &ca)).await.unwrap(),
+            "alice",
+            "{t:?}"
+        );
+    }
+    let (_, text) = admin_get(admin, "/metrics").await;
+    let expiry = series(&text, "kyuubi_broker_tls_cert_expiry_seconds");
+    // the fixture's certificates are valid for 825 days
+    for l in ["binary", "http"] {
+        let left = expiry[&format!("listener=\"{l}\"")];
+        assert!(
+            left > 800.0 * 86400.0 && left < 826.0 * 86400.0,
+            "{l}: {left}"
+        );
+    }
+    let (_, status) = admin_get(admin, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let listeners = status["listeners"].as_array().unwrap();
+    assert!(listeners.iter().all(|l| l["tls"] == true), "{status}");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn beeline_connects_with_ssl_true_and_a_jks_trust_store_on_binary_and_http() {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let (b, _) = tls_broker(&server_tls(&dir, "server"), &route_toml("binary", up, "")).await;
+    let trust = format!(
+        "ssl=true;sslTrustStore={};trustStorePassword=changeit",
+        dir.join("truststore.jks").display()
+    );
+    for (mode, url) in [
+        (
+            "binary",
+            format!("jdbc:hive2://localhost:{}/default;{trust}", b.binary.port()),
+        ),
+        (
+            "http",
+            format!(
+                "jdbc:hive2://localhost:{}/default;transportMode=http;httpPath=cliservice;{trust}",
+                b.http.port()
+            ),
+        ),
+    ] {
+        let run = beeline(&url, "alice", "x", "select 'tls-ok', current_user();\n").await;
+        assert!(
+            run.ok && run.stdout.contains("tls-ok,alice"),
+            "{mode}: {}\n{}",
+            run.stdout,
+            run.stderr
+        );
+    }
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn impyla_with_use_ssl_and_pyhive_over_https_query_through_tls_listeners() {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let (b, _) = tls_broker(&server_tls(&dir, "server"), &route_toml("binary", up, "")).await;
+    let ca = dir.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    for (client, mode, port) in [
+        ("impyla", "binary", b.binary.port()),
+        ("impyla", "http", b.http.port()),
+        ("pyhive", "http", b.http.port()),
+    ] {
+        let v = py_client_args(
+            client,
+            mode,
+            port,
+            "query",
+            Some("select 'py-tls'"),
+            &["--ssl-ca", ca],
+        )
+        .await;
+        assert_eq!(v["rows"][0][0], "py-tls", "{client} {mode}: {v}");
+    }
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_plaintext_client_on_a_tls_port_is_told_to_use_ssl_and_tls_clients_are_still_served() {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let (b, admin) = tls_broker(&server_tls(&dir, "server"), &route_toml("binary", up, "")).await;
+    // SASL PLAIN in clear: the broker answers SASL BAD with the fix
+    let plain = client_cfg(Transport::Binary, b.binary, UpstreamSasl::Plain);
+    match Hs2Client::connect(&plain, "alice", "x").await {
+        Err(ClientError::Transport(UpstreamError::AuthRejected { reason, .. })) => {
+            assert!(
+                reason.contains("this port speaks TLS: connect with ssl=true"),
+                "{reason}"
+            )
+        }
+        other => panic!(
+            "expected a refusal naming ssl=true, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+    // HTTP in clear: 400 with the same text
+    let (status, _, body) = http_post(b.http, "/cliservice", "", b"\x80\x01\x00\x01").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("this port speaks TLS"), "{body}");
+    // a byte stream that is neither: closed
+    let mut s = tokio::net::TcpStream::connect(b.binary).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"\x00\x00garbage").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(
+        n,
+        0,
+        "garbage on a TLS port gets no answer: {:?}",
+        &buf[..n]
+    );
+    let ca = dir.join("ca.pem");
+    assert_eq!(
+        select_user(&tls_client(Transport::Binary, b.binary, &ca))
+            .await
+            .unwrap(),
+        "alice"
+    );
+    let (_, text) = admin_get(admin, "/metrics").await;
+    let failures = series(&text, "kyuubi_broker_tls_handshake_failures_total");
+    // the SASL client and the garbage
+    assert_eq!(
+        failures[r#"listener="binary",reason="plaintext""#] as u64, 2,
+        "{text}"
+    );
+    assert_eq!(
+        failures[r#"listener="http",reason="plaintext""#] as u64, 1,
+        "{text}"
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_trusting_another_ca_is_refused_by_its_own_tls_check_and_the_broker_counts_it() {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let (b, admin) = tls_broker(&server_tls(&dir, "server"), &route_toml("binary", up, "")).await;
+    let other = dir.join("other-ca.pem");
+    let reason = tls_error(select_user(&tls_client(Transport::Binary, b.binary, &other)).await);
+    assert!(reason.contains("not signed by a trusted CA"), "{reason}");
+    metric_until(
+        admin,
+        "kyuubi_broker_tls_handshake_failures_total",
+        r#"listener="binary",reason="protocol""#,
+        Duration::from_secs(5),
+        |v| v >= 1.0,
+    )
+    .await;
+    b.shutdown().await;
+}
+
+/// A TLS upstream serving `cert`: another broker with TLS listeners in
+/// front of the real Spark Thrift Server.
+async fn tls_upstream(dir: &Path, cert: &str) -> Broker {
+    let up = sts_binary().await;
+    tls_broker(&server_tls(dir, cert), &route_toml("binary", up, ""))
+        .await
+        .0
+}
+
+#[tokio::test]
+async fn an_untrusted_expired_or_misnamed_upstream_certificate_gives_a_client_error_naming_the_upstream_not_the_token(
+) {
+    let dir = tls_dir().await;
+    let ca = dir.join("ca.pem");
+    for (cert, expect) in [
+        ("other-server", "not signed by a trusted CA"),
+        ("expired", "its certificate has expired"),
+        ("wrong-host", "not valid for this host name"),
+    ] {
+        let upstream = tls_upstream(&dir, cert).await;
+        for (t, addr) in [("binary", upstream.binary), ("http", upstream.http)] {
+            let route = route_toml(
+                t,
+                addr,
+                &format!(
+                    "tls = true\ntls_ca = \"{}\"\ntls_server_name = \"localhost\"\n{}",
+                    ca.display(),
+                    if t == "http" {
+                        "token = \"SeCrEtToKeN42\""
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            let front = start_broker(&route).await;
+            let r = current_user(front.binary, Transport::Binary, "alice", "x").await;
+            let text = format!("{r:?}");
+            assert!(text.contains(expect), "{cert} via {t}: {text}");
+            assert!(
+                text.contains(&format!("127.0.0.1:{}", addr.port())),
+                "names the upstream: {text}"
+            );
+            assert!(
+                !text.contains("SeCrEtToKeN42"),
+                "the token stays secret: {text}"
+            );
+            front.shutdown().await;
+        }
+        upstream.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_real_tls_spark_thrift_server_is_reached_on_binary_and_http_with_verification_on() {
+    let dir = tls_dir().await;
+    let ca = dir.join("ca.pem");
+    for mode in ["binary", "http"] {
+        let up = sts_ssl(mode).await;
+        let extra = format!(
+            "tls = true\ntls_ca = \"{}\"\nhttp_path = \"cliservice\"",
+            ca.display()
+        );
+        let front = start_broker(&route_toml(mode, up, &extra)).await;
+        for t in [Transport::Binary, Transport::Http] {
+            let addr = if t == Transport::Binary {
+                front.binary
+            } else {
+                front.http
+            };
+            let who = current_user(addr, t, "alice", "x").await.unwrap();
+            assert_eq!(who, "alice", "{mode} upstream, {t:?} client");
+        }
+        front.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_listener_requiring_client_certificates_refuses_a_client_without_one() {
+    let (dir, up) = (tls_dir().await, sts_http().await);
+    let tls = format!(
+        "{}client_ca = \"{}\"\n",
+        server_tls(&dir, "server"),
+        dir.join("ca.pem").display()
+    );
+    let extra = "http_path = \"cliservice\"";
+    let (b, admin) = tls_broker(&tls, &route_toml("http", up, extra)).await;
+    let ca = dir.join("ca.pem");
+    let ca_s = ca.to_str().unwrap();
+    // PyHive over https with the fixture's client certificate: served
+    let (cert, key) = (dir.join("client.pem"), dir.join("client-key.pem"));
+    let args = [
+        "--ssl-ca",
+        ca_s,
+        "--client-cert",
+        cert.to_str().unwrap(),
+        "--client-key",
+        key.to_str().unwrap(),
+    ];
+    let v = py_client_args(
+        "pyhive",
+        "http",
+        b.http.port(),
+        "query",
+        Some("select 'mtls'"),
+        &args,
+    )
+    .await;
+    assert_eq!(v["rows"][0][0], "mtls", "{v}");
+    // without one: the handshake fails, on both listeners
+    let r = select_user(&tls_client(Transport::Binary, b.binary, &ca)).await;
+    assert!(r.is_err(), "no client certificate, yet served: {r:?}");
+    let r = select_user(&tls_client(Transport::Http, b.http, &ca)).await;
+    assert!(r.is_err(), "no client certificate, yet served: {r:?}");
+    for l in ["binary", "http"] {
+        metric_until(
+            admin,
+            "kyuubi_broker_tls_handshake_failures_total",
+            &format!("listener=\"{l}\",reason=\"client_certificate\""),
+            Duration::from_secs(5),
+            |v| v >= 1.0,
+        )
+        .await;
+    }
+    b.shutdown().await;
+}
+
+fn copy(from: &Path, to: &Path) {
+    // written beside and renamed: a reader never sees half a file
+    let tmp = to.with_extension("tmp");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+#[tokio::test]
+async fn a_certificate_swapped_on_disk_is_served_to_new_connections_while_old_ones_keep_working() {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let live = tempfile::tempdir().unwrap();
+    let (cert, key) = (live.path().join("cert.pem"), live.path().join("key.pem"));
+    copy(&dir.join("server.pem"), &cert);
+    copy(&dir.join("server-key.pem"), &key);
+    let tls = format!(
+        "cert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let (b, admin) = tls_broker(&tls, &route_toml("binary", up, "")).await;
+    let (ca, other_ca) = (dir.join("ca.pem"), dir.join("other-ca.pem"));
+    let mut old = Hs2Client::connect(&tls_client(Transport::Binary, b.binary, &ca), "alice", "x")
+        .await
+        .unwrap();
+    let session = old.open_session_with(&[]).await.unwrap();
+
+    // a broken pair: logged and counted, the old certificate stays
+    std::fs::write(
+        live.path().join("bad.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n",
+    )
+    .unwrap();
+    copy(&live.path().join("bad.pem"), &cert);
+    let labels = r#"listener="binary",reason="error""#;
+    metric_until(
+        admin,
+        "kyuubi_broker_tls_reloads_total",
+        labels,
+        Duration::from_secs(10),
+        |v| v >= 1.0,
+    )
+    .await;
+    assert_eq!(
+        select_user(&tls_client(Transport::Binary, b.binary, &ca))
+            .await
+            .unwrap(),
+        "alice"
+    );
+
+    // the other CA's pair: new connections get it
+    copy(&dir.join("other-server-key.pem"), &key);
+    copy(&dir.join("other-server.pem"), &cert);
+    let labels = r#"listener="binary",reason="ok""#;
+    metric_until(
+        admin,
+        "kyuubi_broker_tls_reloads_total",
+        labels,
+        Duration::from_secs(10),
+        |v| v >= 1.0,
+    )
+    .await;
+    let reason = tls_error(select_user(&tls_client(Transport::Binary, b.binary, &ca)).await);
+    assert!(reason.contains("not signed by a trusted CA"), "{reason}");
+    assert_eq!(
+        select_user(&tls_client(Transport::Binary, b.binary, &other_ca))
+            .await
+            .unwrap(),
+        "alice"
+    );
+
+    // the connection from before the swap still runs statements
+    let op = old.execute(&session, "select 'still here'").await.unwrap();
+    let rows = old.fetch(&op, 1).await.unwrap();
+    assert!(format!("{rows:?}").contains("still here"));
+    old.close_session(session).await.unwrap();
+    b.shutdown().await;
+}
+
+#[test]
+fn a_listener_key_that_does_not_match_its_certificate_stops_startup_naming_the_key() {
+    let dir = PathBuf::from(fixture(&["tls-certs"]));
+    let toml = format!(
+        r#"
+[[listener]]
+name = "binary"
+protocol = "binary"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "none"
+allow_any_user = true
+
+[listener.tls]
+cert = "{}"
+key = "{}"
+
+[routes.r.upstream]
+transport = "binary"
+host = "127.0.0.1"
+port = 10000
+"#,
+        dir.join("server.pem").display(),
+        dir.join("client-key.pem").display()
+    );
+    let cfg = kyuubi_broker::config::Config::from_toml(&toml, "test").unwrap();
+    let e = kyuubi_broker::prepare(cfg)
+        .err()
+        .expect("a mismatched key is refused")
+        .to_string();
+    assert!(
+        e.contains("listener[0].tls") && e.contains("does not go with listener.tls.cert"),
+        "{e}"
+    );
+    assert!(!e.contains("PRIVATE KEY"), "{e}");
+}
