@@ -355,6 +355,38 @@ mod tests {
     }
 
     #[test]
+    fn upstream_tls_keys_without_tls_are_refused_by_key() {
+        for k in ["tls_ca = \"/etc/ca.pem\"", "tls_server_name = \"gw\""] {
+            let e = err_of(&MINIMAL.replace("port = 10000", &format!("port = 10000\n{k}")));
+            let key = k.split(' ').next().unwrap();
+            assert!(
+                e.contains(&format!("routes.sts.upstream.{key}")) && e.contains("add tls = true"),
+                "{e}"
+            );
+        }
+        let e = err_of(&MINIMAL.replace(
+            "port = 10000",
+            "port = 10000\ntls = true\ntls_ca = \"/nonexistent/ca.pem\"",
+        ));
+        assert!(
+            e.contains("routes.sts.upstream.tls_ca") && e.contains("cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_listener_tls_certificate_that_cannot_be_read_is_named() {
+        let e = err_of(&MINIMAL.replace(
+            "allow_any_user = true",
+            "allow_any_user = true\n[listener.tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"",
+        ));
+        assert!(
+            e.contains("listener[0].tls.cert") && e.contains("cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = err_of(&MINIMAL.replace("port = 10000", "port = 10000\nprot = 1"));
         assert!(e.contains("prot"), "{e}");
