@@ -123,6 +123,7 @@ pub struct Metrics {
     refused: Family<RefusedLabels, Counter>,
     timed_out: Family<RefusedLabels, Counter>,
     tls_handshake_failures: Family<RefusedLabels, Counter>,
+    tls_handshakes: Family<RefusedLabels, Counter>,
     tls_reloads: Family<RefusedLabels, Counter>,
     tls_cert_expiry: Family<ListenerLabels, Gauge<f64, AtomicU64>>,
     audit_dropped: Counter,
@@ -245,6 +246,12 @@ impl Metrics {
             "Client TLS handshakes that failed, by listener and reason (plaintext: a client without TLS; closed; client_certificate: none or not trusted; protocol; timeout)",
             tls_handshake_failures.clone(),
         );
+        let tls_handshakes = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "Client TLS handshakes completed, by listener and reason (full, or resumed: a session resumed by ticket or id)",
+            tls_handshakes.clone(),
+        );
         let tls_reloads = Family::<RefusedLabels, Counter>::default();
         registry.register(
             "tls_reloads",
@@ -301,6 +308,7 @@ impl Metrics {
             refused,
             timed_out,
             tls_handshake_failures,
+            tls_handshakes,
             tls_reloads,
             tls_cert_expiry,
             audit_dropped,
@@ -405,6 +413,16 @@ impl Metrics {
             .get_or_create(&RefusedLabels {
                 listener: listener.clone(),
                 reason,
+            })
+            .inc();
+    }
+
+    /// A completed client handshake: `full` or `resumed`.
+    pub fn tls_handshake(&self, listener: &Arc<str>, kind: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&RefusedLabels {
+                listener: listener.clone(),
+                reason: kind,
             })
             .inc();
     }

@@ -521,3 +521,53 @@ port = 10000
     );
     assert!(!e.contains("PRIVATE KEY"), "{e}");
 }
+
+#[tokio::test]
+async fn a_binary_tls_upstream_resumes_its_session_on_reconnect_and_an_https_upstream_keeps_one_connection(
+) {
+    let dir = tls_dir().await;
+    let up = sts_binary().await;
+    let (upstream, upstream_admin) =
+        tls_broker(&server_tls(&dir, "server"), &route_toml("binary", up, "")).await;
+    let verify = format!(
+        "tls = true\ntls_ca = \"{}\"\ntls_server_name = \"localhost\"",
+        dir.join("ca.pem").display()
+    );
+    let handshakes = |listener: &'static str| async move {
+        let (_, text) = admin_get(upstream_admin, "/metrics").await;
+        let s = series(&text, "kyuubi_broker_tls_handshakes_total");
+        let get = |kind: &str| {
+            s.get(&format!("listener=\"{listener}\",reason=\"{kind}\""))
+                .copied()
+                .unwrap_or(0.0) as u64
+        };
+        (get("full"), get("resumed"))
+    };
+    // binary: each client connection is an upstream connection of its own
+    let front = start_broker(&route_toml("binary", upstream.binary, &verify)).await;
+    for _ in 0..3 {
+        let who = current_user(front.binary, Transport::Binary, "alice", "x").await;
+        assert_eq!(who.unwrap(), "alice");
+    }
+    let (full, resumed) = handshakes("binary").await;
+    assert_eq!(
+        (full, resumed),
+        (1, 2),
+        "one full handshake, then resumptions"
+    );
+    front.shutdown().await;
+    // HTTP: calls share the route's keep-alive pool
+    let front = start_broker(&route_toml("http", upstream.http, &verify)).await;
+    for _ in 0..3 {
+        let who = current_user(front.binary, Transport::Binary, "alice", "x").await;
+        assert_eq!(who.unwrap(), "alice");
+    }
+    let (full, resumed) = handshakes("http").await;
+    assert_eq!(
+        full + resumed,
+        1,
+        "every call over one kept-alive TLS connection"
+    );
+    front.shutdown().await;
+    upstream.shutdown().await;
+}

@@ -100,7 +100,15 @@ pub async fn tls_handshake(
     };
     let limit = shared.server.handshake_timeout;
     match tokio::time::timeout(limit, tls.accept(tcp)).await {
-        Ok(Ok(s)) => Tls::Ready(s),
+        Ok(Ok(s)) => {
+            let kind = if s.resumed() == Some(true) {
+                "resumed"
+            } else {
+                "full"
+            };
+            listener.edge.tls_handshake(kind);
+            Tls::Ready(s)
+        }
         Ok(Err(HandshakeError::Plaintext(tcp, first))) => {
             listener.edge.tls_plaintext();
             Tls::Plaintext(tcp, first)
