@@ -571,3 +571,172 @@ async fn a_binary_tls_upstream_resumes_its_session_on_reconnect_and_an_https_ups
     front.shutdown().await;
     upstream.shutdown().await;
 }
+
+/// A broker whose listeners log clients in by their certificate's common
+/// name, in front of the real Spark Thrift Server (passthrough identity:
+/// the upstream sees that name).
+async fn certificate_broker(dir: &Path) -> (Broker, SocketAddr) {
+    let up = sts_binary().await;
+    let toml = format!(
+        r#"
+[server]
+shutdown_grace = "10s"
+
+[admin]
+bind = "127.0.0.1:0"
+
+[[listener]]
+name = "binary"
+protocol = "binary"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "certificate"
+
+[listener.tls]
+{tls}client_ca = "{ca}"
+
+[[listener]]
+name = "http"
+protocol = "http"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "certificate"
+
+[listener.tls]
+{tls}client_ca = "{ca}"
+
+{route}
+"#,
+        tls = server_tls(dir, "server"),
+        ca = dir.join("ca.pem").display(),
+        route = route_toml("binary", up, "")
+    );
+    let b = start_broker_toml(&toml).await;
+    let admin = b.addrs["admin"];
+    (b, admin)
+}
+
+fn with_client_cert(mut c: UpstreamConfig, dir: &Path) -> UpstreamConfig {
+    c.tls_cert = Some(dir.join("client.pem"));
+    c.tls_key = Some(dir.join("client-key.pem"));
+    c
+}
+
+#[tokio::test]
+async fn a_certificate_listener_logs_in_the_user_its_client_certificate_names() {
+    let dir = tls_dir().await;
+    let (b, _) = certificate_broker(&dir).await;
+    let ca = dir.join("ca.pem");
+    for t in [Transport::Binary, Transport::Http] {
+        let addr = if t == Transport::Binary {
+            b.binary
+        } else {
+            b.http
+        };
+        let cfg = with_client_cert(tls_client(t, addr, &ca), &dir);
+        // the certificate (CN alice) is the login: no password, as
+        // "alice" or "anonymous" (what Hive JDBC sends without -n)
+        for claimed in ["alice", "anonymous"] {
+            let mut c = Hs2Client::connect(&cfg, claimed, "").await.unwrap();
+            let who = scalar(&mut c, &[], "select current_user()", 0)
+                .await
+                .unwrap();
+            assert_eq!(who, "alice", "{t:?} as '{claimed}'");
+        }
+        // another name than the certificate's is refused, and says why
+        let refused = match Hs2Client::connect(&cfg, "bob", "bob-pw").await {
+            Ok(mut c) => scalar(&mut c, &[], "select current_user()", 0)
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let text = format!("{refused:?}");
+        assert!(
+            text.contains("the client certificate names 'alice'"),
+            "{t:?}: {text}"
+        );
+    }
+    // PyHive over https with the certificate: the same user upstream
+    let ca_s = ca.to_str().unwrap();
+    let (cert, key) = (dir.join("client.pem"), dir.join("client-key.pem"));
+    let args = [
+        "--ssl-ca",
+        ca_s,
+        "--client-cert",
+        cert.to_str().unwrap(),
+        "--client-key",
+        key.to_str().unwrap(),
+        "--user",
+        "",
+        "--password",
+        "",
+    ];
+    let v = py_client_args(
+        "pyhive",
+        "http",
+        b.http.port(),
+        "query",
+        Some("select current_user()"),
+        &args,
+    )
+    .await;
+    assert_eq!(v["rows"][0][0], "alice", "{v}");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_route_with_a_client_certificate_logs_in_to_an_upstream_that_requires_one() {
+    let dir = tls_dir().await;
+    // the upstream: a broker whose HTTPS listener logs in by certificate
+    let (b, _) = certificate_broker(&dir).await;
+    let extra = format!(
+        "tls = true\ntls_ca = \"{}\"\ntls_server_name = \"localhost\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nhttp_path = \"cliservice\"",
+        dir.join("ca.pem").display(),
+        dir.join("client.pem").display(),
+        dir.join("client-key.pem").display()
+    );
+    let front = start_broker(&route_toml("http", b.http, &extra)).await;
+    let who = current_user(front.binary, Transport::Binary, "anonymous", "").await;
+    assert_eq!(
+        who.unwrap(),
+        "alice",
+        "the upstream saw the front broker's certificate"
+    );
+    front.shutdown().await;
+    // without tls_cert the same route is refused at the handshake
+    let extra = format!(
+        "tls = true\ntls_ca = \"{}\"\ntls_server_name = \"localhost\"\nhttp_path = \"cliservice\"",
+        dir.join("ca.pem").display()
+    );
+    let front = start_broker(&route_toml("http", b.http, &extra)).await;
+    let r = current_user(front.binary, Transport::Binary, "anonymous", "").await;
+    assert!(r.is_err(), "no client certificate, yet served: {r:?}");
+    front.shutdown().await;
+    b.shutdown().await;
+}
+
+#[test]
+fn the_identity_of_a_client_certificate_is_its_common_name_or_the_san_asked_for() {
+    use kyuubi_broker::tls::server::{cert_identity, CertIdentity};
+    use rustls::pki_types::pem::PemObject;
+    let dir = PathBuf::from(fixture(&["tls-certs"]));
+    let cert = rustls::pki_types::CertificateDer::from_pem_file(dir.join("client.pem")).unwrap();
+    assert_eq!(
+        cert_identity(&cert, CertIdentity::Cn).as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        cert_identity(&cert, CertIdentity::SanEmail).as_deref(),
+        Some("alice@example.com")
+    );
+    assert_eq!(
+        cert_identity(&cert, CertIdentity::SanDns),
+        None,
+        "it has no DNS name"
+    );
+    let server = rustls::pki_types::CertificateDer::from_pem_file(dir.join("server.pem")).unwrap();
+    assert_eq!(
+        cert_identity(&server, CertIdentity::SanDns).as_deref(),
+        Some("localhost")
+    );
+}

@@ -24,6 +24,10 @@ pub enum ClientAuth {
     /// SASL GSSAPI (binary) / SPNEGO (HTTP) with the broker's keytab
     /// (`[listener.kerberos]`).
     Kerberos,
+    /// The client's TLS certificate, verified against
+    /// `[listener.tls].client_ca`, names the user (`[listener.tls].identity`);
+    /// no password is asked for.
+    Certificate,
 }
 
 /// The broker as a Kerberos service for its clients.
@@ -244,6 +248,24 @@ impl ListenerConfig {
                     krb5.push((format!("{key}.kerberos.krb5_conf"), f.clone()));
                 }
             }
+            ClientAuth::Certificate => match &self.tls {
+                Some(t) if t.client_ca.is_some() => {
+                    if t.client_cert == crate::tls::server::ClientCert::Optional {
+                        return Err(invalid(
+                            format!("{key}.tls.client_cert"),
+                            "is \"optional\", but with auth = \"certificate\" the certificate is the login",
+                            "remove client_cert (required is the default)",
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        format!("{key}.tls.client_ca"),
+                        "auth = \"certificate\" needs client certificates checked against a CA",
+                        "add [listener.tls] with cert, key and client_ca",
+                    ))
+                }
+            },
             ClientAuth::None => {}
         }
         if let Some(t) = &self.tls {

@@ -387,6 +387,34 @@ mod tests {
     }
 
     #[test]
+    fn certificate_login_needs_a_client_ca_and_required_client_certificates() {
+        let cert = MINIMAL.replace(
+            "auth = \"none\"\n        allow_any_user = true",
+            "auth = \"certificate\"",
+        );
+        let e = err_of(&cert);
+        assert!(
+            e.contains("listener[0].tls.client_ca") && e.contains("auth = \"certificate\""),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.pem");
+        std::fs::write(&f, "x").unwrap();
+        let toml = cert.replace(
+            "auth = \"certificate\"",
+            &format!(
+                "auth = \"certificate\"\n        [listener.tls]\n        cert = \"{0}\"\n        key = \"{0}\"\n        client_ca = \"{0}\"\n        client_cert = \"optional\"",
+                f.display()
+            ),
+        );
+        let e = err_of(&toml);
+        assert!(
+            e.contains("listener[0].tls.client_cert") && e.contains("optional"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = err_of(&MINIMAL.replace("port = 10000", "port = 10000\nprot = 1"));
         assert!(e.contains("prot"), "{e}");

@@ -66,6 +66,19 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// On a listener that logs in by client certificate, the user name of
+    /// this connection's verified certificate.
+    pub fn cert_user(&self, stream: &Stream) -> Option<String> {
+        let tls = self.tls.as_ref()?;
+        if !self.auth.by_certificate() {
+            return None;
+        }
+        let leaf = stream.peer_certificates()?.first()?;
+        crate::tls::server::cert_identity(leaf, tls.files().identity)
+    }
+}
+
 /// What every connection task needs.
 pub struct Shared {
     pub broker: Arc<Broker>,

@@ -1,6 +1,7 @@
 //! A listener's TLS: its certificate and key (reloaded without a restart
 //! when the files change or on SIGHUP; a bad new file keeps the old pair),
-//! and optional client certificates checked against a CA bundle.
+//! optional client certificates checked against a CA bundle, and the user
+//! name a client certificate stands for (`auth = "certificate"`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -28,6 +29,53 @@ pub struct ListenerTls {
     /// With `client_ca`: whether a client must present a certificate.
     #[serde(default)]
     pub client_cert: ClientCert,
+    /// With `auth = "certificate"`: which name in the client's certificate
+    /// is its user name.
+    #[serde(default)]
+    pub identity: CertIdentity,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertIdentity {
+    /// The subject's common name.
+    #[default]
+    Cn,
+    /// The first DNS name among the subject alternative names.
+    SanDns,
+    /// The first e-mail address among the subject alternative names (whole:
+    /// map it in the route if the upstream wants the local part).
+    SanEmail,
+}
+
+/// The user name a client's (already verified) leaf certificate stands
+/// for; `None` if it has no such name, or one no log line could carry.
+pub fn cert_identity(
+    cert: &rustls::pki_types::CertificateDer<'_>,
+    from: CertIdentity,
+) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, c) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let name = match from {
+        CertIdentity::Cn => c
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string),
+        CertIdentity::SanDns | CertIdentity::SanEmail => {
+            let san = c.subject_alternative_name().ok()??;
+            san.value
+                .general_names
+                .iter()
+                .find_map(|g| match (from, g) {
+                    (CertIdentity::SanDns, GeneralName::DNSName(d)) => Some(d.to_string()),
+                    (CertIdentity::SanEmail, GeneralName::RFC822Name(m)) => Some(m.to_string()),
+                    _ => None,
+                })
+        }
+    };
+    name.filter(|n| !n.is_empty() && n.len() <= 255 && !n.chars().any(char::is_control))
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
