@@ -476,9 +476,13 @@ cmd_kdc_stop() {
 # --- TLS test certificates -------------------------------------------------
 TLS_DIR=${KB_TLS_DIR:-/tmp/kb-tls}
 
-# A fresh EC P-256 key in PKCS#8 PEM at $1.
+# A fresh key in PKCS#8 PEM at $1: EC P-256, or $2 = rsa | ed25519.
 tls_key() {
-  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null
+  case "${2:-ec}" in
+    rsa) openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$1" 2>/dev/null ;;
+    ed25519) openssl genpkey -algorithm ED25519 -out "$1" 2>/dev/null ;;
+    *) openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null ;;
+  esac
 }
 
 # A self-signed CA: file prefix $1, subject CN $2.
@@ -490,10 +494,10 @@ tls_ca() {
 }
 
 # A certificate signed by CA prefix $1: file prefix $2, subject CN $3,
-# extensions $4 (lines of an openssl extension section).
+# extensions $4 (lines of an openssl extension section), key type $5.
 tls_issue() {
   local ca=$1 name=$2 cn=$3 ext=$4
-  tls_key "$TLS_DIR/$name-key.pem"
+  tls_key "$TLS_DIR/$name-key.pem" "${5:-ec}"
   openssl req -new -key "$TLS_DIR/$name-key.pem" -subj "/CN=$cn" -out "$TLS_DIR/$name.csr"
   printf '%s\n' "$ext" >"$TLS_DIR/$name.ext"
   openssl x509 -req -in "$TLS_DIR/$name.csr" -CA "$TLS_DIR/$ca.pem" -CAkey "$TLS_DIR/$ca-key.pem" \
@@ -530,9 +534,16 @@ tls_expired() {
 #   other-ca.pem other-server.pem/-key.pem   the same names, signed by a CA nobody trusts
 #   wrong-host.pem wrong-host-key.pem  signed by ca, valid only for wrong.example
 #   expired.pem expired-key.pem        signed by ca, SANs as server.pem, expired in 2021
+#   server-rsa.pem server-ed25519.pem  as server.pem, with an RSA 2048 and an Ed25519 key
+#                                      (-key.pem beside each)
 # Idempotent: an existing complete set is kept.
+TLS_SET=complete-2
 cmd_tls_certs() {
-  if [ -f "$TLS_DIR/complete" ]; then echo "$TLS_DIR"; return 0; fi
+  # one writer at a time: parallel tests ask for the set at once
+  # (closed again on the way out: a server started later must not hold it)
+  exec 8>"$TLS_DIR.lock"
+  flock 8
+  if [ -f "$TLS_DIR/$TLS_SET" ]; then exec 8>&-; echo "$TLS_DIR"; return 0; fi
   command -v openssl >/dev/null || die "openssl is needed (apt-get install openssl)"
   command -v keytool >/dev/null || die "keytool is needed (a JDK: apt-get install openjdk-17-jdk-headless)"
   [ -n "$TLS_DIR" ] && [ "$TLS_DIR" != / ] || die "KB_TLS_DIR is empty"
@@ -545,6 +556,8 @@ cmd_tls_certs() {
   tls_ca other-ca "an untrusted test CA"
   tls_issue ca server localhost "$server_ext"
   tls_issue ca client alice "$(printf '%s\n' 'subjectAltName=email:alice@example.com' 'extendedKeyUsage=clientAuth')"
+  tls_issue ca server-rsa localhost "$server_ext" rsa
+  tls_issue ca server-ed25519 localhost "$server_ext" ed25519
   tls_issue other-ca other-server localhost "$server_ext"
   tls_issue ca wrong-host wrong.example "$(printf '%s\n' 'subjectAltName=DNS:wrong.example' 'extendedKeyUsage=serverAuth')"
   tls_expired
@@ -558,7 +571,9 @@ cmd_tls_certs() {
     -deststorepass changeit >/dev/null 2>&1
   rm -f "$TLS_DIR/server.p12"
   chmod 600 "$TLS_DIR"/*-key.pem
-  touch "$TLS_DIR/complete"
+  # "complete" is what the first version of this function looked for
+  touch "$TLS_DIR/$TLS_SET" "$TLS_DIR/complete"
+  exec 8>&-
   log "TLS test certificates in $TLS_DIR"
   echo "$TLS_DIR"
 }

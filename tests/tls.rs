@@ -740,3 +740,22 @@ fn the_identity_of_a_client_certificate_is_its_common_name_or_the_san_asked_for(
         Some("localhost")
     );
 }
+
+#[tokio::test]
+async fn rsa_and_ed25519_listener_certificates_serve_as_ecdsa_does() {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let ca = dir.join("ca.pem");
+    for cert in ["server-rsa", "server-ed25519"] {
+        let (b, _) = tls_broker(&server_tls(&dir, cert), &route_toml("binary", up, "")).await;
+        for t in [Transport::Binary, Transport::Http] {
+            let addr = if t == Transport::Binary {
+                b.binary
+            } else {
+                b.http
+            };
+            let who = select_user(&tls_client(t, addr, &ca)).await;
+            assert_eq!(who.unwrap(), "alice", "{cert} {t:?}");
+        }
+        b.shutdown().await;
+    }
+}
