@@ -759,3 +759,53 @@ async fn rsa_and_ed25519_listener_certificates_serve_as_ecdsa_does() {
         b.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_tls_client_over_the_connection_cap_is_refused_over_tls_with_the_cap_named() {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let toml = format!(
+        r#"
+[server]
+shutdown_grace = "10s"
+max_connections = 1
+
+[[listener]]
+name = "binary"
+protocol = "binary"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "none"
+allow_any_user = true
+
+[listener.tls]
+{}
+{}
+"#,
+        server_tls(&dir, "server"),
+        route_toml("binary", up, "")
+    );
+    let b = start_broker_toml(&toml).await;
+    let cfg = tls_client(Transport::Binary, b.binary, &dir.join("ca.pem"));
+    // the one slot, held by a logged-in client
+    let mut first = Hs2Client::connect(&cfg, "alice", "x").await.unwrap();
+    let s = first.open_session_with(&[]).await.unwrap();
+    // the second completes its TLS handshake and is told why, in SASL
+    match Hs2Client::connect(&cfg, "alice", "x").await {
+        Err(ClientError::Transport(UpstreamError::AuthRejected { reason, .. })) => {
+            assert!(reason.contains("server.max_connections = 1"), "{reason}")
+        }
+        other => panic!("expected the cap's refusal, got {:?}", other.map(|_| ())),
+    }
+    first.close_session(s).await.unwrap();
+    drop(first);
+    // the slot is free again
+    let t0 = Instant::now();
+    while select_user(&cfg).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.shutdown().await;
+}
