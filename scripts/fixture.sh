@@ -159,7 +159,7 @@ cmd_start() {
     hive+=(--hiveconf hive.server2.authentication=NONE)
   fi
   if [ "$ssl" = 1 ]; then
-    cmd_tls_certs >/dev/null
+    tls_certs >/dev/null
     hive+=(--hiveconf hive.server2.use.SSL=true
       --hiveconf "hive.server2.keystore.path=$TLS_DIR/server-keystore.jks"
       --hiveconf hive.server2.keystore.password=changeit)
@@ -328,7 +328,7 @@ ldap_ready() {
 # 0600 key in the 0700 $TLS_DIR; anyone else needs to own $TLS_DIR.
 cmd_ldap_start() {
   ldap_install
-  cmd_tls_certs >/dev/null
+  tls_certs >/dev/null
   [ -r "$TLS_DIR/server-key.pem" ] || die "slapd (running as $(id -un)) cannot read $TLS_DIR/server-key.pem"
   mkdir -p "$LDAP_DIR/data"
   exec 9>"$LDAP_DIR/lock"
@@ -600,8 +600,18 @@ cmd_tls_certs() {
   echo "$TLS_DIR"
 }
 
+# cmd_tls_certs one at a time (tests call it in parallel; it starts with
+# rm -rf), with a lock beside $TLS_DIR since the directory is replaced.
+tls_certs() {
+  mkdir -p "$(dirname "$TLS_DIR")"
+  (
+    flock 8
+    cmd_tls_certs
+  ) 8>"$TLS_DIR.lock"
+}
+
 case "${1:-}" in
-  tls-certs) cmd_tls_certs ;;
+  tls-certs) tls_certs ;;
   kdc-start) cmd_kdc_start ;;
   kdc-stop) cmd_kdc_stop ;;
   install) shift; cmd_install ;;
