@@ -177,7 +177,8 @@ impl Prepared {
         self.config
             .listeners
             .iter()
-            .filter_map(|l| l.plaintext_passwords_warning())
+            .flat_map(|l| [l.plaintext_passwords_warning(), l.ldap_plaintext_warning()])
+            .flatten()
             .collect()
     }
 }
@@ -245,7 +246,8 @@ pub async fn run(
     for w in config
         .listeners
         .iter()
-        .filter_map(|l| l.plaintext_passwords_warning())
+        .flat_map(|l| [l.plaintext_passwords_warning(), l.ldap_plaintext_warning()])
+        .flatten()
     {
         warn!("{w}");
     }

@@ -83,6 +83,44 @@ fn check_config_warns_about_a_non_loopback_listener_taking_passwords_without_tls
 }
 
 #[test]
+fn check_config_warns_about_ldap_passwords_sent_in_clear_to_a_non_loopback_server() {
+    let dir = tempfile::tempdir().unwrap();
+    // loopback listeners: no warning of their own about the client side
+    let listener = |name: &str, port: u16, ldap: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:{port}\"\nroute = \"r\"\nauth = \"ldap\"\n[listener.ldap]\nuser_dn_pattern = \"uid=%s,ou=people,dc=example,dc=com\"\n{ldap}\n"
+        )
+    };
+    let f = dir.path().join("c.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "{}{}{}{}[routes.r.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = 10000\n",
+            listener("clear", 10096, "url = \"ldap://ldap.example.com:389\""),
+            listener("starttls", 10095, "url = \"ldap://ldap.example.com:389\"\nstarttls = true"),
+            listener("ldaps", 10094, "url = \"ldaps://ldap.example.com:636\""),
+            listener("local", 10093, "url = \"ldap://127.0.0.1:3890\"")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&f)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 1, "only the one in clear: {err}");
+    assert!(
+        warnings[0].starts_with(
+            "warning: listener 'clear' checks passwords against ldap://ldap.example.com:389 without TLS"
+        ) && warnings[0].contains("use ldaps:// or set starttls = true"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_config_accepts_the_tls_examples_once_the_test_certificates_exist() {
     let root = env!("CARGO_MANIFEST_DIR");
     let made = Command::new(format!("{root}/scripts/fixture.sh"))

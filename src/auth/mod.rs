@@ -78,9 +78,16 @@ impl Authenticator {
         let check = match l.auth {
             ClientAuth::None => Check::AnyUser,
             ClientAuth::Certificate => Check::Certificate,
-            ClientAuth::Ldap => Check::Ldap(Arc::new(ldap::LdapAuth::new(
-                l.ldap.clone().ok_or_else(|| missing("ldap", "ldap"))?,
-            ))),
+            ClientAuth::Ldap => Check::Ldap(Arc::new(
+                ldap::LdapAuth::new(l.ldap.clone().ok_or_else(|| missing("ldap", "ldap"))?)
+                    .map_err(|e| {
+                        bad(
+                            "ldap.tls_ca",
+                            e.to_string(),
+                            "give a PEM bundle of the CA certificates that sign the LDAP server's certificate",
+                        )
+                    })?,
+            )),
             ClientAuth::Static => {
                 let f = l
                     .users_file

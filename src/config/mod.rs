@@ -468,6 +468,113 @@ mod tests {
         assert!(err_of(&t).contains("user_dn_pattern"), "{}", err_of(&t));
     }
 
+    /// MINIMAL with `auth = "ldap"` and a `[listener.ldap]` of `url` and
+    /// `extra` lines.
+    fn ldap_listener(url: &str, extra: &str) -> String {
+        MINIMAL.replace(
+            "        auth = \"none\"\n        allow_any_user = true\n",
+            &format!(
+                "        auth = \"ldap\"\n        [listener.ldap]\n        url = \"{url}\"\n        user_dn_pattern = \"uid=%s,ou=people,dc=example,dc=com\"\n{extra}\n"
+            ),
+        )
+    }
+
+    #[test]
+    fn ldap_tls_is_off_by_default() {
+        let c = Config::from_toml(&ldap_listener("ldap://127.0.0.1:3890", ""), "t").unwrap();
+        let ld = c.listeners[0].ldap.as_ref().unwrap();
+        assert!(!ld.starttls && ld.tls_ca.is_none() && !ld.uses_tls());
+        let c = Config::from_toml(&ldap_listener("ldaps://ldap.example.com", ""), "t").unwrap();
+        assert!(c.listeners[0].ldap.as_ref().unwrap().uses_tls());
+    }
+
+    #[test]
+    fn ldap_starttls_with_an_ldaps_url_is_refused_naming_the_key() {
+        let e = err_of(&ldap_listener(
+            "ldap://a.example.com ldaps://b.example.com:636",
+            "starttls = true",
+        ));
+        assert!(
+            e.starts_with(
+                "listener[0].ldap.starttls: is true, but ldaps://b.example.com:636 is TLS already"
+            ) && e.contains("remove starttls"),
+            "{e}"
+        );
+        Config::from_toml(
+            &ldap_listener("ldap://a.example.com", "starttls = true"),
+            "t",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn ldap_tls_ca_needs_tls_and_a_readable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let tls_ca = format!("tls_ca = \"{}\"", ca.display());
+        let e = err_of(&ldap_listener("ldap://ldap.example.com", &tls_ca));
+        assert!(
+            e.starts_with(
+                "listener[0].ldap.tls_ca: is set, but no URL is ldaps:// and starttls is false"
+            ) && e.contains("set starttls = true"),
+            "{e}"
+        );
+        // with TLS either way it is taken (its contents are read when the
+        // authenticator is built)
+        Config::from_toml(&ldap_listener("ldaps://ldap.example.com", &tls_ca), "t").unwrap();
+        let starttls = format!("{tls_ca}\nstarttls = true");
+        Config::from_toml(&ldap_listener("ldap://ldap.example.com", &starttls), "t").unwrap();
+        let e = err_of(&ldap_listener(
+            "ldaps://ldap.example.com",
+            "tls_ca = \"/nonexistent/ca.pem\"",
+        ));
+        assert!(
+            e.starts_with("listener[0].ldap.tls_ca: /nonexistent/ca.pem cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ldap_urls_need_an_ldap_scheme() {
+        for url in ["", "ldap.example.com:389", "ldap://a ldsp://b"] {
+            let e = err_of(&ldap_listener(url, ""));
+            assert!(e.starts_with("listener[0].ldap.url: "), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn ldap_in_clear_to_another_host_is_a_warning_naming_the_urls() {
+        let warning = |url: &str, extra: &str| {
+            Config::from_toml(&ldap_listener(url, extra), "t")
+                .unwrap()
+                .listeners[0]
+                .ldap_plaintext_warning()
+        };
+        let w = warning(
+            "ldap://ldap.example.com:389 ldaps://b.example.com ldap://127.0.0.1",
+            "",
+        )
+        .expect("a warning");
+        assert!(
+            w.starts_with(
+                "listener 'bin' checks passwords against ldap://ldap.example.com:389 without TLS"
+            ) && w.contains("starttls = true"),
+            "{w}"
+        );
+        for (url, extra) in [
+            ("ldap://ldap.example.com", "starttls = true"),
+            ("ldaps://ldap.example.com", ""),
+            (
+                "ldap://127.0.0.1:3890 ldap://localhost ldap://[::1]:389 ldap:///",
+                "",
+            ),
+            ("ldapi://%2Frun%2Fslapd%2Fldapi", ""),
+        ] {
+            assert_eq!(warning(url, extra), None, "{url} {extra}");
+        }
+    }
+
     #[test]
     fn proxy_user_mapping_needs_the_brokers_own_credentials() {
         let t =
