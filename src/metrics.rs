@@ -49,6 +49,18 @@ struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    listener: Arc<str>,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    listener: Arc<str>,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LoginLabels {
     listener: Arc<str>,
     mechanism: &'static str,
@@ -123,8 +135,8 @@ pub struct Metrics {
     refused: Family<RefusedLabels, Counter>,
     timed_out: Family<RefusedLabels, Counter>,
     tls_handshake_failures: Family<RefusedLabels, Counter>,
-    tls_handshakes: Family<RefusedLabels, Counter>,
-    tls_reloads: Family<RefusedLabels, Counter>,
+    tls_handshakes: Family<KindLabels, Counter>,
+    tls_reloads: Family<ResultLabels, Counter>,
     tls_cert_expiry: Family<ListenerLabels, Gauge<f64, AtomicU64>>,
     audit_dropped: Counter,
     sessions: Family<RouteLabels, Gauge>,
@@ -246,16 +258,16 @@ impl Metrics {
             "Client TLS handshakes that failed, by listener and reason (plaintext: a client without TLS; closed; client_certificate: none or not trusted; protocol; timeout)",
             tls_handshake_failures.clone(),
         );
-        let tls_handshakes = Family::<RefusedLabels, Counter>::default();
+        let tls_handshakes = Family::<KindLabels, Counter>::default();
         registry.register(
             "tls_handshakes",
-            "Client TLS handshakes completed, by listener and reason (full, or resumed: a session resumed by ticket or id)",
+            "Client TLS handshakes completed, by listener and kind (full, or resumed: a session resumed by ticket or id)",
             tls_handshakes.clone(),
         );
-        let tls_reloads = Family::<RefusedLabels, Counter>::default();
+        let tls_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "tls_reloads",
-            "Certificate reloads of a TLS listener, by listener and reason (ok, error: the old certificate stays)",
+            "Certificate reloads of a TLS listener, by listener and result (ok, error: the old certificate stays)",
             tls_reloads.clone(),
         );
         let tls_cert_expiry = Family::<ListenerLabels, Gauge<f64, AtomicU64>>::default();
@@ -420,19 +432,19 @@ impl Metrics {
     /// A completed client handshake: `full` or `resumed`.
     pub fn tls_handshake(&self, listener: &Arc<str>, kind: &'static str) {
         self.tls_handshakes
-            .get_or_create(&RefusedLabels {
+            .get_or_create(&KindLabels {
                 listener: listener.clone(),
-                reason: kind,
+                kind,
             })
             .inc();
     }
 
     /// `ok`: the new certificate is served; `error`: the old one stays.
-    pub fn tls_reloaded(&self, listener: &Arc<str>, reason: &'static str) {
+    pub fn tls_reloaded(&self, listener: &Arc<str>, result: &'static str) {
         self.tls_reloads
-            .get_or_create(&RefusedLabels {
+            .get_or_create(&ResultLabels {
                 listener: listener.clone(),
-                reason,
+                result,
             })
             .inc();
     }

@@ -224,7 +224,7 @@ fn sighup_reloads_a_tls_listeners_certificate_even_when_its_files_did_not_change
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(
-        line.contains("reason=\"ok\"") && line.ends_with(" 1"),
+        line.contains("result=\"ok\"") && line.ends_with(" 1"),
         "{line}"
     );
     assert!(

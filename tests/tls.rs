@@ -440,7 +440,7 @@ async fn a_certificate_swapped_on_disk_is_served_to_new_connections_while_old_on
     )
     .unwrap();
     copy(&live.path().join("bad.pem"), &cert);
-    let labels = r#"listener="binary",reason="error""#;
+    let labels = r#"listener="binary",result="error""#;
     metric_until(
         admin,
         "kyuubi_broker_tls_reloads_total",
@@ -459,7 +459,7 @@ async fn a_certificate_swapped_on_disk_is_served_to_new_connections_while_old_on
     // the other CA's pair: new connections get it
     copy(&dir.join("other-server-key.pem"), &key);
     copy(&dir.join("other-server.pem"), &cert);
-    let labels = r#"listener="binary",reason="ok""#;
+    let labels = r#"listener="binary",result="ok""#;
     metric_until(
         admin,
         "kyuubi_broker_tls_reloads_total",
@@ -537,7 +537,7 @@ async fn a_binary_tls_upstream_resumes_its_session_on_reconnect_and_an_https_ups
         let (_, text) = admin_get(upstream_admin, "/metrics").await;
         let s = series(&text, "kyuubi_broker_tls_handshakes_total");
         let get = |kind: &str| {
-            s.get(&format!("listener=\"{listener}\",reason=\"{kind}\""))
+            s.get(&format!("listener=\"{listener}\",kind=\"{kind}\""))
                 .copied()
                 .unwrap_or(0.0) as u64
         };
@@ -807,5 +807,65 @@ allow_any_user = true
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_listener_with_client_certificates_never_resumes_a_session_so_every_certificate_is_checked_again(
+) {
+    let dir = tls_dir().await;
+    let (b, admin) = certificate_broker(&dir).await;
+    let cfg = with_client_cert(
+        tls_client(Transport::Binary, b.binary, &dir.join("ca.pem")),
+        &dir,
+    );
+    for _ in 0..3 {
+        let mut c = Hs2Client::connect(&cfg, "anonymous", "").await.unwrap();
+        let s = c.open_session_with(&[]).await.unwrap();
+        c.close_session(s).await.unwrap();
+    }
+    let (_, text) = admin_get(admin, "/metrics").await;
+    let hs = series(&text, "kyuubi_broker_tls_handshakes_total");
+    assert_eq!(
+        hs.get(r#"listener="binary",kind="full""#)
+            .copied()
+            .map(|v| v as u64),
+        Some(3),
+        "{text}"
+    );
+    assert_eq!(
+        hs.get(r#"listener="binary",kind="resumed""#),
+        None,
+        "{text}"
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_connection_or_a_tcp_health_check_on_a_tls_port_is_no_failed_handshake() {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let (b, admin) = tls_broker(&server_tls(&dir, "server"), &route_toml("binary", up, "")).await;
+    // connect and close at once (a TCP health check)
+    drop(tokio::net::TcpStream::connect(b.binary).await.unwrap());
+    // connect and say nothing until the 3 s handshake timeout closes it
+    let mut silent = tokio::net::TcpStream::connect(b.binary).await.unwrap();
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("closed by the handshake timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    metric_until(
+        admin,
+        "kyuubi_broker_connections_timed_out_total",
+        r#"listener="binary",reason="no_request""#,
+        Duration::from_secs(5),
+        |v| v >= 1.0,
+    )
+    .await;
+    let (_, text) = admin_get(admin, "/metrics").await;
+    let failures = series(&text, "kyuubi_broker_tls_handshake_failures_total");
+    assert!(failures.is_empty(), "no handshake failed: {text}");
     b.shutdown().await;
 }

@@ -746,8 +746,8 @@ async fn the_token_rotation_example_reaches_its_gateway_over_https_with_a_rotate
             cert: dir.join("server.pem"),
             key: dir.join("server-key.pem"),
             client_ca: None,
-            client_cert: Default::default(),
-            identity: Default::default(),
+            client_cert: None,
+            identity: None,
         },
         true,
     )

@@ -54,8 +54,8 @@ pub fn run(a: EmulateArgs) -> ExitCode {
                 cert,
                 key,
                 client_ca: None,
-                client_cert: Default::default(),
-                identity: Default::default(),
+                client_cert: None,
+                identity: None,
             };
             match crate::tls::server::ServerTls::new(&files, true) {
                 Ok(t) => Some(std::sync::Arc::new(t)),

@@ -365,7 +365,7 @@ impl ListenerConfig {
             }
             ClientAuth::Certificate => match &self.tls {
                 Some(t) if t.client_ca.is_some() => {
-                    if t.client_cert == crate::tls::server::ClientCert::Optional {
+                    if t.client_cert == Some(crate::tls::server::ClientCert::Optional) {
                         return Err(invalid(
                             format!("{key}.tls.client_cert"),
                             "is \"optional\", but with auth = \"certificate\" the certificate is the login",
@@ -384,6 +384,25 @@ impl ListenerConfig {
             ClientAuth::None => {}
         }
         if let Some(t) = &self.tls {
+            for (k, set) in [
+                ("client_cert", t.client_cert.is_some()),
+                ("identity", t.identity.is_some()),
+            ] {
+                if set && t.client_ca.is_none() {
+                    return Err(invalid(
+                        format!("{key}.tls.{k}"),
+                        "is set but client_ca is not, so no client certificate is asked for",
+                        "add client_ca (the CA bundle client certificates are checked against)",
+                    ));
+                }
+            }
+            if t.identity.is_some() && self.auth != ClientAuth::Certificate {
+                return Err(invalid(
+                    format!("{key}.tls.identity"),
+                    "names the certificate's user, but auth is not \"certificate\"",
+                    "set auth = \"certificate\", or remove identity",
+                ));
+            }
             readable(&t.cert, &format!("{key}.tls.cert"))?;
             readable(&t.key, &format!("{key}.tls.key"))?;
             if let Some(ca) = &t.client_ca {

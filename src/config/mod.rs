@@ -415,6 +415,27 @@ mod tests {
     }
 
     #[test]
+    fn client_certificate_keys_without_a_client_ca_are_refused_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.pem");
+        std::fs::write(&f, "x").unwrap();
+        for (k, v) in [("client_cert", "\"required\""), ("identity", "\"cn\"")] {
+            let toml = MINIMAL.replace(
+                "allow_any_user = true",
+                &format!(
+                    "allow_any_user = true\n        [listener.tls]\n        cert = \"{0}\"\n        key = \"{0}\"\n        {k} = {v}",
+                    f.display()
+                ),
+            );
+            let e = err_of(&toml);
+            assert!(
+                e.contains(&format!("listener[0].tls.{k}")) && e.contains("add client_ca"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = err_of(&MINIMAL.replace("port = 10000", "port = 10000\nprot = 1"));
         assert!(e.contains("prot"), "{e}");

@@ -426,6 +426,7 @@ async fn connection(
         }
     }
     shared.broker.binary_gone(&mut client).await;
+    io.shutdown().await;
     drop(user_slot);
 }
 

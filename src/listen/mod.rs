@@ -75,7 +75,7 @@ impl Listener {
             return None;
         }
         let leaf = stream.peer_certificates()?.first()?;
-        crate::tls::server::cert_identity(leaf, tls.files().identity)
+        crate::tls::server::cert_identity(leaf, tls.identity())
     }
 }
 
@@ -112,7 +112,22 @@ pub async fn tls_handshake(
         return Tls::Ready(Stream::Plain(tcp));
     };
     let limit = shared.server.handshake_timeout;
-    match tokio::time::timeout(limit, tls.accept(tcp)).await {
+    let deadline = tokio::time::Instant::now() + limit;
+    // nothing sent yet: a pre-opened connection or a TCP health check, not
+    // a failed TLS handshake
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Err(_) => {
+            listener.edge.unused(peer, limit);
+            return Tls::Failed;
+        }
+        Ok(Ok(0)) | Ok(Err(_)) => {
+            tracing::debug!(%peer, "closed before the TLS handshake (health check?)");
+            return Tls::Failed;
+        }
+        Ok(Ok(_)) => {}
+    }
+    match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
         Ok(Ok(s)) => {
             let kind = if s.resumed() == Some(true) {
                 "resumed"
