@@ -625,7 +625,7 @@ fn with_client_cert(mut c: UpstreamConfig, dir: &Path) -> UpstreamConfig {
 #[tokio::test]
 async fn a_certificate_listener_logs_in_the_user_its_client_certificate_names() {
     let dir = tls_dir().await;
-    let (b, _) = certificate_broker(&dir).await;
+    let (b, admin) = certificate_broker(&dir).await;
     let ca = dir.join("ca.pem");
     for t in [Transport::Binary, Transport::Http] {
         let addr = if t == Transport::Binary {
@@ -656,6 +656,20 @@ async fn a_certificate_listener_logs_in_the_user_its_client_certificate_names() 
             "{t:?}: {text}"
         );
     }
+    // one login per HTTP connection (as per binary connection), not per request
+    let (_, text) = admin_get(admin, "/metrics").await;
+    let logins = series(&text, "kyuubi_broker_login_duration_seconds_count");
+    let http_ok: f64 = logins
+        .iter()
+        .filter(|(k, _)| {
+            k.contains("listener=\"http\"")
+                && k.contains("certificate")
+                && k.contains("outcome=\"ok\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    // two connections of our client (alice, anonymous), five requests each
+    assert_eq!(http_ok as u64, 2, "{text}");
     // PyHive over https with the certificate: the same user upstream
     let ca_s = ca.to_str().unwrap();
     let (cert, key) = (dir.join("client.pem"), dir.join("client-key.pem"));

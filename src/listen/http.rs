@@ -91,7 +91,12 @@ pub async fn serve(
         Ok(s) => s,
         Err(r) => return refuse(stream, peer, listener, shared, r.error).await,
     };
-    let cert: Option<Arc<str>> = listener.l.cert_user(&stream).map(Arc::from);
+    let cert = listener.l.cert_user(&stream).map(|user| {
+        Arc::new(CertLogin {
+            user,
+            recorded: AtomicBool::new(false),
+        })
+    });
     let _open = shared.broker.metrics.connection(&listener.l.config.name);
     let span = tracing::debug_span!("http", listener = %listener.l.config.name, %peer);
     let sh = shared.clone();
@@ -376,7 +381,7 @@ async fn handle(
     listener: &HttpListener,
     shared: &Shared,
     user_slot: &Mutex<Option<UserSlot>>,
-    cert: Option<&str>,
+    cert: Option<&CertLogin>,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
     if let Err(e) = check_request(&req, &listener.l.config, shared) {
@@ -512,6 +517,13 @@ pub(crate) fn negotiate_token<B>(req: &Request<B>) -> Result<Option<Vec<u8>>, &'
         .map_err(|_| "malformed Negotiate token")
 }
 
+/// A connection's verified client certificate, on a listener that logs in
+/// by certificate: the user it names, and whether its login was recorded.
+struct CertLogin {
+    user: String,
+    recorded: AtomicBool,
+}
+
 /// Who sent a request.
 struct Login {
     identity: ClientIdentity,
@@ -529,28 +541,29 @@ async fn authenticate_request(
     req: &Request<Incoming>,
     peer: SocketAddr,
     listener: &HttpListener,
-    cert: Option<&str>,
+    cert: Option<&CertLogin>,
 ) -> Result<Login, Refused> {
     let unusable = |m, why: &str| (m, String::new(), AuthError::Unusable(why.into()).into());
     if listener.l.auth.by_certificate() {
         // the connection's certificate, on every request: no cookie stands
-        // in for it (one could be replayed from another connection), and
-        // the TLS handshake, not each request, was the login
+        // in for it (one could be replayed from another connection); one
+        // login per connection is recorded, as on a binary listener
         let (user, password) = match basic_credentials(req) {
             Ok(Some(c)) => c,
             Ok(None) => (String::new(), Secret::new("")),
             Err(msg) => return Err(unusable("certificate", msg)),
         };
+        let name = cert.map(|c| c.user.as_str());
         return match listener
             .l
             .auth
-            .authenticate(&user, password, peer, cert)
+            .authenticate(&user, password, peer, name)
             .await
         {
             Ok(identity) => Ok(Login {
                 identity,
                 mechanism: "certificate",
-                checked: false,
+                checked: cert.is_some_and(|c| !c.recorded.swap(true, Ordering::Relaxed)),
                 set_cookie: None,
                 negotiate: None,
             }),
