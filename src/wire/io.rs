@@ -167,7 +167,15 @@ impl MessageIo {
             self.buf
                 .reserve(self.buf.len().clamp(16 * 1024, RESERVE_STEP));
         }
-        match self.stream.read_buf(&mut self.buf).await? {
+        let n = match self.stream.read_buf(&mut self.buf).await {
+            Ok(n) => n,
+            // a TLS peer that closes without close_notify (Python's ssl,
+            // a dropped rustls stream): the framing tells a clean close
+            // between messages from a truncated one, as for plaintext
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e.into()),
+        };
+        match n {
             0 if at_boundary && self.buf.is_empty() => Err(FrameError::Eof),
             0 => Err(FrameError::Truncated),
             _ => Ok(()),
