@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark harness: installs haproxy when missing, then runs
 # `cargo bench --bench proxy` (direct vs broker vs HAProxy, 1M-row fetch,
-# idle sessions) and the codec micro-benchmarks. With the fixture's Spark
+# idle sessions, the TLS pass with the certificates of
+# `scripts/fixture.sh tls-certs`) and the codec micro-benchmarks. With the fixture's Spark
 # Thrift Server running on 127.0.0.1:10000 it adds one realistic pass.
 # Reports: target/bench-report/{report.json,report.md,latency.png}.
 set -euo pipefail

@@ -50,6 +50,18 @@ impl Hs2Client {
         let tls = cfg
             .client_tls("target")
             .map_err(|e| ClientError::Setup(e.to_string()))?;
+        Self::connect_with_tls(cfg, tls, user, password).await
+    }
+
+    /// As [`connect`](Self::connect), with `tls` built by the caller from
+    /// `cfg.client_tls` (`None`: plaintext): connections given the same one
+    /// resume its TLS sessions, as the broker's own upstream connections do.
+    pub async fn connect_with_tls(
+        cfg: &UpstreamConfig,
+        tls: Option<crate::tls::client::ClientTls>,
+        user: &str,
+        password: &str,
+    ) -> Result<Hs2Client, ClientError> {
         let target = Arc::new(Target::from_config(cfg, 1 << 30, None, tls));
         let cred = Credential {
             user: user.to_string(),

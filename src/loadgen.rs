@@ -2,6 +2,7 @@
 //! itself (the broker's own client) to one or more JDBC URLs, side by side,
 //! and reports latency percentiles and throughput per target.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +47,9 @@ pub struct Plan {
     pub rows: u64,
     /// Fetch scenario: the statement; `{rows}` is replaced.
     pub fetch_sql: String,
+    /// The CA (PEM) that `ssl=true` targets are verified against; without
+    /// it, the system's roots.
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,8 +77,10 @@ pub struct Report {
 }
 
 /// The client config for a Hive JDBC URL (binary or `transportMode=http`;
-/// `auth=noSasl` honoured; Kerberos URLs are refused).
-pub fn target_for(url: &str) -> Result<UpstreamConfig, String> {
+/// `auth=noSasl` honoured; Kerberos URLs are refused). `ssl=true` speaks
+/// TLS, verified against `tls_ca` (PEM) or the system's roots; a JKS
+/// `sslTrustStore` cannot be read here, so it needs `tls_ca` instead.
+pub fn target_for(url: &str, tls_ca: Option<&Path>) -> Result<UpstreamConfig, String> {
     let p = crate::connstr::parse(url).map_err(|e| format!("{url}: {e}"))?;
     if p.session_var("principal").is_some() {
         return Err(format!("{url}: Kerberos URLs are not supported by bench"));
@@ -108,6 +114,18 @@ pub fn target_for(url: &str) -> Result<UpstreamConfig, String> {
         cfg.sasl = UpstreamSasl::Nosasl;
     }
     cfg.http_path = path.trim_matches('/').to_string();
+    if p.session_var("ssl")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    {
+        if tls_ca.is_none() && p.session_var("sslTrustStore").is_some() {
+            return Err(format!(
+                "jdbc:hive2://{}: sslTrustStore is a Java (JKS/PKCS12) trust store, which rustls cannot read: give the CA as PEM with --tls-ca (keytool -exportcert -rfc -keystore STORE -alias ALIAS)",
+                p.authority
+            ));
+        }
+        cfg.tls = true;
+        cfg.tls_ca = tls_ca.map(Path::to_path_buf);
+    }
     cfg.connect_timeout = Duration::from_secs(10);
     cfg.read_timeout = Duration::from_secs(600);
     Ok(cfg)
@@ -200,7 +218,7 @@ fn column_len(c: &crate::tcli::gen::TColumn) -> usize {
 
 /// Runs the plan against one target.
 pub async fn run_target(url: &str, plan: &Plan) -> Result<TargetReport, String> {
-    let cfg = Arc::new(target_for(url)?);
+    let cfg = Arc::new(target_for(url, plan.tls_ca.as_deref())?);
     let plan = Arc::new(plan.clone());
     let remaining = Arc::new(AtomicU64::new(match plan.limit {
         Limit::Iterations(n) => n,
@@ -350,20 +368,53 @@ mod tests {
 
     #[test]
     fn jdbc_urls_become_client_targets() {
-        let b = target_for("jdbc:hive2://127.0.0.1:10009/").unwrap();
+        let b = target_for("jdbc:hive2://127.0.0.1:10009/", None).unwrap();
         assert_eq!(
-            (b.transport, b.port, b.sasl),
-            (Transport::Binary, 10009, UpstreamSasl::Plain)
+            (b.transport, b.port, b.sasl, b.tls),
+            (Transport::Binary, 10009, UpstreamSasl::Plain, false)
         );
-        let h =
-            target_for("jdbc:hive2://h:10010/default;transportMode=http;httpPath=/cli/x").unwrap();
+        let h = target_for(
+            "jdbc:hive2://h:10010/default;transportMode=http;httpPath=/cli/x",
+            None,
+        )
+        .unwrap();
         assert_eq!(
             (h.transport, h.host.as_str(), h.http_path.as_str()),
             (Transport::Http, "h", "cli/x")
         );
-        let n = target_for("jdbc:hive2://h:1/;auth=noSasl").unwrap();
+        let n = target_for("jdbc:hive2://h:1/;auth=noSasl", None).unwrap();
         assert_eq!(n.sasl, UpstreamSasl::Nosasl);
-        assert!(target_for("jdbc:hive2://h:1/;principal=hive/_HOST@R").is_err());
-        assert!(target_for("http://h:1/").is_err());
+        assert!(target_for("jdbc:hive2://h:1/;principal=hive/_HOST@R", None).is_err());
+        assert!(target_for("http://h:1/", None).is_err());
+    }
+
+    #[test]
+    fn ssl_urls_speak_tls_with_a_pem_ca() {
+        let ca = Path::new("/tmp/ca.pem");
+        let t = target_for("jdbc:hive2://h:10009/;ssl=true", Some(ca)).unwrap();
+        assert!(t.tls);
+        assert_eq!(t.tls_ca.as_deref(), Some(ca));
+        // no CA given: the system's roots
+        let t = target_for("jdbc:hive2://h:10009/;ssl=TRUE", None).unwrap();
+        assert!(t.tls && t.tls_ca.is_none());
+        // the CA only applies to ssl=true targets
+        let t = target_for("jdbc:hive2://h:10009/", Some(ca)).unwrap();
+        assert!(!t.tls && t.tls_ca.is_none());
+        let h = target_for(
+            "jdbc:hive2://h:10010/;transportMode=http;httpPath=cliservice;ssl=true",
+            Some(ca),
+        )
+        .unwrap();
+        assert!(h.transport == Transport::Http && h.tls);
+        // a JKS trust store cannot be read: the error says what to give
+        let jks =
+            "jdbc:hive2://h:10009/;ssl=true;sslTrustStore=/x/ts.jks;trustStorePassword=changeit";
+        let e = target_for(jks, None).unwrap_err();
+        assert!(
+            e.contains("rustls cannot read") && e.contains("--tls-ca"),
+            "{e}"
+        );
+        assert!(!e.contains("changeit"), "{e}");
+        assert!(target_for(jks, Some(ca)).unwrap().tls);
     }
 }

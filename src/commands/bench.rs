@@ -43,6 +43,11 @@ pub struct BenchArgs {
         default_value = "select id, cast(id as string) from range({rows})"
     )]
     pub fetch_sql: String,
+    /// The CA certificate(s), PEM, that `ssl=true` targets are verified
+    /// against (Hive JDBC's JKS sslTrustStore cannot be read); without it,
+    /// the system's roots.
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -58,7 +63,10 @@ pub fn run(a: BenchArgs) -> ExitCode {
         }
     };
     for t in &a.targets {
-        if let Err(e) = loadgen::target_for(t) {
+        // a CA file that cannot be read is refused here, not once per operation
+        let checked = loadgen::target_for(t, a.tls_ca.as_deref())
+            .and_then(|cfg| cfg.client_tls("target").map_err(|e| e.to_string()));
+        if let Err(e) = checked {
             eprintln!("{e}");
             return ExitCode::from(64);
         }
@@ -71,6 +79,7 @@ pub fn run(a: BenchArgs) -> ExitCode {
         password: a.password,
         rows: a.rows,
         fetch_sql: a.fetch_sql,
+        tls_ca: a.tls_ca,
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let report = match rt.block_on(loadgen::run(&a.targets, &plan)) {
