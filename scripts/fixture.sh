@@ -12,7 +12,9 @@
 #   scripts/fixture.sh stop NAME|all           stop by PID
 #   scripts/fixture.sh status
 #   scripts/fixture.sh env                     prints KB_PYTHON / KB_SPARK_HOME exports
-#   scripts/fixture.sh ldap-start | ldap-stop  OpenLDAP (slapd) on ldap://127.0.0.1:3890,
+#   scripts/fixture.sh ldap-start | ldap-stop  OpenLDAP (slapd) on ldap://127.0.0.1:3890
+#                                              (StartTLS too) and ldaps://127.0.0.1:6360,
+#                                              certificate /tmp/kb-tls/server.pem (tls-certs),
 #                                              base dc=example,dc=com, users alice/alice-pw,
 #                                              bob/bob-pw, group cn=hive-users,ou=groups
 #   scripts/fixture.sh start NAME --auth ldap  a Spark Thrift Server checking passwords there
@@ -27,7 +29,8 @@
 #
 # Environment: KB_FIXTURE_DIR (state, default /tmp/kyuubi-broker-fixture),
 # KB_CACHE_DIR (venv + shim, default ~/.cache/kyuubi-broker),
-# KB_STS_START_TIMEOUT (seconds, default 240), KB_STS_MEMORY (default 1g).
+# KB_STS_START_TIMEOUT (seconds, default 240), KB_STS_MEMORY (default 1g),
+# KB_LDAP_PORT / KB_LDAPS_PORT (default 3890 / 6360), KB_TLS_DIR (default /tmp/kb-tls).
 set -euo pipefail
 
 CACHE_DIR=${KB_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kyuubi-broker}
@@ -156,7 +159,7 @@ cmd_start() {
     hive+=(--hiveconf hive.server2.authentication=NONE)
   fi
   if [ "$ssl" = 1 ]; then
-    cmd_tls_certs >/dev/null
+    tls_certs >/dev/null
     hive+=(--hiveconf hive.server2.use.SSL=true
       --hiveconf "hive.server2.keystore.path=$TLS_DIR/server-keystore.jks"
       --hiveconf hive.server2.keystore.password=changeit)
@@ -250,6 +253,7 @@ cmd_env() {
 
 LDAP_DIR="$FIXTURE_DIR/ldap"
 LDAP_PORT=${KB_LDAP_PORT:-3890}
+LDAPS_PORT=${KB_LDAPS_PORT:-6360}
 LDAP_SUFFIX="dc=example,dc=com"
 
 ldap_install() {
@@ -262,6 +266,10 @@ ldap_install() {
   DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -q --no-install-recommends slapd ldap-utils >&2
 }
 
+# slapd.conf, written at every start so that a data directory from an older
+# fixture gets the current settings (TLS). TLS: the fixture's server.pem
+# (SANs localhost, 127.0.0.1) for StartTLS on $LDAP_PORT and for ldaps on
+# $LDAPS_PORT; ca.pem would check client certificates (none are asked for).
 ldap_config() {
   cat >"$LDAP_DIR/slapd.conf" <<CONF
 include         /etc/ldap/schema/core.schema
@@ -271,6 +279,9 @@ include         /etc/ldap/schema/nis.schema
 pidfile         $LDAP_DIR/slapd.pid
 modulepath      /usr/lib/ldap
 moduleload      back_mdb
+TLSCACertificateFile   $TLS_DIR/ca.pem
+TLSCertificateFile     $TLS_DIR/server.pem
+TLSCertificateKeyFile  $TLS_DIR/server-key.pem
 database        mdb
 maxsize         67108864
 suffix          "$LDAP_SUFFIX"
@@ -285,6 +296,10 @@ access to attrs=userPassword
 access to *
         by * read
 CONF
+}
+
+# The directory's first contents (slapadd into an empty data directory).
+ldap_data() {
   local n=10001 u
   {
     printf 'dn: %s\nobjectClass: top\nobjectClass: dcObject\nobjectClass: organization\no: Example\ndc: example\n\n' "$LDAP_SUFFIX"
@@ -300,35 +315,57 @@ CONF
   } >"$LDAP_DIR/fixture.ldif"
 }
 
+# Whether slapd answers on both URLs, TLS verified against the test CA. By
+# address: libldap replaces the host name "localhost" with this machine's
+# own name before checking the certificate (rustls, in the broker, does not).
+ldap_ready() {
+  ldapwhoami -x -H "ldap://$HOST:$LDAP_PORT" >/dev/null 2>&1 &&
+    LDAPTLS_CACERT="$TLS_DIR/ca.pem" ldapwhoami -x -ZZ -H "ldap://$HOST:$LDAP_PORT" >/dev/null 2>&1 &&
+    LDAPTLS_CACERT="$TLS_DIR/ca.pem" ldapwhoami -x -H "ldaps://$HOST:$LDAPS_PORT" >/dev/null 2>&1
+}
+
+# slapd runs as the invoking user (no -u): root here, which can read the
+# 0600 key in the 0700 $TLS_DIR; anyone else needs to own $TLS_DIR.
 cmd_ldap_start() {
   ldap_install
+  tls_certs >/dev/null
+  [ -r "$TLS_DIR/server-key.pem" ] || die "slapd (running as $(id -un)) cannot read $TLS_DIR/server-key.pem"
   mkdir -p "$LDAP_DIR/data"
   exec 9>"$LDAP_DIR/lock"
   flock 9
   if [ -f "$LDAP_DIR/pid" ] && kill -0 "$(cat "$LDAP_DIR/pid")" 2>/dev/null; then
-    echo "ldap://$HOST:$LDAP_PORT"
-    return 0
+    if ldap_ready; then
+      echo "ldap://$HOST:$LDAP_PORT"
+      return 0
+    fi
+    # started by an older fixture without TLS, or before tls-certs made a new CA
+    log "restarting slapd: no TLS verified by $TLS_DIR/ca.pem"
+    cmd_ldap_stop
+    for _ in $(seq 1 50); do port_open "$LDAP_PORT" || break; sleep 0.1; done
   fi
   port_open "$LDAP_PORT" && die "port $HOST:$LDAP_PORT is in use by another process"
+  port_open "$LDAPS_PORT" && die "port $HOST:$LDAPS_PORT is in use by another process"
+  ldap_config
   if [ ! -f "$LDAP_DIR/data/data.mdb" ]; then
-    ldap_config
+    ldap_data
     /usr/sbin/slapd -T add -f "$LDAP_DIR/slapd.conf" -l "$LDAP_DIR/fixture.ldif" >"$LDAP_DIR/slapadd.log" 2>&1 ||
       { cat "$LDAP_DIR/slapadd.log" >&2; die "slapadd failed"; }
   fi
   (
     exec 9>&-
-    exec nohup /usr/sbin/slapd -d 0 -h "ldap://$HOST:$LDAP_PORT/" -f "$LDAP_DIR/slapd.conf"
+    exec nohup /usr/sbin/slapd -d 0 -h "ldap://$HOST:$LDAP_PORT/ ldaps://$HOST:$LDAPS_PORT/" -f "$LDAP_DIR/slapd.conf"
   ) >"$LDAP_DIR/slapd.log" 2>&1 </dev/null &
   echo $! >"$LDAP_DIR/pid"
   for _ in $(seq 1 100); do
-    if ldapwhoami -x -H "ldap://$HOST:$LDAP_PORT" >/dev/null 2>&1; then
+    if ldap_ready; then
       echo "ldap://$HOST:$LDAP_PORT"
       return 0
     fi
     kill -0 "$(cat "$LDAP_DIR/pid")" 2>/dev/null || { cat "$LDAP_DIR/slapd.log" >&2; die "slapd exited"; }
     sleep 0.1
   done
-  die "slapd not ready after 10 s"
+  cmd_ldap_stop
+  die "slapd not ready after 10 s (plain, StartTLS and ldaps on 127.0.0.1:$LDAP_PORT and :$LDAPS_PORT)"
 }
 
 cmd_ldap_stop() {
@@ -476,9 +513,13 @@ cmd_kdc_stop() {
 # --- TLS test certificates -------------------------------------------------
 TLS_DIR=${KB_TLS_DIR:-/tmp/kb-tls}
 
-# A fresh EC P-256 key in PKCS#8 PEM at $1.
+# A fresh key in PKCS#8 PEM at $1: EC P-256, or $2 = rsa | ed25519.
 tls_key() {
-  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null
+  case "${2:-ec}" in
+    rsa) openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$1" 2>/dev/null ;;
+    ed25519) openssl genpkey -algorithm ED25519 -out "$1" 2>/dev/null ;;
+    *) openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null ;;
+  esac
 }
 
 # A self-signed CA: file prefix $1, subject CN $2.
@@ -490,10 +531,10 @@ tls_ca() {
 }
 
 # A certificate signed by CA prefix $1: file prefix $2, subject CN $3,
-# extensions $4 (lines of an openssl extension section).
+# extensions $4 (lines of an openssl extension section), key type $5.
 tls_issue() {
   local ca=$1 name=$2 cn=$3 ext=$4
-  tls_key "$TLS_DIR/$name-key.pem"
+  tls_key "$TLS_DIR/$name-key.pem" "${5:-ec}"
   openssl req -new -key "$TLS_DIR/$name-key.pem" -subj "/CN=$cn" -out "$TLS_DIR/$name.csr"
   printf '%s\n' "$ext" >"$TLS_DIR/$name.ext"
   openssl x509 -req -in "$TLS_DIR/$name.csr" -CA "$TLS_DIR/$ca.pem" -CAkey "$TLS_DIR/$ca-key.pem" \
@@ -530,9 +571,13 @@ tls_expired() {
 #   other-ca.pem other-server.pem/-key.pem   the same names, signed by a CA nobody trusts
 #   wrong-host.pem wrong-host-key.pem  signed by ca, valid only for wrong.example
 #   expired.pem expired-key.pem        signed by ca, SANs as server.pem, expired in 2021
+#   server-rsa.pem server-ed25519.pem  as server.pem, with an RSA 2048 and an Ed25519 key
+#                                      (-key.pem beside each)
 # Idempotent: an existing complete set is kept.
+TLS_SET=complete-2
+# Call it through tls_certs (one writer at a time).
 cmd_tls_certs() {
-  if [ -f "$TLS_DIR/complete" ]; then echo "$TLS_DIR"; return 0; fi
+  if [ -f "$TLS_DIR/$TLS_SET" ]; then echo "$TLS_DIR"; return 0; fi
   command -v openssl >/dev/null || die "openssl is needed (apt-get install openssl)"
   command -v keytool >/dev/null || die "keytool is needed (a JDK: apt-get install openjdk-17-jdk-headless)"
   [ -n "$TLS_DIR" ] && [ "$TLS_DIR" != / ] || die "KB_TLS_DIR is empty"
@@ -545,6 +590,8 @@ cmd_tls_certs() {
   tls_ca other-ca "an untrusted test CA"
   tls_issue ca server localhost "$server_ext"
   tls_issue ca client alice "$(printf '%s\n' 'subjectAltName=email:alice@example.com' 'extendedKeyUsage=clientAuth')"
+  tls_issue ca server-rsa localhost "$server_ext" rsa
+  tls_issue ca server-ed25519 localhost "$server_ext" ed25519
   tls_issue other-ca other-server localhost "$server_ext"
   tls_issue ca wrong-host wrong.example "$(printf '%s\n' 'subjectAltName=DNS:wrong.example' 'extendedKeyUsage=serverAuth')"
   tls_expired
@@ -558,13 +605,24 @@ cmd_tls_certs() {
     -deststorepass changeit >/dev/null 2>&1
   rm -f "$TLS_DIR/server.p12"
   chmod 600 "$TLS_DIR"/*-key.pem
-  touch "$TLS_DIR/complete"
+  # "complete" is what the first version of this function looked for
+  touch "$TLS_DIR/$TLS_SET" "$TLS_DIR/complete"
   log "TLS test certificates in $TLS_DIR"
   echo "$TLS_DIR"
 }
 
+# cmd_tls_certs one at a time (tests call it in parallel; it starts with
+# rm -rf), with a lock beside $TLS_DIR since the directory is replaced.
+tls_certs() {
+  mkdir -p "$(dirname "$TLS_DIR")"
+  (
+    flock 8
+    cmd_tls_certs
+  ) 8>"$TLS_DIR.lock"
+}
+
 case "${1:-}" in
-  tls-certs) cmd_tls_certs ;;
+  tls-certs) tls_certs ;;
   kdc-start) cmd_kdc_start ;;
   kdc-stop) cmd_kdc_stop ;;
   install) shift; cmd_install ;;
@@ -574,5 +632,5 @@ case "${1:-}" in
   stop) shift; cmd_stop "$@" ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -179,6 +179,11 @@ impl Edge {
         info!(listener = &*self.listener, %peer, reason, detail = %loggable(detail), "TLS handshake failed");
     }
 
+    /// A TLS handshake that completed (`full` or `resumed`).
+    pub fn tls_handshake(&self, kind: &'static str) {
+        self.metrics.tls_handshake(&self.listener, kind);
+    }
+
     /// A plaintext client on a TLS port: counted here; the transport's
     /// answer ([`crate::error::RpcError::TlsRequired`]) logs it.
     pub fn tls_plaintext(&self) {

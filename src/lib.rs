@@ -177,7 +177,8 @@ impl Prepared {
         self.config
             .listeners
             .iter()
-            .filter_map(|l| l.plaintext_passwords_warning())
+            .flat_map(|l| [l.plaintext_passwords_warning(), l.ldap_plaintext_warning()])
+            .flatten()
             .collect()
     }
 }
@@ -245,7 +246,8 @@ pub async fn run(
     for w in config
         .listeners
         .iter()
-        .filter_map(|l| l.plaintext_passwords_warning())
+        .flat_map(|l| [l.plaintext_passwords_warning(), l.ldap_plaintext_warning()])
+        .flatten()
     {
         warn!("{w}");
     }
@@ -356,9 +358,14 @@ pub async fn run(
         .zip(&tls)
         .filter_map(|(l, t)| Some((Arc::from(l.name.as_str()), t.clone()?)))
         .collect();
-    if !served_tls.is_empty() {
+    {
+        // registered here, before the admin listener is up, and with or
+        // without TLS listeners: a SIGHUP once the broker answers is never
+        // the default (fatal) one
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         accept_loops.spawn(reload_tls(
             served_tls.clone(),
+            hup,
             shared.broker.metrics.clone(),
             shared.cancel.clone(),
         ));
@@ -398,17 +405,16 @@ pub async fn run(
     info!("stopped");
 }
 
-/// Keeps TLS listeners' certificates current: on SIGHUP, and whenever a
+/// Keeps TLS listeners' certificates current: on SIGHUP (`hup`), and whenever a
 /// file's size or modification time changes (checked every few seconds, so a
 /// certificate renewed by an ACME client or a secret mount is picked up
 /// without a signal). A file that does not load keeps the served pair.
 async fn reload_tls(
     listeners: Vec<(Arc<str>, Arc<tls::server::ServerTls>)>,
+    mut hup: Option<tokio::signal::unix::Signal>,
     metrics: Arc<metrics::Metrics>,
     stop: CancellationToken,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(TLS_FILE_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -417,6 +423,9 @@ async fn reload_tls(
             _ = tick.tick() => false,
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
         };
+        if force && listeners.is_empty() {
+            info!("SIGHUP: no TLS listener, nothing to reload");
+        }
         for (name, t) in &listeners {
             // reading PEM files is blocking I/O: off the async workers
             let t2 = t.clone();

@@ -49,6 +49,18 @@ struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    listener: Arc<str>,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    listener: Arc<str>,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LoginLabels {
     listener: Arc<str>,
     mechanism: &'static str,
@@ -123,7 +135,8 @@ pub struct Metrics {
     refused: Family<RefusedLabels, Counter>,
     timed_out: Family<RefusedLabels, Counter>,
     tls_handshake_failures: Family<RefusedLabels, Counter>,
-    tls_reloads: Family<RefusedLabels, Counter>,
+    tls_handshakes: Family<KindLabels, Counter>,
+    tls_reloads: Family<ResultLabels, Counter>,
     tls_cert_expiry: Family<ListenerLabels, Gauge<f64, AtomicU64>>,
     audit_dropped: Counter,
     sessions: Family<RouteLabels, Gauge>,
@@ -245,10 +258,16 @@ impl Metrics {
             "Client TLS handshakes that failed, by listener and reason (plaintext: a client without TLS; closed; client_certificate: none or not trusted; protocol; timeout)",
             tls_handshake_failures.clone(),
         );
-        let tls_reloads = Family::<RefusedLabels, Counter>::default();
+        let tls_handshakes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "Client TLS handshakes completed, by listener and kind (full, or resumed: a session resumed by ticket or id)",
+            tls_handshakes.clone(),
+        );
+        let tls_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "tls_reloads",
-            "Certificate reloads of a TLS listener, by listener and reason (ok, error: the old certificate stays)",
+            "Certificate reloads of a TLS listener, by listener and result (ok, error: the old certificate stays)",
             tls_reloads.clone(),
         );
         let tls_cert_expiry = Family::<ListenerLabels, Gauge<f64, AtomicU64>>::default();
@@ -301,6 +320,7 @@ impl Metrics {
             refused,
             timed_out,
             tls_handshake_failures,
+            tls_handshakes,
             tls_reloads,
             tls_cert_expiry,
             audit_dropped,
@@ -409,12 +429,22 @@ impl Metrics {
             .inc();
     }
 
-    /// `ok`: the new certificate is served; `error`: the old one stays.
-    pub fn tls_reloaded(&self, listener: &Arc<str>, reason: &'static str) {
-        self.tls_reloads
-            .get_or_create(&RefusedLabels {
+    /// A completed client handshake: `full` or `resumed`.
+    pub fn tls_handshake(&self, listener: &Arc<str>, kind: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&KindLabels {
                 listener: listener.clone(),
-                reason,
+                kind,
+            })
+            .inc();
+    }
+
+    /// `ok`: the new certificate is served; `error`: the old one stays.
+    pub fn tls_reloaded(&self, listener: &Arc<str>, result: &'static str) {
+        self.tls_reloads
+            .get_or_create(&ResultLabels {
+                listener: listener.clone(),
+                result,
             })
             .inc();
     }

@@ -76,6 +76,9 @@ pub struct BinaryClient {
     peer: std::net::SocketAddr,
     /// The user a NOSASL client named, until (and after) it is checked.
     claimed: String,
+    /// The user name of the client's TLS certificate, on a listener that
+    /// logs in by certificate.
+    cert: Option<String>,
     /// A NOSASL login that just happened: how long it took, and whether it
     /// passed (the listener reports it at the edge).
     login: Option<(Duration, bool)>,
@@ -97,6 +100,7 @@ impl BinaryClient {
         auth: Arc<Authenticator>,
         identity: Option<ClientIdentity>,
         peer: std::net::SocketAddr,
+        cert: Option<String>,
     ) -> BinaryClient {
         BinaryClient {
             route,
@@ -104,6 +108,7 @@ impl BinaryClient {
             identity,
             peer,
             claimed: String::new(),
+            cert,
             login: None,
             link: None,
             sessions: Vec::new(),
@@ -411,7 +416,10 @@ impl Broker {
             c.claimed = info.username.clone().unwrap_or_default();
             let password = Secret::new(info.password.clone().unwrap_or_default());
             let t0 = Instant::now();
-            let checked = c.auth.authenticate(&c.claimed, password, c.peer).await;
+            let checked = c
+                .auth
+                .authenticate(&c.claimed, password, c.peer, c.cert.as_deref())
+                .await;
             c.login = Some((t0.elapsed(), checked.is_ok()));
             c.identity = Some(checked?);
         }

@@ -83,6 +83,44 @@ fn check_config_warns_about_a_non_loopback_listener_taking_passwords_without_tls
 }
 
 #[test]
+fn check_config_warns_about_ldap_passwords_sent_in_clear_to_a_non_loopback_server() {
+    let dir = tempfile::tempdir().unwrap();
+    // loopback listeners: no warning of their own about the client side
+    let listener = |name: &str, port: u16, ldap: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:{port}\"\nroute = \"r\"\nauth = \"ldap\"\n[listener.ldap]\nuser_dn_pattern = \"uid=%s,ou=people,dc=example,dc=com\"\n{ldap}\n"
+        )
+    };
+    let f = dir.path().join("c.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "{}{}{}{}[routes.r.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = 10000\n",
+            listener("clear", 10096, "url = \"ldap://ldap.example.com:389\""),
+            listener("starttls", 10095, "url = \"ldap://ldap.example.com:389\"\nstarttls = true"),
+            listener("ldaps", 10094, "url = \"ldaps://ldap.example.com:636\""),
+            listener("local", 10093, "url = \"ldap://127.0.0.1:3890\"")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&f)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 1, "only the one in clear: {err}");
+    assert!(
+        warnings[0].starts_with(
+            "warning: listener 'clear' checks passwords against ldap://ldap.example.com:389 without TLS"
+        ) && warnings[0].contains("use ldaps:// or set starttls = true"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_config_accepts_the_tls_examples_once_the_test_certificates_exist() {
     let root = env!("CARGO_MANIFEST_DIR");
     let made = Command::new(format!("{root}/scripts/fixture.sh"))
@@ -106,6 +144,105 @@ fn check_config_accepts_the_tls_examples_once_the_test_certificates_exist() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn sighup_reloads_a_tls_listeners_certificate_even_when_its_files_did_not_change() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let certs = String::from_utf8(
+        Command::new(format!("{root}/scripts/fixture.sh"))
+            .arg("tls-certs")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let certs = std::path::Path::new(certs.trim());
+    let dir = tempfile::tempdir().unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let f = dir.path().join("c.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "[admin]\nbind = \"{admin}\"\n\n[[listener]]\nname = \"b\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:0\"\nroute = \"r\"\nauth = \"none\"\nallow_any_user = true\n\n\
+             [listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [routes.r.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = 9\n",
+            certs.join("server.pem").display(),
+            certs.join("server-key.pem").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&f)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reloads = || -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(admin).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        Some(
+            body.lines()
+                .find(|l| l.starts_with("kyuubi_broker_tls_reloads_total{"))
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    let t0 = Instant::now();
+    // up (admin answering), and the SIGHUP handler registered with it
+    while reloads().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the broker did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(reloads().unwrap(), "", "no reload before the signal");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let line = loop {
+        let l = reloads().unwrap_or_default();
+        if !l.is_empty() {
+            break l;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no reload after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        line.contains("result=\"ok\"") && line.ends_with(" 1"),
+        "{line}"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the broker"
+    );
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("TLS certificate reloaded"), "{err}");
 }
 
 #[test]

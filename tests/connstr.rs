@@ -83,6 +83,28 @@ async fn hive_jdbc_parses_every_form_the_broker_prints_as_the_broker_does() {
         .map(String::from)
         .collect();
     assert_eq!(local.len(), 2, "one URL per listener: {local:?}");
+    // TLS listeners: the paths in tls.toml need not exist to print URLs
+    let tls_local = Command::new(env!("CARGO_BIN_EXE_kyuubi-broker"))
+        .args([
+            "connstr",
+            "--local",
+            "--truststore",
+            "/tmp/kb-tls/truststore.jks",
+            "--config",
+        ])
+        .arg(root().join("config/examples/tls.toml"))
+        .output()
+        .unwrap();
+    let tls_local: Vec<String> = String::from_utf8(tls_local.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        tls_local.len(),
+        2,
+        "one URL per TLS listener: {tls_local:?}"
+    );
     let mut checked = vec![
         connstr(&[
             "--host",
@@ -122,8 +144,18 @@ async fn hive_jdbc_parses_every_form_the_broker_prints_as_the_broker_does() {
             "--conf",
             "spark.app.name=a b#c?d",
         ]),
+        // the public endpoint of an EMR Serverless Spark gateway
+        connstr(&[
+            "--host",
+            "kyuubi-cn-hangzhou.spark.emr.aliyuncs.com",
+            "--token",
+            "0123456789abcdefghijklmnopqrstuv",
+            "--ssl",
+            "--show-secret",
+        ]),
     ];
     checked.extend(local);
+    checked.extend(tls_local);
     let extra = [
         // refusal evidence: Hive splits at the last '=', which is why such values are refused
         "jdbc:hive2://h:1/;http.header.Authorization=Bearer%20ab==".to_string(),
@@ -169,10 +201,25 @@ async fn hive_jdbc_parses_every_form_the_broker_prints_as_the_broker_does() {
     assert_eq!(hive[3]["session"]["trustStorePassword"], json!("ts-secret"));
     assert_eq!(hive[4]["conf"]["spark.app.name"], json!("a b#c?d"));
     assert_eq!(
-        hive[6]["session"]["httpPath"],
+        checked[5],
+        "jdbc:hive2://kyuubi-cn-hangzhou.spark.emr.aliyuncs.com:443/;transportMode=http;httpPath=cliservice/token/0123456789abcdefghijklmnopqrstuv;ssl=true"
+    );
+    assert_eq!(hive[5]["port"], json!(443));
+    assert_eq!(hive[5]["session"]["ssl"], json!("true"));
+    assert_eq!(
+        hive[7]["session"]["httpPath"],
         json!("cliservice"),
         "the local HTTP listener"
     );
+    for h in &hive[8..10] {
+        assert_eq!(h["session"]["ssl"], json!("true"), "a TLS listener: {h}");
+        assert_eq!(
+            h["session"]["sslTrustStore"],
+            json!("/tmp/kb-tls/truststore.jks"),
+            "{h}"
+        );
+    }
+    assert_eq!(hive[9]["session"]["transportMode"], json!("http"));
     let n = checked.len();
     assert_eq!(
         hive[n]["session"]["http.header.Authorization=Bearer ab="],

@@ -440,7 +440,7 @@ async fn a_certificate_swapped_on_disk_is_served_to_new_connections_while_old_on
     )
     .unwrap();
     copy(&live.path().join("bad.pem"), &cert);
-    let labels = r#"listener="binary",reason="error""#;
+    let labels = r#"listener="binary",result="error""#;
     metric_until(
         admin,
         "kyuubi_broker_tls_reloads_total",
@@ -459,7 +459,7 @@ async fn a_certificate_swapped_on_disk_is_served_to_new_connections_while_old_on
     // the other CA's pair: new connections get it
     copy(&dir.join("other-server-key.pem"), &key);
     copy(&dir.join("other-server.pem"), &cert);
-    let labels = r#"listener="binary",reason="ok""#;
+    let labels = r#"listener="binary",result="ok""#;
     metric_until(
         admin,
         "kyuubi_broker_tls_reloads_total",
@@ -520,4 +520,366 @@ port = 10000
         "{e}"
     );
     assert!(!e.contains("PRIVATE KEY"), "{e}");
+}
+
+#[tokio::test]
+async fn a_binary_tls_upstream_resumes_its_session_on_reconnect_and_an_https_upstream_keeps_one_connection(
+) {
+    let dir = tls_dir().await;
+    let up = sts_binary().await;
+    let (upstream, upstream_admin) =
+        tls_broker(&server_tls(&dir, "server"), &route_toml("binary", up, "")).await;
+    let verify = format!(
+        "tls = true\ntls_ca = \"{}\"\ntls_server_name = \"localhost\"",
+        dir.join("ca.pem").display()
+    );
+    let handshakes = |listener: &'static str| async move {
+        let (_, text) = admin_get(upstream_admin, "/metrics").await;
+        let s = series(&text, "kyuubi_broker_tls_handshakes_total");
+        let get = |kind: &str| {
+            s.get(&format!("listener=\"{listener}\",kind=\"{kind}\""))
+                .copied()
+                .unwrap_or(0.0) as u64
+        };
+        (get("full"), get("resumed"))
+    };
+    // binary: each client connection is an upstream connection of its own
+    let front = start_broker(&route_toml("binary", upstream.binary, &verify)).await;
+    for _ in 0..3 {
+        let who = current_user(front.binary, Transport::Binary, "alice", "x").await;
+        assert_eq!(who.unwrap(), "alice");
+    }
+    let (full, resumed) = handshakes("binary").await;
+    assert_eq!(
+        (full, resumed),
+        (1, 2),
+        "one full handshake, then resumptions"
+    );
+    front.shutdown().await;
+    // HTTP: calls share the route's keep-alive pool
+    let front = start_broker(&route_toml("http", upstream.http, &verify)).await;
+    for _ in 0..3 {
+        let who = current_user(front.binary, Transport::Binary, "alice", "x").await;
+        assert_eq!(who.unwrap(), "alice");
+    }
+    let (full, resumed) = handshakes("http").await;
+    assert_eq!(
+        full + resumed,
+        1,
+        "every call over one kept-alive TLS connection"
+    );
+    front.shutdown().await;
+    upstream.shutdown().await;
+}
+
+/// A broker whose listeners log clients in by their certificate's common
+/// name, in front of the real Spark Thrift Server (passthrough identity:
+/// the upstream sees that name).
+async fn certificate_broker(dir: &Path) -> (Broker, SocketAddr) {
+    let up = sts_binary().await;
+    let toml = format!(
+        r#"
+[server]
+shutdown_grace = "10s"
+
+[admin]
+bind = "127.0.0.1:0"
+
+[[listener]]
+name = "binary"
+protocol = "binary"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "certificate"
+
+[listener.tls]
+{tls}client_ca = "{ca}"
+
+[[listener]]
+name = "http"
+protocol = "http"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "certificate"
+
+[listener.tls]
+{tls}client_ca = "{ca}"
+
+{route}
+"#,
+        tls = server_tls(dir, "server"),
+        ca = dir.join("ca.pem").display(),
+        route = route_toml("binary", up, "")
+    );
+    let b = start_broker_toml(&toml).await;
+    let admin = b.addrs["admin"];
+    (b, admin)
+}
+
+fn with_client_cert(mut c: UpstreamConfig, dir: &Path) -> UpstreamConfig {
+    c.tls_cert = Some(dir.join("client.pem"));
+    c.tls_key = Some(dir.join("client-key.pem"));
+    c
+}
+
+#[tokio::test]
+async fn a_certificate_listener_logs_in_the_user_its_client_certificate_names() {
+    let dir = tls_dir().await;
+    let (b, admin) = certificate_broker(&dir).await;
+    let ca = dir.join("ca.pem");
+    for t in [Transport::Binary, Transport::Http] {
+        let addr = if t == Transport::Binary {
+            b.binary
+        } else {
+            b.http
+        };
+        let cfg = with_client_cert(tls_client(t, addr, &ca), &dir);
+        // the certificate (CN alice) is the login: no password, as
+        // "alice" or "anonymous" (what Hive JDBC sends without -n)
+        for claimed in ["alice", "anonymous"] {
+            let mut c = Hs2Client::connect(&cfg, claimed, "").await.unwrap();
+            let who = scalar(&mut c, &[], "select current_user()", 0)
+                .await
+                .unwrap();
+            assert_eq!(who, "alice", "{t:?} as '{claimed}'");
+        }
+        // another name than the certificate's is refused, and says why
+        let refused = match Hs2Client::connect(&cfg, "bob", "bob-pw").await {
+            Ok(mut c) => scalar(&mut c, &[], "select current_user()", 0)
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let text = format!("{refused:?}");
+        assert!(
+            text.contains("the client certificate names 'alice'"),
+            "{t:?}: {text}"
+        );
+    }
+    // one login per HTTP connection (as per binary connection), not per request
+    let (_, text) = admin_get(admin, "/metrics").await;
+    let logins = series(&text, "kyuubi_broker_login_duration_seconds_count");
+    let http_ok: f64 = logins
+        .iter()
+        .filter(|(k, _)| {
+            k.contains("listener=\"http\"")
+                && k.contains("certificate")
+                && k.contains("outcome=\"ok\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    // two connections of our client (alice, anonymous), five requests each
+    assert_eq!(http_ok as u64, 2, "{text}");
+    // PyHive over https with the certificate: the same user upstream
+    let ca_s = ca.to_str().unwrap();
+    let (cert, key) = (dir.join("client.pem"), dir.join("client-key.pem"));
+    let args = [
+        "--ssl-ca",
+        ca_s,
+        "--client-cert",
+        cert.to_str().unwrap(),
+        "--client-key",
+        key.to_str().unwrap(),
+        "--user",
+        "",
+        "--password",
+        "",
+    ];
+    let v = py_client_args(
+        "pyhive",
+        "http",
+        b.http.port(),
+        "query",
+        Some("select current_user()"),
+        &args,
+    )
+    .await;
+    assert_eq!(v["rows"][0][0], "alice", "{v}");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_route_with_a_client_certificate_logs_in_to_an_upstream_that_requires_one() {
+    let dir = tls_dir().await;
+    // the upstream: a broker whose HTTPS listener logs in by certificate
+    let (b, _) = certificate_broker(&dir).await;
+    let extra = format!(
+        "tls = true\ntls_ca = \"{}\"\ntls_server_name = \"localhost\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nhttp_path = \"cliservice\"",
+        dir.join("ca.pem").display(),
+        dir.join("client.pem").display(),
+        dir.join("client-key.pem").display()
+    );
+    let front = start_broker(&route_toml("http", b.http, &extra)).await;
+    let who = current_user(front.binary, Transport::Binary, "anonymous", "").await;
+    assert_eq!(
+        who.unwrap(),
+        "alice",
+        "the upstream saw the front broker's certificate"
+    );
+    front.shutdown().await;
+    // without tls_cert the same route is refused at the handshake
+    let extra = format!(
+        "tls = true\ntls_ca = \"{}\"\ntls_server_name = \"localhost\"\nhttp_path = \"cliservice\"",
+        dir.join("ca.pem").display()
+    );
+    let front = start_broker(&route_toml("http", b.http, &extra)).await;
+    let r = current_user(front.binary, Transport::Binary, "anonymous", "").await;
+    assert!(r.is_err(), "no client certificate, yet served: {r:?}");
+    front.shutdown().await;
+    b.shutdown().await;
+}
+
+#[test]
+fn the_identity_of_a_client_certificate_is_its_common_name_or_the_san_asked_for() {
+    use kyuubi_broker::tls::server::{cert_identity, CertIdentity};
+    use rustls::pki_types::pem::PemObject;
+    let dir = PathBuf::from(fixture(&["tls-certs"]));
+    let cert = rustls::pki_types::CertificateDer::from_pem_file(dir.join("client.pem")).unwrap();
+    assert_eq!(
+        cert_identity(&cert, CertIdentity::Cn).as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        cert_identity(&cert, CertIdentity::SanEmail).as_deref(),
+        Some("alice@example.com")
+    );
+    assert_eq!(
+        cert_identity(&cert, CertIdentity::SanDns),
+        None,
+        "it has no DNS name"
+    );
+    let server = rustls::pki_types::CertificateDer::from_pem_file(dir.join("server.pem")).unwrap();
+    assert_eq!(
+        cert_identity(&server, CertIdentity::SanDns).as_deref(),
+        Some("localhost")
+    );
+}
+
+#[tokio::test]
+async fn rsa_and_ed25519_listener_certificates_serve_as_ecdsa_does() {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let ca = dir.join("ca.pem");
+    for cert in ["server-rsa", "server-ed25519"] {
+        let (b, _) = tls_broker(&server_tls(&dir, cert), &route_toml("binary", up, "")).await;
+        for t in [Transport::Binary, Transport::Http] {
+            let addr = if t == Transport::Binary {
+                b.binary
+            } else {
+                b.http
+            };
+            let who = select_user(&tls_client(t, addr, &ca)).await;
+            assert_eq!(who.unwrap(), "alice", "{cert} {t:?}");
+        }
+        b.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_tls_client_over_the_connection_cap_is_refused_over_tls_with_the_cap_named() {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let toml = format!(
+        r#"
+[server]
+shutdown_grace = "10s"
+max_connections = 1
+
+[[listener]]
+name = "binary"
+protocol = "binary"
+bind = "127.0.0.1:0"
+route = "r"
+auth = "none"
+allow_any_user = true
+
+[listener.tls]
+{}
+{}
+"#,
+        server_tls(&dir, "server"),
+        route_toml("binary", up, "")
+    );
+    let b = start_broker_toml(&toml).await;
+    let cfg = tls_client(Transport::Binary, b.binary, &dir.join("ca.pem"));
+    // the one slot, held by a logged-in client
+    let mut first = Hs2Client::connect(&cfg, "alice", "x").await.unwrap();
+    let s = first.open_session_with(&[]).await.unwrap();
+    // the second completes its TLS handshake and is told why, in SASL
+    match Hs2Client::connect(&cfg, "alice", "x").await {
+        Err(ClientError::Transport(UpstreamError::AuthRejected { reason, .. })) => {
+            assert!(reason.contains("server.max_connections = 1"), "{reason}")
+        }
+        other => panic!("expected the cap's refusal, got {:?}", other.map(|_| ())),
+    }
+    first.close_session(s).await.unwrap();
+    drop(first);
+    // the slot is free again
+    let t0 = Instant::now();
+    while select_user(&cfg).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_listener_with_client_certificates_never_resumes_a_session_so_every_certificate_is_checked_again(
+) {
+    let dir = tls_dir().await;
+    let (b, admin) = certificate_broker(&dir).await;
+    let cfg = with_client_cert(
+        tls_client(Transport::Binary, b.binary, &dir.join("ca.pem")),
+        &dir,
+    );
+    for _ in 0..3 {
+        let mut c = Hs2Client::connect(&cfg, "anonymous", "").await.unwrap();
+        let s = c.open_session_with(&[]).await.unwrap();
+        c.close_session(s).await.unwrap();
+    }
+    let (_, text) = admin_get(admin, "/metrics").await;
+    let hs = series(&text, "kyuubi_broker_tls_handshakes_total");
+    assert_eq!(
+        hs.get(r#"listener="binary",kind="full""#)
+            .copied()
+            .map(|v| v as u64),
+        Some(3),
+        "{text}"
+    );
+    assert_eq!(
+        hs.get(r#"listener="binary",kind="resumed""#),
+        None,
+        "{text}"
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_connection_or_a_tcp_health_check_on_a_tls_port_is_no_failed_handshake() {
+    let (dir, up) = (tls_dir().await, sts_binary().await);
+    let (b, admin) = tls_broker(&server_tls(&dir, "server"), &route_toml("binary", up, "")).await;
+    // connect and close at once (a TCP health check)
+    drop(tokio::net::TcpStream::connect(b.binary).await.unwrap());
+    // connect and say nothing until the 3 s handshake timeout closes it
+    let mut silent = tokio::net::TcpStream::connect(b.binary).await.unwrap();
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("closed by the handshake timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    metric_until(
+        admin,
+        "kyuubi_broker_connections_timed_out_total",
+        r#"listener="binary",reason="no_request""#,
+        Duration::from_secs(5),
+        |v| v >= 1.0,
+    )
+    .await;
+    let (_, text) = admin_get(admin, "/metrics").await;
+    let failures = series(&text, "kyuubi_broker_tls_handshake_failures_total");
+    assert!(failures.is_empty(), "no handshake failed: {text}");
+    b.shutdown().await;
 }

@@ -718,3 +718,81 @@ async fn the_token_lifecycle_is_audited_with_ids_and_names_never_values() {
         assert!(!text.contains(v.as_str()), "a token value reached the log");
     }
 }
+
+#[tokio::test]
+async fn the_token_rotation_example_reaches_its_gateway_over_https_with_a_rotated_token() {
+    use kyuubi_broker::emulator::{serve_api, serve_gateway, Emulator, EmulatorConfig};
+    use kyuubi_broker::tls::server::{ListenerTls, ServerTls};
+    cloud_env();
+    let (dir, sts) = (tls_dir().await, sts_http().await);
+    let example =
+        std::fs::read_to_string(root().join("config/examples/token-rotation.toml")).unwrap();
+    // the emulator with the example's workspace and gateway ids, its
+    // gateway serving HTTPS with the fixture's certificate
+    let emu = Emulator::new(EmulatorConfig {
+        access_key_id: AK.into(),
+        access_key_secret: Secret::new(SECRET),
+        region: "cn-hangzhou".into(),
+        workspace: "w-0123456789abcdef".into(),
+        kyuubi_service: "kb-0123456789abcdef0123456789abcdef".into(),
+    });
+    let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = api_l.local_addr().unwrap();
+    tokio::spawn(serve_api(api_l, emu.clone(), std::future::pending()));
+    let gw_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = gw_l.local_addr().unwrap();
+    let tls = ServerTls::new(
+        &ListenerTls {
+            cert: dir.join("server.pem"),
+            key: dir.join("server-key.pem"),
+            client_ca: None,
+            client_cert: None,
+            identity: None,
+        },
+        true,
+    )
+    .unwrap();
+    let up = format!("http://{sts}/cliservice").parse().unwrap();
+    tokio::spawn(serve_gateway(
+        gw_l,
+        emu.clone(),
+        up,
+        Some(Arc::new(tls)),
+        std::future::pending(),
+    ));
+    let state = tempfile::tempdir().unwrap();
+    let toml = example
+        .replace("127.0.0.1:10009", "127.0.0.1:0")
+        .replace("127.0.0.1:10010", "127.0.0.1:0")
+        .replace("port = 18081", &format!("port = {}", gw.port()))
+        .replace("http://127.0.0.1:18080", &format!("http://{api}"))
+        .replace(
+            "/tmp/kyuubi-broker-demo/tokens.json",
+            state.path().join("tokens.json").to_str().unwrap(),
+        );
+    assert!(
+        toml.contains("tls = true"),
+        "the example reaches its gateway over TLS"
+    );
+    let b = start_broker_toml(&toml).await;
+    // the first token is created at startup and goes live just after the
+    // state file records it: wait for the first query through the gateway
+    let t0 = Instant::now();
+    let first = loop {
+        match current_user(b.binary, Transport::Binary, "alice", "x").await {
+            Ok(who) => break who,
+            Err(e) if t0.elapsed() < Duration::from_secs(10) => {
+                let text = format!("{e:?}");
+                assert!(text.contains("no token in the path"), "{text}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no query through the HTTPS gateway: {e:?}"),
+        }
+    };
+    assert_eq!(first, "alice");
+    let who = current_user(b.http, Transport::Http, "alice", "x")
+        .await
+        .unwrap();
+    assert_eq!(who, "alice");
+    b.shutdown().await;
+}

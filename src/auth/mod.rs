@@ -55,6 +55,8 @@ enum Check {
     Static(Arc<Vec<(String, String)>>),
     /// GSSAPI / SPNEGO only; passwords are refused.
     Kerberos(Box<crate::kerberos::Acceptor>),
+    /// The name in the client's verified TLS certificate.
+    Certificate,
 }
 
 /// A well-formed argon2id string nobody knows a password for: unknown users
@@ -75,9 +77,17 @@ impl Authenticator {
         let missing = |k: &str, what: &str| bad(k, format!("auth = \"{what}\" needs it"), "add it");
         let check = match l.auth {
             ClientAuth::None => Check::AnyUser,
-            ClientAuth::Ldap => Check::Ldap(Arc::new(ldap::LdapAuth::new(
-                l.ldap.clone().ok_or_else(|| missing("ldap", "ldap"))?,
-            ))),
+            ClientAuth::Certificate => Check::Certificate,
+            ClientAuth::Ldap => Check::Ldap(Arc::new(
+                ldap::LdapAuth::new(l.ldap.clone().ok_or_else(|| missing("ldap", "ldap"))?)
+                    .map_err(|e| {
+                        bad(
+                            "ldap.tls_ca",
+                            e.to_string(),
+                            "give a PEM bundle of the CA certificates that sign the LDAP server's certificate",
+                        )
+                    })?,
+            )),
             ClientAuth::Static => {
                 let f = l
                     .users_file
@@ -121,18 +131,49 @@ impl Authenticator {
         }
     }
 
+    /// Whether the client's certificate is its login (no password asked).
+    pub fn by_certificate(&self) -> bool {
+        matches!(self.check, Check::Certificate)
+    }
+
+    /// `cert`: the user name of the client's verified TLS certificate, on
+    /// a listener with `auth = "certificate"`. There the name the client
+    /// gives must be that one, empty or `anonymous`; the password is not
+    /// checked, only carried (a passthrough route forwards it; without one,
+    /// Hive JDBC's own default, `anonymous`, as a HiveServer2 without
+    /// authentication still wants a non-empty password).
     pub async fn authenticate(
         &self,
         user: &str,
         password: Secret,
         addr: SocketAddr,
+        cert: Option<&str>,
     ) -> Result<ClientIdentity, AuthError> {
+        if let Check::Certificate = self.check {
+            let Some(name) = cert else {
+                return Err(AuthError::Unusable(
+                    "this listener logs in by client certificate, and none names a user".into(),
+                ));
+            };
+            if !(user.is_empty() || user == "anonymous" || user == name) {
+                return Err(AuthError::Unusable(format!(
+                    "the client certificate names '{name}'; log in as that user or without one"
+                )));
+            }
+            let password = if password.is_empty() {
+                Secret::new("anonymous")
+            } else {
+                password
+            };
+            return Ok(ClientIdentity::new(name, password, addr));
+        }
         if user.is_empty() {
             return Err(AuthError::Refused(String::new()));
         }
         let check: Box<dyn FnOnce() -> Result<(), AuthError> + Send> = match &self.check {
             // one answer whatever the password: do not reveal whether it was right
             Check::Kerberos(_) => return Err(AuthError::Refused(user.to_string())),
+            Check::Certificate => unreachable!("answered above"),
             Check::AnyUser => return Ok(ClientIdentity::new(user, password, addr)),
             // a password that bound lately: no pool, no LDAP round trip
             // (an HTTP client without cookies logs in on every request)
@@ -239,19 +280,19 @@ mod tests {
             guard,
         };
         assert_eq!(
-            a.authenticate("alice", Secret::new("alice-pw"), addr())
+            a.authenticate("alice", Secret::new("alice-pw"), addr(), None)
                 .await
                 .unwrap()
                 .user,
             "alice"
         );
         let wrong = a
-            .authenticate("alice", Secret::new("nope"), addr())
+            .authenticate("alice", Secret::new("nope"), addr(), None)
             .await
             .unwrap_err()
             .to_string();
         let unknown = a
-            .authenticate("mallory", Secret::new("nope"), addr())
+            .authenticate("mallory", Secret::new("nope"), addr(), None)
             .await
             .unwrap_err()
             .to_string();

@@ -39,12 +39,15 @@ pub struct ConnstrArgs {
     pub http: bool,
     #[arg(long)]
     pub db: Option<String>,
+    /// TLS (`ssl=true`); with --token and no --port, port 443.
     #[arg(long)]
     pub ssl: bool,
-    #[arg(long, requires = "ssl")]
+    /// Java trust store for `sslTrustStore` (with --ssl, or --local for
+    /// TLS listeners).
+    #[arg(long)]
     pub truststore: Option<String>,
     /// Environment variable holding the trust store password.
-    #[arg(long, requires = "ssl")]
+    #[arg(long)]
     pub truststore_password_env: Option<String>,
     /// Discover servers through ZooKeeper.
     #[arg(long)]
@@ -74,6 +77,9 @@ pub fn run(a: ConnstrArgs) -> ExitCode {
     if a.local {
         return local(&a);
     }
+    if !a.ssl && (a.truststore.is_some() || a.truststore_password_env.is_some()) {
+        return fail("--truststore and --truststore-password-env need --ssl");
+    }
     let token = match (&a.token, &a.token_file) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(f)) => match std::fs::read_to_string(f) {
@@ -94,9 +100,12 @@ pub fn run(a: ConnstrArgs) -> ExitCode {
         _ => Auth::None,
     };
     let host = a.host.clone().unwrap_or_default();
-    let default_port = match (&auth, a.zookeeper) {
-        (_, true) => 2181,
-        (Auth::Token { .. }, _) => 80,
+    // a gateway: 80 through the internal (VPC) domain, 443 (HTTPS)
+    // through the public one
+    let default_port = match (&auth, a.zookeeper, a.ssl) {
+        (_, true, _) => 2181,
+        (Auth::Token { .. }, _, false) => 80,
+        (Auth::Token { .. }, _, true) => 443,
         _ => 10009,
     };
     let hosts: Vec<String> = host
@@ -113,17 +122,10 @@ pub fn run(a: ConnstrArgs) -> ExitCode {
         spec.http_path = Some(a.http_path.clone());
     }
     if a.ssl {
-        let password = match &a.truststore_password_env {
-            Some(var) => match std::env::var(var) {
-                Ok(v) => Some(Secret::new(v)),
-                Err(_) => return fail(format!("environment variable {var} is not set")),
-            },
-            None => None,
-        };
-        spec.tls = Some(Tls {
-            trust_store: a.truststore.clone(),
-            trust_store_password: password,
-        });
+        match tls(&a) {
+            Ok(t) => spec.tls = Some(t),
+            Err(e) => return fail(e),
+        }
     }
     if a.zookeeper {
         spec.zookeeper_namespace = Some(a.namespace.clone());
@@ -138,10 +140,30 @@ pub fn run(a: ConnstrArgs) -> ExitCode {
     }
 }
 
-/// The broker's own listeners as client URLs.
+/// `ssl=true` with the trust store options given.
+fn tls(a: &ConnstrArgs) -> Result<Tls, String> {
+    let password = match &a.truststore_password_env {
+        Some(var) => match std::env::var(var) {
+            Ok(v) => Some(Secret::new(v)),
+            Err(_) => return Err(format!("environment variable {var} is not set")),
+        },
+        None => None,
+    };
+    Ok(Tls {
+        trust_store: a.truststore.clone(),
+        trust_store_password: password,
+    })
+}
+
+/// The broker's own listeners as client URLs; a TLS listener's with
+/// `ssl=true` (and the trust store given with --truststore).
 fn local(a: &ConnstrArgs) -> ExitCode {
     let cfg = match Config::load(a.config.as_ref().expect("clap requires --config")) {
         Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let tls = match tls(a) {
+        Ok(t) => t,
         Err(e) => return fail(e),
     };
     for l in &cfg.listeners {
@@ -158,7 +180,10 @@ fn local(a: &ConnstrArgs) -> ExitCode {
         if l.protocol == Transport::Http {
             spec.http_path = Some(l.http_path.clone());
         }
-        match build(&spec, false) {
+        if l.tls.is_some() {
+            spec.tls = Some(tls.clone());
+        }
+        match build(&spec, a.show_secret) {
             Ok(url) => {
                 // the listener decides the computing resource; say which
                 eprintln!("listener {} -> computing resource {}", l.name, l.route);

@@ -25,6 +25,12 @@ pub struct EmulateArgs {
     /// HTTP HiveServer2 behind the gateway, e.g. http://127.0.0.1:10001/cliservice
     #[arg(long, requires = "gateway_listen")]
     pub gateway_upstream: Option<String>,
+    /// Serve the gateway over HTTPS with this PEM certificate chain (as the
+    /// public endpoint on port 443 does).
+    #[arg(long, requires_all = ["gateway_listen", "gateway_tls_key"])]
+    pub gateway_tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, requires = "gateway_tls_cert")]
+    pub gateway_tls_key: Option<std::path::PathBuf>,
 }
 
 pub fn run(a: EmulateArgs) -> ExitCode {
@@ -41,6 +47,25 @@ pub fn run(a: EmulateArgs) -> ExitCode {
             eprintln!("--gateway-upstream: {e}");
             return ExitCode::from(64);
         }
+    };
+    let tls = match (a.gateway_tls_cert, a.gateway_tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = crate::tls::server::ListenerTls {
+                cert,
+                key,
+                client_ca: None,
+                client_cert: None,
+                identity: None,
+            };
+            match crate::tls::server::ServerTls::new(&files, true) {
+                Ok(t) => Some(std::sync::Arc::new(t)),
+                Err(e) => {
+                    eprintln!("--gateway-tls-cert/--gateway-tls-key: {e}");
+                    return ExitCode::from(64);
+                }
+            }
+        }
+        _ => None,
     };
     let emu = Emulator::new(EmulatorConfig {
         access_key_id: a.access_key_id,
@@ -69,11 +94,13 @@ pub fn run(a: EmulateArgs) -> ExitCode {
         let gateway = match (a.gateway_listen, upstream) {
             (Some(addr), Some(up)) => match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => {
-                    tracing::info!(%addr, upstream = %up, "token gateway emulator up");
+                    let https = tls.is_some();
+                    tracing::info!(%addr, upstream = %up, https, "token gateway emulator up");
                     Some(tokio::spawn(serve_gateway(
                         l,
                         emu.clone(),
                         up,
+                        tls,
                         stop.clone().cancelled_owned(),
                     )))
                 }

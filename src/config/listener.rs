@@ -24,6 +24,10 @@ pub enum ClientAuth {
     /// SASL GSSAPI (binary) / SPNEGO (HTTP) with the broker's keytab
     /// (`[listener.kerberos]`).
     Kerberos,
+    /// The client's TLS certificate, verified against
+    /// `[listener.tls].client_ca`, names the user (`[listener.tls].identity`);
+    /// no password is asked for.
+    Certificate,
 }
 
 /// The broker as a Kerberos service for its clients.
@@ -85,6 +89,102 @@ pub struct LdapConfig {
     /// is "authentication service unavailable".
     #[serde(default = "default_ldap_timeout", with = "duration")]
     pub timeout: Duration,
+    /// StartTLS on each `ldap://` URL before any bind (not with `ldaps://`,
+    /// which is TLS from the first byte).
+    #[serde(default)]
+    pub starttls: bool,
+    /// PEM bundle of the CAs the LDAP server's certificate must chain to
+    /// (only these); unset: the system's roots. Only with TLS (an `ldaps://`
+    /// URL or `starttls`).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// The schemes an LDAP URL may have.
+const LDAP_SCHEMES: [&str; 3] = ["ldap", "ldaps", "ldapi"];
+
+impl LdapConfig {
+    /// Each URL of `url` with its scheme (lowercase) and host (as written,
+    /// without port or brackets; empty for ldapi or an empty host).
+    fn urls(&self) -> impl Iterator<Item = (&str, String, String)> {
+        self.url.split_whitespace().map(|u| {
+            let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
+            let authority = rest.split(['/', '?']).next().unwrap_or("");
+            let host = match authority.strip_prefix('[') {
+                Some(v6) => v6.split(']').next().unwrap_or(""),
+                None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+            };
+            (u, scheme.to_ascii_lowercase(), host.to_string())
+        })
+    }
+
+    /// Whether any connection is TLS: an `ldaps://` URL, or StartTLS.
+    pub fn uses_tls(&self) -> bool {
+        self.starttls || self.urls().any(|(_, scheme, _)| scheme == "ldaps")
+    }
+
+    /// The URLs' schemes and the TLS keys; `key` is `listener[i]`.
+    fn validate_tls(&self, key: &str) -> Result<(), ConfigError> {
+        if self.urls().next().is_none() {
+            return Err(invalid(
+                format!("{key}.ldap.url"),
+                "is empty",
+                "give the LDAP server, e.g. \"ldaps://ldap.example.com:636\"",
+            ));
+        }
+        if let Some((u, _, _)) = self
+            .urls()
+            .find(|(_, scheme, _)| !LDAP_SCHEMES.contains(&scheme.as_str()))
+        {
+            return Err(invalid(
+                format!("{key}.ldap.url"),
+                format!("\"{u}\" is not an ldap://, ldaps:// or ldapi:// URL"),
+                "write e.g. \"ldaps://ldap.example.com:636\" (several URLs separated by spaces)",
+            ));
+        }
+        if self.starttls {
+            if let Some((u, _, _)) = self.urls().find(|(_, scheme, _)| scheme == "ldaps") {
+                return Err(invalid(
+                    format!("{key}.ldap.starttls"),
+                    format!("is true, but {u} is TLS already (ldaps://)"),
+                    "remove starttls to use ldaps://, or use ldap:// URLs with starttls = true",
+                ));
+            }
+        }
+        if let Some(ca) = &self.tls_ca {
+            if !self.uses_tls() {
+                return Err(invalid(
+                    format!("{key}.ldap.tls_ca"),
+                    "is set, but no URL is ldaps:// and starttls is false: no LDAP server is asked for a certificate",
+                    "use an ldaps:// URL or set starttls = true, or remove tls_ca",
+                ));
+            }
+            readable(ca, &format!("{key}.ldap.tls_ca"))?;
+        }
+        Ok(())
+    }
+
+    /// The URLs whose binds (users' passwords) would cross a network in
+    /// clear: `ldap://` without StartTLS to a host that is not loopback.
+    fn plaintext_urls(&self) -> Vec<&str> {
+        if self.starttls {
+            return Vec::new();
+        }
+        self.urls()
+            .filter(|(_, scheme, host)| scheme == "ldap" && !is_loopback_host(host))
+            .map(|(u, _, _)| u)
+            .collect()
+    }
+}
+
+/// `localhost`, an empty host (ldap3 connects to localhost), or a loopback
+/// address.
+fn is_loopback_host(host: &str) -> bool {
+    host.is_empty()
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn default_ldap_timeout() -> Duration {
@@ -160,6 +260,24 @@ impl ListenerConfig {
         })
     }
 
+    /// An `auth = "ldap"` listener whose LDAP binds (its users' passwords)
+    /// go to a non-loopback server in clear: a warning at startup and in
+    /// `check-config`.
+    pub fn ldap_plaintext_warning(&self) -> Option<String> {
+        let ld = self
+            .ldap
+            .as_ref()
+            .filter(|_| self.auth == ClientAuth::Ldap)?;
+        let urls = ld.plaintext_urls();
+        (!urls.is_empty()).then(|| {
+            format!(
+                "listener '{}' checks passwords against {} without TLS: they cross the network in clear; use ldaps:// or set starttls = true in [listener.ldap]",
+                self.name,
+                urls.join(" ")
+            )
+        })
+    }
+
     /// The rules of one listener on its own; `key` is `listener[i]`. Its
     /// krb5.conf goes into `krb5` for the one-per-process check.
     pub(super) fn validate(
@@ -211,6 +329,7 @@ impl ListenerConfig {
                         "set base_dn",
                     ));
                 }
+                ld.validate_tls(key)?;
             }
             ClientAuth::Static => {
                 // The file's contents are checked when the authenticator is
@@ -244,9 +363,46 @@ impl ListenerConfig {
                     krb5.push((format!("{key}.kerberos.krb5_conf"), f.clone()));
                 }
             }
+            ClientAuth::Certificate => match &self.tls {
+                Some(t) if t.client_ca.is_some() => {
+                    if t.client_cert == Some(crate::tls::server::ClientCert::Optional) {
+                        return Err(invalid(
+                            format!("{key}.tls.client_cert"),
+                            "is \"optional\", but with auth = \"certificate\" the certificate is the login",
+                            "remove client_cert (required is the default)",
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        format!("{key}.tls.client_ca"),
+                        "auth = \"certificate\" needs client certificates checked against a CA",
+                        "add [listener.tls] with cert, key and client_ca",
+                    ))
+                }
+            },
             ClientAuth::None => {}
         }
         if let Some(t) = &self.tls {
+            for (k, set) in [
+                ("client_cert", t.client_cert.is_some()),
+                ("identity", t.identity.is_some()),
+            ] {
+                if set && t.client_ca.is_none() {
+                    return Err(invalid(
+                        format!("{key}.tls.{k}"),
+                        "is set but client_ca is not, so no client certificate is asked for",
+                        "add client_ca (the CA bundle client certificates are checked against)",
+                    ));
+                }
+            }
+            if t.identity.is_some() && self.auth != ClientAuth::Certificate {
+                return Err(invalid(
+                    format!("{key}.tls.identity"),
+                    "names the certificate's user, but auth is not \"certificate\"",
+                    "set auth = \"certificate\", or remove identity",
+                ));
+            }
             readable(&t.cert, &format!("{key}.tls.cert"))?;
             readable(&t.key, &format!("{key}.tls.key"))?;
             if let Some(ca) = &t.client_ca {

@@ -355,6 +355,87 @@ mod tests {
     }
 
     #[test]
+    fn upstream_tls_keys_without_tls_are_refused_by_key() {
+        for k in ["tls_ca = \"/etc/ca.pem\"", "tls_server_name = \"gw\""] {
+            let e = err_of(&MINIMAL.replace("port = 10000", &format!("port = 10000\n{k}")));
+            let key = k.split(' ').next().unwrap();
+            assert!(
+                e.contains(&format!("routes.sts.upstream.{key}")) && e.contains("add tls = true"),
+                "{e}"
+            );
+        }
+        let e = err_of(&MINIMAL.replace(
+            "port = 10000",
+            "port = 10000\ntls = true\ntls_ca = \"/nonexistent/ca.pem\"",
+        ));
+        assert!(
+            e.contains("routes.sts.upstream.tls_ca") && e.contains("cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_listener_tls_certificate_that_cannot_be_read_is_named() {
+        let e = err_of(&MINIMAL.replace(
+            "allow_any_user = true",
+            "allow_any_user = true\n[listener.tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"",
+        ));
+        assert!(
+            e.contains("listener[0].tls.cert") && e.contains("cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn certificate_login_needs_a_client_ca_and_required_client_certificates() {
+        let cert = MINIMAL.replace(
+            "auth = \"none\"\n        allow_any_user = true",
+            "auth = \"certificate\"",
+        );
+        let e = err_of(&cert);
+        assert!(
+            e.contains("listener[0].tls.client_ca") && e.contains("auth = \"certificate\""),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.pem");
+        std::fs::write(&f, "x").unwrap();
+        let toml = cert.replace(
+            "auth = \"certificate\"",
+            &format!(
+                "auth = \"certificate\"\n        [listener.tls]\n        cert = \"{0}\"\n        key = \"{0}\"\n        client_ca = \"{0}\"\n        client_cert = \"optional\"",
+                f.display()
+            ),
+        );
+        let e = err_of(&toml);
+        assert!(
+            e.contains("listener[0].tls.client_cert") && e.contains("optional"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn client_certificate_keys_without_a_client_ca_are_refused_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.pem");
+        std::fs::write(&f, "x").unwrap();
+        for (k, v) in [("client_cert", "\"required\""), ("identity", "\"cn\"")] {
+            let toml = MINIMAL.replace(
+                "allow_any_user = true",
+                &format!(
+                    "allow_any_user = true\n        [listener.tls]\n        cert = \"{0}\"\n        key = \"{0}\"\n        {k} = {v}",
+                    f.display()
+                ),
+            );
+            let e = err_of(&toml);
+            assert!(
+                e.contains(&format!("listener[0].tls.{k}")) && e.contains("add client_ca"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = err_of(&MINIMAL.replace("port = 10000", "port = 10000\nprot = 1"));
         assert!(e.contains("prot"), "{e}");
@@ -406,6 +487,113 @@ mod tests {
             "        auth = \"ldap\"\n        [listener.ldap]\n        url = \"ldap://127.0.0.1:3890\"\n",
         );
         assert!(err_of(&t).contains("user_dn_pattern"), "{}", err_of(&t));
+    }
+
+    /// MINIMAL with `auth = "ldap"` and a `[listener.ldap]` of `url` and
+    /// `extra` lines.
+    fn ldap_listener(url: &str, extra: &str) -> String {
+        MINIMAL.replace(
+            "        auth = \"none\"\n        allow_any_user = true\n",
+            &format!(
+                "        auth = \"ldap\"\n        [listener.ldap]\n        url = \"{url}\"\n        user_dn_pattern = \"uid=%s,ou=people,dc=example,dc=com\"\n{extra}\n"
+            ),
+        )
+    }
+
+    #[test]
+    fn ldap_tls_is_off_by_default() {
+        let c = Config::from_toml(&ldap_listener("ldap://127.0.0.1:3890", ""), "t").unwrap();
+        let ld = c.listeners[0].ldap.as_ref().unwrap();
+        assert!(!ld.starttls && ld.tls_ca.is_none() && !ld.uses_tls());
+        let c = Config::from_toml(&ldap_listener("ldaps://ldap.example.com", ""), "t").unwrap();
+        assert!(c.listeners[0].ldap.as_ref().unwrap().uses_tls());
+    }
+
+    #[test]
+    fn ldap_starttls_with_an_ldaps_url_is_refused_naming_the_key() {
+        let e = err_of(&ldap_listener(
+            "ldap://a.example.com ldaps://b.example.com:636",
+            "starttls = true",
+        ));
+        assert!(
+            e.starts_with(
+                "listener[0].ldap.starttls: is true, but ldaps://b.example.com:636 is TLS already"
+            ) && e.contains("remove starttls"),
+            "{e}"
+        );
+        Config::from_toml(
+            &ldap_listener("ldap://a.example.com", "starttls = true"),
+            "t",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn ldap_tls_ca_needs_tls_and_a_readable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let tls_ca = format!("tls_ca = \"{}\"", ca.display());
+        let e = err_of(&ldap_listener("ldap://ldap.example.com", &tls_ca));
+        assert!(
+            e.starts_with(
+                "listener[0].ldap.tls_ca: is set, but no URL is ldaps:// and starttls is false"
+            ) && e.contains("set starttls = true"),
+            "{e}"
+        );
+        // with TLS either way it is taken (its contents are read when the
+        // authenticator is built)
+        Config::from_toml(&ldap_listener("ldaps://ldap.example.com", &tls_ca), "t").unwrap();
+        let starttls = format!("{tls_ca}\nstarttls = true");
+        Config::from_toml(&ldap_listener("ldap://ldap.example.com", &starttls), "t").unwrap();
+        let e = err_of(&ldap_listener(
+            "ldaps://ldap.example.com",
+            "tls_ca = \"/nonexistent/ca.pem\"",
+        ));
+        assert!(
+            e.starts_with("listener[0].ldap.tls_ca: /nonexistent/ca.pem cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ldap_urls_need_an_ldap_scheme() {
+        for url in ["", "ldap.example.com:389", "ldap://a ldsp://b"] {
+            let e = err_of(&ldap_listener(url, ""));
+            assert!(e.starts_with("listener[0].ldap.url: "), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn ldap_in_clear_to_another_host_is_a_warning_naming_the_urls() {
+        let warning = |url: &str, extra: &str| {
+            Config::from_toml(&ldap_listener(url, extra), "t")
+                .unwrap()
+                .listeners[0]
+                .ldap_plaintext_warning()
+        };
+        let w = warning(
+            "ldap://ldap.example.com:389 ldaps://b.example.com ldap://127.0.0.1",
+            "",
+        )
+        .expect("a warning");
+        assert!(
+            w.starts_with(
+                "listener 'bin' checks passwords against ldap://ldap.example.com:389 without TLS"
+            ) && w.contains("starttls = true"),
+            "{w}"
+        );
+        for (url, extra) in [
+            ("ldap://ldap.example.com", "starttls = true"),
+            ("ldaps://ldap.example.com", ""),
+            (
+                "ldap://127.0.0.1:3890 ldap://localhost ldap://[::1]:389 ldap:///",
+                "",
+            ),
+            ("ldapi://%2Frun%2Fslapd%2Fldapi", ""),
+        ] {
+            assert_eq!(warning(url, extra), None, "{url} {extra}");
+        }
     }
 
     #[test]

@@ -153,6 +153,12 @@ pub struct UpstreamConfig {
     /// not `host` (e.g. connecting by IP to a certificate for a name).
     #[serde(default)]
     pub tls_server_name: Option<String>,
+    /// A client certificate (PEM chain) and its key, for an upstream that
+    /// asks for one (mutual TLS).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl UpstreamConfig {
@@ -174,6 +180,8 @@ impl UpstreamConfig {
             tls: false,
             tls_ca: None,
             tls_server_name: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 
@@ -191,14 +199,16 @@ impl UpstreamConfig {
         if !self.tls {
             return Ok(None);
         }
-        let config = crate::tls::client::config(self.tls_ca.as_deref(), "upstream.tls_ca")
-            .map_err(|e| {
-                invalid(
+        let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+        let config =
+            crate::tls::client::config(self.tls_ca.as_deref(), "upstream.tls_ca", identity)
+                .map_err(|e| {
+                    invalid(
                     format!("{key}.upstream"),
                     e.to_string(),
                     "give a PEM bundle of the CA certificates that sign the upstream's certificate",
                 )
-            })?;
+                })?;
         crate::tls::client::ClientTls::new(config, self.tls_name(), "upstream.tls_server_name")
             .map(Some)
             .map_err(|e| {
@@ -375,6 +385,8 @@ impl UpstreamConfig {
             for (k, set) in [
                 ("tls_ca", self.tls_ca.is_some()),
                 ("tls_server_name", self.tls_server_name.is_some()),
+                ("tls_cert", self.tls_cert.is_some()),
+                ("tls_key", self.tls_key.is_some()),
             ] {
                 if set {
                     return Err(invalid(
@@ -387,6 +399,20 @@ impl UpstreamConfig {
         }
         if let Some(ca) = &self.tls_ca {
             super::readable(ca, &format!("{key}.upstream.tls_ca"))?;
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => {
+                super::readable(c, &format!("{key}.upstream.tls_cert"))?;
+                super::readable(k, &format!("{key}.upstream.tls_key"))?;
+            }
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(invalid(
+                    format!("{key}.upstream.tls_cert"),
+                    "tls_cert and tls_key go together",
+                    "set both (the client certificate and its key) or neither",
+                ))
+            }
         }
         match (&self.principal, kerberos_identity) {
             (Some(_), _) if self.sasl == UpstreamSasl::Nosasl => Err(invalid(

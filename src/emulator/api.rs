@@ -30,7 +30,7 @@ pub async fn serve_api(
     emu: Arc<Emulator>,
     shutdown: impl Future<Output = ()>,
 ) {
-    super::serve_http(listener, shutdown, move |req| {
+    super::serve_http(listener, None, shutdown, move |req| {
         let emu = emu.clone();
         async move { handle(req, &emu).await }
     })

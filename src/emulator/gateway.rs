@@ -24,17 +24,19 @@ type Upstream = Client<HttpConnector, Full<Bytes>>;
 const PASS: [&str; 4] = ["authorization", "cookie", "content-type", "accept"];
 const PASS_BACK: [&str; 2] = ["content-type", "set-cookie"];
 
+/// `tls`: serve HTTPS, as the gateway's public endpoint (port 443) does.
 pub async fn serve_gateway(
     listener: TcpListener,
     emu: Arc<Emulator>,
     upstream: Uri,
+    tls: Option<Arc<crate::tls::server::ServerTls>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let client: Upstream = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .build(HttpConnector::new());
     let upstream = Arc::new(upstream);
-    super::serve_http(listener, shutdown, move |req| {
+    super::serve_http(listener, tls, shutdown, move |req| {
         let (emu, client, upstream) = (emu.clone(), client.clone(), upstream.clone());
         async move { relay(req, &emu, &client, &upstream).await }
     })

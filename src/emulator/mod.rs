@@ -93,8 +93,10 @@ pub struct Emulator {
 }
 
 /// Serves HTTP/1 on `listener` until `shutdown`, one task per connection.
+/// `tls`: serve HTTPS with this certificate (the gateway's public endpoint).
 async fn serve_http<F, Fut>(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<crate::tls::server::ServerTls>>,
     shutdown: impl std::future::Future<Output = ()>,
     handler: F,
 ) where
@@ -117,7 +119,22 @@ async fn serve_http<F, Fut>(
             },
         };
         let handler = handler.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let stream = match &tls {
+                None => crate::wire::stream::Stream::Plain(stream),
+                Some(t) => {
+                    let limit = Duration::from_secs(10);
+                    match tokio::time::timeout(limit, t.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e.detail(), "emulator TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            };
             let svc = hyper::service::service_fn(move |req| {
                 let fut = handler(req);
                 async move { Ok::<_, std::convert::Infallible>(fut.await) }

@@ -199,6 +199,7 @@ async fn connection(
     listener: Arc<Listener>,
     shared: Arc<Shared>,
 ) {
+    let cert = listener.cert_user(&stream);
     // nothing big is accepted from a client that has not logged in yet
     let mut io = MessageIo::new(stream, shared.server.handshake_max_bytes);
     let started = Instant::now();
@@ -206,7 +207,13 @@ async fn connection(
     let mut progress = Progress::default();
     let outcome = timeout(
         limit,
-        Box::pin(handshake(&mut io, peer, &listener, &mut progress)),
+        Box::pin(handshake(
+            &mut io,
+            peer,
+            &listener,
+            cert.as_deref(),
+            &mut progress,
+        )),
     )
     .await
     .unwrap_or(Err(HandshakeEnd::Failed(RpcError::HandshakeTimeout(limit))));
@@ -275,6 +282,7 @@ async fn connection(
         listener.auth.clone(),
         identity,
         peer,
+        cert,
     );
     loop {
         let msg = match login_by {
@@ -418,6 +426,7 @@ async fn connection(
         }
     }
     shared.broker.binary_gone(&mut client).await;
+    io.shutdown().await;
     drop(user_slot);
 }
 
@@ -492,6 +501,7 @@ async fn handshake(
     io: &mut MessageIo,
     peer: SocketAddr,
     listener: &Listener,
+    cert: Option<&str>,
     p: &mut Progress,
 ) -> Result<Authenticated, HandshakeEnd> {
     let kerberos = listener.auth.kerberos();
@@ -547,7 +557,7 @@ async fn handshake(
         p.user = creds.user.clone();
         return match listener
             .auth
-            .authenticate(&creds.user, creds.password, peer)
+            .authenticate(&creds.user, creds.password, peer, cert)
             .await
         {
             Ok(identity) => Ok(Authenticated::Sasl {

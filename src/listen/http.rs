@@ -91,6 +91,12 @@ pub async fn serve(
         Ok(s) => s,
         Err(r) => return refuse(stream, peer, listener, shared, r.error).await,
     };
+    let cert = listener.l.cert_user(&stream).map(|user| {
+        Arc::new(CertLogin {
+            user,
+            recorded: AtomicBool::new(false),
+        })
+    });
     let _open = shared.broker.metrics.connection(&listener.l.config.name);
     let span = tracing::debug_span!("http", listener = %listener.l.config.name, %peer);
     let sh = shared.clone();
@@ -105,7 +111,11 @@ pub async fn serve(
     let svc = service_fn(move |req| {
         seen.store(true, Ordering::Relaxed);
         let (listener, shared, user) = (hl.clone(), sh.clone(), user.clone());
-        async move { Ok::<_, Infallible>(handle(req, peer, &listener, &shared, &user).await) }
+        let cert = cert.clone();
+        async move {
+            let r = handle(req, peer, &listener, &shared, &user, cert.as_deref()).await;
+            Ok::<_, Infallible>(r)
+        }
     });
     let started = Instant::now();
     let spoke = Arc::new(AtomicBool::new(false));
@@ -371,6 +381,7 @@ async fn handle(
     listener: &HttpListener,
     shared: &Shared,
     user_slot: &Mutex<Option<UserSlot>>,
+    cert: Option<&CertLogin>,
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
     if let Err(e) = check_request(&req, &listener.l.config, shared) {
@@ -383,7 +394,7 @@ async fn handle(
             .find(|(k, _)| k.eq_ignore_ascii_case("doAs"))
             .map(|(_, v)| v.to_string())
     });
-    let login = match authenticate_request(&req, peer, listener).await {
+    let login = match authenticate_request(&req, peer, listener, cert).await {
         Ok(l) => l,
         Err((mechanism, user, e)) => {
             let ex = Exchange::new(Kind::Login, peer, &user, mechanism, started);
@@ -506,6 +517,13 @@ pub(crate) fn negotiate_token<B>(req: &Request<B>) -> Result<Option<Vec<u8>>, &'
         .map_err(|_| "malformed Negotiate token")
 }
 
+/// A connection's verified client certificate, on a listener that logs in
+/// by certificate: the user it names, and whether its login was recorded.
+struct CertLogin {
+    user: String,
+    recorded: AtomicBool,
+}
+
 /// Who sent a request.
 struct Login {
     identity: ClientIdentity,
@@ -523,7 +541,35 @@ async fn authenticate_request(
     req: &Request<Incoming>,
     peer: SocketAddr,
     listener: &HttpListener,
+    cert: Option<&CertLogin>,
 ) -> Result<Login, Refused> {
+    let unusable = |m, why: &str| (m, String::new(), AuthError::Unusable(why.into()).into());
+    if listener.l.auth.by_certificate() {
+        // the connection's certificate, on every request: no cookie stands
+        // in for it (one could be replayed from another connection); one
+        // login per connection is recorded, as on a binary listener
+        let (user, password) = match basic_credentials(req) {
+            Ok(Some(c)) => c,
+            Ok(None) => (String::new(), Secret::new("")),
+            Err(msg) => return Err(unusable("certificate", msg)),
+        };
+        let name = cert.map(|c| c.user.as_str());
+        return match listener
+            .l
+            .auth
+            .authenticate(&user, password, peer, name)
+            .await
+        {
+            Ok(identity) => Ok(Login {
+                identity,
+                mechanism: "certificate",
+                checked: cert.is_some_and(|c| !c.recorded.swap(true, Ordering::Relaxed)),
+                set_cookie: None,
+                negotiate: None,
+            }),
+            Err(e) => Err(("certificate", user, e.into())),
+        };
+    }
     if let Some(c) = req.headers().get(COOKIE).and_then(|v| v.to_str().ok()) {
         if let Some(identity) = listener.cookies.check(c).await {
             return Ok(Login {
@@ -535,7 +581,6 @@ async fn authenticate_request(
             });
         }
     }
-    let unusable = |m, why: &str| (m, String::new(), AuthError::Unusable(why.into()).into());
     if let Some(acceptor) = listener.l.auth.kerberos() {
         let token = match negotiate_token(req) {
             Ok(Some(t)) => t,
@@ -560,7 +605,12 @@ async fn authenticate_request(
     }
     match basic_credentials(req) {
         Ok(Some((user, password))) => {
-            match listener.l.auth.authenticate(&user, password, peer).await {
+            match listener
+                .l
+                .auth
+                .authenticate(&user, password, peer, None)
+                .await
+            {
                 Ok(identity) => {
                     let cookie = listener.cookies.issue(identity.clone()).await;
                     Ok(Login {

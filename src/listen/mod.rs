@@ -66,6 +66,19 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// On a listener that logs in by client certificate, the user name of
+    /// this connection's verified certificate.
+    pub fn cert_user(&self, stream: &Stream) -> Option<String> {
+        let tls = self.tls.as_ref()?;
+        if !self.auth.by_certificate() {
+            return None;
+        }
+        let leaf = stream.peer_certificates()?.first()?;
+        crate::tls::server::cert_identity(leaf, tls.identity())
+    }
+}
+
 /// What every connection task needs.
 pub struct Shared {
     pub broker: Arc<Broker>,
@@ -99,8 +112,31 @@ pub async fn tls_handshake(
         return Tls::Ready(Stream::Plain(tcp));
     };
     let limit = shared.server.handshake_timeout;
-    match tokio::time::timeout(limit, tls.accept(tcp)).await {
-        Ok(Ok(s)) => Tls::Ready(s),
+    let deadline = tokio::time::Instant::now() + limit;
+    // nothing sent yet: a pre-opened connection or a TCP health check, not
+    // a failed TLS handshake
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Err(_) => {
+            listener.edge.unused(peer, limit);
+            return Tls::Failed;
+        }
+        Ok(Ok(0)) | Ok(Err(_)) => {
+            tracing::debug!(%peer, "closed before the TLS handshake (health check?)");
+            return Tls::Failed;
+        }
+        Ok(Ok(_)) => {}
+    }
+    match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
+        Ok(Ok(s)) => {
+            let kind = if s.resumed() == Some(true) {
+                "resumed"
+            } else {
+                "full"
+            };
+            listener.edge.tls_handshake(kind);
+            Tls::Ready(s)
+        }
         Ok(Err(HandshakeError::Plaintext(tcp, first))) => {
             listener.edge.tls_plaintext();
             Tls::Plaintext(tcp, first)

@@ -11,7 +11,7 @@ use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
 
-use super::{provider, roots, TlsError, VERSIONS};
+use super::{certs, private_key, provider, roots, TlsError, VERSIONS};
 use crate::wire::stream::Stream;
 
 /// How a TLS peer is verified; one per upstream, kept for its lifetime so
@@ -30,16 +30,19 @@ impl std::fmt::Debug for ClientTls {
     }
 }
 
-/// `ca_key` names the config key of `ca` in errors. No ALPN is set: the
+/// `ca_key` names the config key of `ca` in errors; `identity` is a client
+/// certificate chain and key to present (PEM files). No ALPN is set: the
 /// HTTP connector adds `http/1.1` itself.
-pub fn config(ca: Option<&Path>, ca_key: &'static str) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn config(
+    ca: Option<&Path>,
+    ca_key: &'static str,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| TlsError::Setup(e.to_string()))?;
-    let config = match ca {
-        Some(ca) => builder
-            .with_root_certificates(roots(ca_key, ca)?)
-            .with_no_client_auth(),
+    let builder = match ca {
+        Some(ca) => builder.with_root_certificates(roots(ca_key, ca)?),
         None => {
             let v = rustls_platform_verifier::Verifier::new(provider()).map_err(|e| {
                 TlsError::Setup(format!(
@@ -49,7 +52,20 @@ pub fn config(ca: Option<&Path>, ca_key: &'static str) -> Result<Arc<ClientConfi
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(v))
-                .with_no_client_auth()
+        }
+    };
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = certs("upstream.tls_cert", cert)?;
+            let k = private_key("upstream.tls_key", key)?;
+            builder.with_client_auth_cert(chain, k).map_err(|e| {
+                super::file_err(
+                    "upstream.tls_key",
+                    key,
+                    format!("does not go with tls_cert: {e}"),
+                )
+            })?
         }
     };
     Ok(Arc::new(config))

@@ -1,10 +1,10 @@
 //! A listener's TLS: its certificate and key (reloaded without a restart
 //! when the files change or on SIGHUP; a bad new file keeps the old pair),
-//! and optional client certificates checked against a CA bundle.
+//! optional client certificates checked against a CA bundle, and the user
+//! name a client certificate stands for (`auth = "certificate"`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
 
 use rustls::server::{StoresServerSessions, WebPkiClientVerifier};
 use rustls::ServerConfig;
@@ -25,9 +25,64 @@ pub struct ListenerTls {
     /// Verify client certificates against this PEM CA bundle.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
-    /// With `client_ca`: whether a client must present a certificate.
+    /// With `client_ca`: whether a client must present a certificate
+    /// (default: required).
     #[serde(default)]
-    pub client_cert: ClientCert,
+    pub client_cert: Option<ClientCert>,
+    /// With `auth = "certificate"`: which name in the client's certificate
+    /// is its user name (default: the common name).
+    #[serde(default)]
+    pub identity: Option<CertIdentity>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertIdentity {
+    /// The subject's common name.
+    #[default]
+    Cn,
+    /// The first DNS name among the subject alternative names.
+    SanDns,
+    /// The first e-mail address among the subject alternative names (whole:
+    /// map it in the route if the upstream wants the local part).
+    SanEmail,
+}
+
+/// The user name a client's (already verified) leaf certificate stands
+/// for; `None` if it has no such name, or one no log line could carry.
+pub fn cert_identity(
+    cert: &rustls::pki_types::CertificateDer<'_>,
+    from: CertIdentity,
+) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, c) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let name = match from {
+        CertIdentity::Cn => c
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string),
+        CertIdentity::SanDns | CertIdentity::SanEmail => {
+            let san = c.subject_alternative_name().ok()??;
+            san.value
+                .general_names
+                .iter()
+                .find_map(|g| match (from, g) {
+                    (CertIdentity::SanDns, GeneralName::DNSName(d)) => Some(d.to_string()),
+                    (CertIdentity::SanEmail, GeneralName::RFC822Name(m)) => Some(m.to_string()),
+                    _ => None,
+                })
+        }
+    };
+    // a conservative alphabet: no look-alike or invisible characters can
+    // make two upstream users of one name, or spoof a log line
+    name.filter(|n| {
+        !n.is_empty()
+            && n.len() <= 255
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-@+".contains(c))
+    })
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -78,8 +133,9 @@ impl HandshakeError {
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// Size and modification time of each file, to notice a change.
-type Stamp = Vec<Option<(u64, SystemTime)>>;
+/// A digest of each file's contents, to notice a change (a renewed
+/// certificate often has the same length, and a copy may keep the mtime).
+type Stamp = Vec<Option<[u8; 32]>>;
 
 struct Loaded {
     config: Arc<ServerConfig>,
@@ -131,7 +187,13 @@ impl ServerTls {
     }
 
     pub fn requires_client_cert(&self) -> bool {
-        self.files.client_ca.is_some() && self.files.client_cert == ClientCert::Required
+        self.files.client_ca.is_some()
+            && self.files.client_cert.unwrap_or_default() == ClientCert::Required
+    }
+
+    /// The rule naming a client certificate's user.
+    pub fn identity(&self) -> CertIdentity {
+        self.files.identity.unwrap_or_default()
     }
 
     /// Unix time the served certificate expires.
@@ -215,6 +277,7 @@ fn classify(e: std::io::Error) -> HandshakeError {
 }
 
 fn stamp(files: &ListenerTls) -> Stamp {
+    use sha2::Digest;
     let mut paths: Vec<&Path> = vec![&files.cert, &files.key];
     if let Some(ca) = &files.client_ca {
         paths.push(ca);
@@ -222,8 +285,8 @@ fn stamp(files: &ListenerTls) -> Stamp {
     paths
         .into_iter()
         .map(|p| {
-            let m = std::fs::metadata(p).ok()?;
-            Some((m.len(), m.modified().ok()?))
+            let bytes = zeroize::Zeroizing::new(std::fs::read(p).ok()?);
+            Some(sha2::Sha256::digest(&*bytes).into())
         })
         .collect()
 }
@@ -234,7 +297,6 @@ fn load(
     sessions: Arc<dyn StoresServerSessions>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
 ) -> Result<Loaded, TlsError> {
-    // stamped before reading: a write racing the read shows up next check
     let stamped = stamp(files);
     let chain = certs("listener.tls.cert", &files.cert)?;
     let key = private_key("listener.tls.key", &files.key)?;
@@ -246,7 +308,7 @@ fn load(
         Some(ca) => {
             let roots = Arc::new(roots("listener.tls.client_ca", ca)?);
             let v = WebPkiClientVerifier::builder_with_provider(roots, provider());
-            let v = match files.client_cert {
+            let v = match files.client_cert.unwrap_or_default() {
                 ClientCert::Required => v,
                 ClientCert::Optional => v.allow_unauthenticated(),
             };
@@ -265,8 +327,16 @@ fn load(
         )
     })?;
     config.alpn_protocols = alpn.to_vec();
-    config.session_storage = sessions;
-    config.ticketer = ticketer;
+    if files.client_ca.is_none() {
+        config.session_storage = sessions;
+        config.ticketer = ticketer;
+    } else {
+        // a resumed session brings its client certificate back unchecked:
+        // a CA since removed from client_ca, or an expired certificate,
+        // would still log in. Every connection verifies its certificate.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(Loaded {
         config: Arc::new(config),
         stamp: stamped,

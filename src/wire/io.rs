@@ -167,18 +167,21 @@ impl MessageIo {
             self.buf
                 .reserve(self.buf.len().clamp(16 * 1024, RESERVE_STEP));
         }
-        let n = match self.stream.read_buf(&mut self.buf).await {
-            Ok(n) => n,
-            // a TLS peer that closes without close_notify (Python's ssl,
-            // a dropped rustls stream): the framing tells a clean close
-            // between messages from a truncated one, as for plaintext
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
-            Err(e) => return Err(e.into()),
-        };
-        match n {
-            0 if at_boundary && self.buf.is_empty() => Err(FrameError::Eof),
-            0 => Err(FrameError::Truncated),
-            _ => Ok(()),
+        match self.stream.read_buf(&mut self.buf).await {
+            Ok(0) if at_boundary && self.buf.is_empty() => Err(FrameError::Eof),
+            Ok(0) => Err(FrameError::Truncated),
+            Ok(_) => Ok(()),
+            // a TLS peer that closed TCP without close_notify (CPython's ssl
+            // does): between messages that is an ordinary close
+            Err(e)
+                if e.kind() == std::io::ErrorKind::UnexpectedEof
+                    && at_boundary
+                    && self.buf.is_empty() =>
+            {
+                Err(FrameError::Eof)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -274,6 +277,14 @@ impl MessageIo {
         }
         let n = self.buf.len().min(max);
         Ok(self.buf.split_to(n).freeze())
+    }
+
+    /// Ends the connection cleanly: a TLS peer gets its close_notify (Java
+    /// and Python clients otherwise report a truncated stream).
+    pub async fn shutdown(&mut self) {
+        if self.stream.is_tls() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.stream.shutdown()).await;
+        }
     }
 
     /// The connection underneath (for a TLS client's certificate).

@@ -31,6 +31,17 @@ impl Stream {
         !matches!(self, Stream::Plain(_))
     }
 
+    /// Whether this connection's TLS handshake resumed an earlier session
+    /// (`None` for plaintext).
+    pub fn resumed(&self) -> Option<bool> {
+        let kind = match self {
+            Stream::Server(s) => s.get_ref().1.handshake_kind(),
+            Stream::Client(s) => s.get_ref().1.handshake_kind(),
+            Stream::Plain(_) => return None,
+        };
+        Some(kind == Some(rustls::HandshakeKind::Resumed))
+    }
+
     /// The certificate chain a TLS client presented (leaf first), if any.
     pub fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
         match self {

@@ -647,7 +647,13 @@ pub async fn start_emulator(gateway_upstream: Option<SocketAddr>) -> Emu {
     let gateway = g.local_addr().unwrap();
     if let Some(up) = gateway_upstream {
         let uri = format!("http://{up}/cliservice").parse().unwrap();
-        tokio::spawn(serve_gateway(g, emu.clone(), uri, std::future::pending()));
+        tokio::spawn(serve_gateway(
+            g,
+            emu.clone(),
+            uri,
+            None,
+            std::future::pending(),
+        ));
     }
     Emu { api, gateway, emu }
 }
