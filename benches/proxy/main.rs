@@ -461,12 +461,14 @@ port = {}
     // the responder itself over TLS: what TLS costs with no hop in between
     let up_tls = match &certs {
         Some(dir) => {
-            let files = kyuubi_broker::tls::server::ListenerTls {
-                cert: dir.join("server.pem"),
-                key: dir.join("server-key.pem"),
-                client_ca: None,
-                client_cert: Default::default(),
-            };
+            // as a `[listener.tls]` table says it (the other keys default)
+            let quoted = |f: &str| toml::Value::from(dir.join(f).display().to_string()).to_string();
+            let files: kyuubi_broker::tls::server::ListenerTls = toml::from_str(&format!(
+                "cert = {}\nkey = {}\n",
+                quoted("server.pem"),
+                quoted("server-key.pem")
+            ))
+            .expect("the responder's TLS files");
             let tls = kyuubi_broker::tls::server::ServerTls::new(&files, false)
                 .expect("the responder's TLS");
             Some(
