@@ -456,9 +456,29 @@ port = {}
     }
     // the TLS pass: the broker's TLS listener and its TLS upstream, which is
     // HAProxy's TLS frontend in front of the responder (in smoke mode,
-    // without HAProxy, the broker's own TLS listener stands in for it, and
-    // warns that the inner hop stripped the outer one's kyuubi.client.ipAddress)
+    // without HAProxy, the responder's own TLS listener stands in for it)
     let certs = tls_certs();
+    // the responder itself over TLS: what TLS costs with no hop in between
+    let up_tls = match &certs {
+        Some(dir) => {
+            // as a `[listener.tls]` table says it (the other keys default)
+            let quoted = |f: &str| toml::Value::from(dir.join(f).display().to_string()).to_string();
+            let files: kyuubi_broker::tls::server::ListenerTls = toml::from_str(&format!(
+                "cert = {}\nkey = {}\n",
+                quoted("server.pem"),
+                quoted("server-key.pem")
+            ))
+            .expect("the responder's TLS files");
+            let tls = kyuubi_broker::tls::server::ServerTls::new(&files, false)
+                .expect("the responder's TLS");
+            Some(
+                resp.clone()
+                    .serve_binary_tls(std::sync::Arc::new(tls))
+                    .await,
+            )
+        }
+        None => None,
+    };
     let ha_bin = if full() { haproxy() } else { None };
     let (ha_port, ha_tls_port) = (free_port(), free_port());
     let (b_tls, b_2tls, b_tls2tls, b_2ha) = (free_port(), free_port(), free_port(), free_port());
@@ -484,7 +504,10 @@ port = {}
         cfg.push_str(&listener("tls2tls", b_tls2tls, "resp_tls", true));
         cfg.push_str(&format!(
             "[routes.resp_tls.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = {}\ntls = true\ntls_ca = \"{}\"\ntls_server_name = \"localhost\"\n",
-            if ha_bin.is_some() { ha_tls_port } else { b_tls },
+            match (&ha_bin, up_tls) {
+                (None, Some(a)) => a.port(),
+                _ => ha_tls_port,
+            },
             ca.display()
         ));
         if ha_bin.is_some() {
@@ -613,6 +636,13 @@ port = {}
                 via_ha.clone(),
             ));
         }
+        if let Some(a) = up_tls {
+            tls_paths.push((
+                "tls_direct",
+                "TLS client → TLS responder, direct (no hop: TLS's own cost)",
+                tls_url(a.port()),
+            ));
+        }
         tls_paths.push((
             "broker_tls_listener",
             "TLS client → broker TLS listener → plaintext responder",
@@ -635,7 +665,7 @@ port = {}
             if ha.is_some() {
                 "plaintext client → broker → TLS upstream (HAProxy TLS → responder)"
             } else {
-                "plaintext client → broker → TLS upstream (the broker's own TLS listener)"
+                "plaintext client → broker → TLS upstream (the responder's own TLS)"
             },
             format!("jdbc:hive2://127.0.0.1:{b_2tls}/"),
         ));
@@ -671,6 +701,7 @@ port = {}
     let mut tls_fetch: Vec<(&str, &str, TargetReport)> = Vec::new();
     for (key, label, url) in &tls_paths {
         let wanted = [
+            "tls_direct",
             "broker_tls_listener",
             "haproxy_tls",
             "broker_to_haproxy",
@@ -774,7 +805,7 @@ port = {}
     };
     let fetch_goal: BTreeMap<&str, bool> = tls_fetch
         .iter()
-        .filter(|(k, _, _)| *k != "broker_to_haproxy")
+        .filter(|(k, _, _)| !["broker_to_haproxy", "tls_direct"].contains(k))
         .map(|(k, _, f)| (*k, rows_per_sec(f) / rows_per_sec(&f_direct) >= 0.9))
         .collect();
     let machine = format!(
@@ -924,6 +955,7 @@ port = {}
         };
         md.push_str("\nWhat TLS adds on top of the same hop in plaintext (same pass):\n\n");
         for (what, tls, plain) in [
+            ("TLS alone, direct (no hop)", "tls_direct", "direct"),
             ("the broker's TLS listener", "broker_tls_listener", "broker"),
             ("HAProxy terminating TLS", "haproxy_tls", "haproxy"),
             (

@@ -1,7 +1,7 @@
 //! A minimal HiveServer2 responder for the benchmark: it answers at once, so
 //! whatever sits between it and the client shows its own cost. Binary (SASL
-//! PLAIN accepted for anyone) and HTTP (any path, no auth). A measurement
-//! fixture only; never part of the product.
+//! PLAIN accepted for anyone), optionally over TLS, and HTTP (any path, no
+//! auth). A measurement fixture only; never part of the product.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -15,8 +15,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use kyuubi_broker::tcli::gen::*;
+use kyuubi_broker::tls::server::ServerTls;
 use kyuubi_broker::wire::io::{Framing, MessageIo};
 use kyuubi_broker::wire::sasl::Status;
+use kyuubi_broker::wire::stream::Stream;
 use kyuubi_broker::wire::thrift::peek_header;
 use thrift::protocol::{
     TBinaryOutputProtocol, TFieldIdentifier, TMessageIdentifier, TMessageType, TOutputProtocol,
@@ -210,6 +212,16 @@ impl Responder {
 
     /// Serves binary clients (SASL PLAIN, anyone) until the process ends.
     pub async fn serve_binary(self: Arc<Self>) -> SocketAddr {
+        self.serve_binary_on(None).await
+    }
+
+    /// The same over TLS (the broker's own server side, rustls): the
+    /// floor of what TLS costs without any hop in between.
+    pub async fn serve_binary_tls(self: Arc<Self>, tls: Arc<ServerTls>) -> SocketAddr {
+        self.serve_binary_on(Some(tls)).await
+    }
+
+    async fn serve_binary_on(self: Arc<Self>, tls: Option<Arc<ServerTls>>) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
@@ -218,8 +230,16 @@ impl Responder {
                     continue;
                 };
                 let me = self.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let mut io = MessageIo::new(s, 1 << 30);
+                    let stream = match tls {
+                        None => Stream::from(s),
+                        Some(t) => match t.accept(s).await {
+                            Ok(s) => s,
+                            Err(_) => return,
+                        },
+                    };
+                    let mut io = MessageIo::new(stream, 1 << 30);
                     // START "PLAIN", then the credentials
                     for _ in 0..2 {
                         if io.read_sasl().await.is_err() {
