@@ -6,6 +6,20 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kyuubi-broker");
 
+/// The fixture's TLS test certificates (`scripts/fixture.sh tls-certs`).
+fn tls_certs() -> std::path::PathBuf {
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fixture.sh"))
+        .arg("tls-certs")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().into()
+}
+
 #[test]
 fn check_config_accepts_the_shipped_local_config() {
     let out = Command::new(BIN)
@@ -35,17 +49,7 @@ fn check_config_warns_about_a_non_loopback_listener_taking_passwords_without_tls
             users.display()
         )
     };
-    let certs = std::path::PathBuf::from(
-        String::from_utf8(
-            Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/fixture.sh"))
-                .arg("tls-certs")
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .unwrap()
-        .trim(),
-    );
+    let certs = tls_certs();
     let tls = format!(
         "[listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
         certs.join("server.pem").display(),
@@ -123,15 +127,7 @@ fn check_config_warns_about_ldap_passwords_sent_in_clear_to_a_non_loopback_serve
 #[test]
 fn check_config_accepts_the_tls_examples_once_the_test_certificates_exist() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let made = Command::new(format!("{root}/scripts/fixture.sh"))
-        .arg("tls-certs")
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    tls_certs();
     for example in ["tls.toml", "tls-upstream.toml"] {
         let out = Command::new(BIN)
             .arg("check-config")
@@ -148,16 +144,7 @@ fn check_config_accepts_the_tls_examples_once_the_test_certificates_exist() {
 
 #[test]
 fn sighup_reloads_a_tls_listeners_certificate_even_when_its_files_did_not_change() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let certs = String::from_utf8(
-        Command::new(format!("{root}/scripts/fixture.sh"))
-            .arg("tls-certs")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let certs = std::path::Path::new(certs.trim());
+    let certs = tls_certs();
     let dir = tempfile::tempdir().unwrap();
     let admin = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

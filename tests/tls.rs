@@ -368,17 +368,9 @@ async fn a_listener_requiring_client_certificates_refuses_a_client_without_one()
     let extra = "http_path = \"cliservice\"";
     let (b, admin) = tls_broker(&tls, &route_toml("http", up, extra)).await;
     let ca = dir.join("ca.pem");
-    let ca_s = ca.to_str().unwrap();
     // PyHive over https with the fixture's client certificate: served
-    let (cert, key) = (dir.join("client.pem"), dir.join("client-key.pem"));
-    let args = [
-        "--ssl-ca",
-        ca_s,
-        "--client-cert",
-        cert.to_str().unwrap(),
-        "--client-key",
-        key.to_str().unwrap(),
-    ];
+    let args = pyhive_with_client_cert(&dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let v = py_client_args(
         "pyhive",
         "http",
@@ -616,6 +608,20 @@ auth = "certificate"
     (b, admin)
 }
 
+/// hs2_client.py options: https verified against the test CA, with the
+/// fixture's client certificate (CN alice).
+fn pyhive_with_client_cert(dir: &Path) -> Vec<String> {
+    let path = |f: &str| dir.join(f).display().to_string();
+    vec![
+        "--ssl-ca".into(),
+        path("ca.pem"),
+        "--client-cert".into(),
+        path("client.pem"),
+        "--client-key".into(),
+        path("client-key.pem"),
+    ]
+}
+
 fn with_client_cert(mut c: UpstreamConfig, dir: &Path) -> UpstreamConfig {
     c.tls_cert = Some(dir.join("client.pem"));
     c.tls_key = Some(dir.join("client-key.pem"));
@@ -671,20 +677,9 @@ async fn a_certificate_listener_logs_in_the_user_its_client_certificate_names() 
     // two connections of our client (alice, anonymous), five requests each
     assert_eq!(http_ok as u64, 2, "{text}");
     // PyHive over https with the certificate: the same user upstream
-    let ca_s = ca.to_str().unwrap();
-    let (cert, key) = (dir.join("client.pem"), dir.join("client-key.pem"));
-    let args = [
-        "--ssl-ca",
-        ca_s,
-        "--client-cert",
-        cert.to_str().unwrap(),
-        "--client-key",
-        key.to_str().unwrap(),
-        "--user",
-        "",
-        "--password",
-        "",
-    ];
+    let mut args = pyhive_with_client_cert(&dir);
+    args.extend(["--user", "", "--password", ""].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let v = py_client_args(
         "pyhive",
         "http",

@@ -22,7 +22,7 @@ use crate::auth::Authenticator;
 use crate::config::{ListenerConfig, ServerConfig};
 use crate::edge::Edge;
 use crate::session::{Broker, Route};
-use crate::tls::server::{HandshakeError, ServerTls};
+use crate::tls::server::{ServerTls, TLS_HANDSHAKE};
 use crate::wire::stream::Stream;
 
 use self::limits::{Admission, Gate, Limits, Refusal, Slot};
@@ -125,6 +125,10 @@ pub async fn tls_handshake(
             tracing::debug!(%peer, "closed before the TLS handshake (health check?)");
             return Tls::Failed;
         }
+        Ok(Ok(_)) if first[0] != TLS_HANDSHAKE => {
+            listener.edge.tls_plaintext();
+            return Tls::Plaintext(tcp, first[0]);
+        }
         Ok(Ok(_)) => {}
     }
     match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
@@ -136,10 +140,6 @@ pub async fn tls_handshake(
             };
             listener.edge.tls_handshake(kind);
             Tls::Ready(s)
-        }
-        Ok(Err(HandshakeError::Plaintext(tcp, first))) => {
-            listener.edge.tls_plaintext();
-            Tls::Plaintext(tcp, first)
         }
         Ok(Err(e)) => {
             listener.edge.tls_failed(peer, e.reason(), &e.detail());

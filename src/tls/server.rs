@@ -98,9 +98,6 @@ pub enum ClientCert {
 /// `kyuubi_broker_tls_handshake_failures_total{reason}`.
 #[derive(Debug)]
 pub enum HandshakeError {
-    /// The client's first byte is not a TLS record: a plaintext client.
-    /// The stream comes back so the listener can say so in plaintext.
-    Plaintext(TcpStream, u8),
     /// The client closed before finishing the handshake.
     Closed,
     /// No client certificate, or one the CA bundle does not vouch for.
@@ -112,7 +109,6 @@ pub enum HandshakeError {
 impl HandshakeError {
     pub fn reason(&self) -> &'static str {
         match self {
-            HandshakeError::Plaintext(..) => "plaintext",
             HandshakeError::Closed => "closed",
             HandshakeError::ClientCertificate(_) => "client_certificate",
             HandshakeError::Protocol(_) => "protocol",
@@ -121,17 +117,15 @@ impl HandshakeError {
 
     pub fn detail(&self) -> String {
         match self {
-            HandshakeError::Plaintext(_, b) => {
-                format!("plaintext client on a TLS port (first byte 0x{b:02x})")
-            }
             HandshakeError::Closed => "closed during the TLS handshake".into(),
             HandshakeError::ClientCertificate(d) | HandshakeError::Protocol(d) => d.clone(),
         }
     }
 }
 
-/// First byte of a TLS handshake record.
-const TLS_HANDSHAKE: u8 = 0x16;
+/// First byte of a TLS handshake record: a client whose first byte is
+/// anything else speaks plaintext.
+pub const TLS_HANDSHAKE: u8 = 0x16;
 
 /// A digest of each file's contents, to notice a change (a renewed
 /// certificate often has the same length, and a copy may keep the mtime).
@@ -182,15 +176,6 @@ impl ServerTls {
         })
     }
 
-    pub fn files(&self) -> &ListenerTls {
-        &self.files
-    }
-
-    pub fn requires_client_cert(&self) -> bool {
-        self.files.client_ca.is_some()
-            && self.files.client_cert.unwrap_or_default() == ClientCert::Required
-    }
-
     /// The rule naming a client certificate's user.
     pub fn identity(&self) -> CertIdentity {
         self.files.identity.unwrap_or_default()
@@ -208,9 +193,11 @@ impl ServerTls {
     /// with `force`) and swaps them in when they are valid. `Ok(false)`:
     /// nothing changed. On an error the served pair stays.
     pub fn reload(&self, force: bool) -> Result<bool, TlsError> {
-        if !force
-            && stamp(&self.files) == self.current.read().unwrap_or_else(|p| p.into_inner()).stamp
-        {
+        // stamped before reading: a write racing the read shows up at the
+        // next check, and no file is read under the write lock
+        let stamped = stamp(&self.files);
+        let unchanged = stamped == self.current.read().unwrap_or_else(|p| p.into_inner()).stamp;
+        if unchanged && !force {
             return Ok(false);
         }
         let fresh = load(
@@ -222,28 +209,24 @@ impl ServerTls {
         let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
         match fresh {
             Ok(l) => {
-                *cur = l;
+                *cur = Loaded {
+                    stamp: stamped,
+                    ..l
+                };
                 Ok(true)
             }
             Err(e) => {
-                // retry only when the files change again, not every check
-                cur.stamp = stamp(&self.files);
+                // retried when the files change again, not at every check
+                cur.stamp = stamped;
                 Err(e)
             }
         }
     }
 
     /// The server side of a TLS handshake on an accepted connection. The
-    /// caller bounds it in time (the handshake timeout).
+    /// caller bounds it in time (the handshake timeout) and tells a
+    /// plaintext client by its first byte ([`TLS_HANDSHAKE`]) beforehand.
     pub async fn accept(&self, tcp: TcpStream) -> Result<Stream, HandshakeError> {
-        let mut first = [0u8; 1];
-        match tcp.peek(&mut first).await {
-            Ok(0) | Err(_) => return Err(HandshakeError::Closed),
-            Ok(_) if first[0] != TLS_HANDSHAKE => {
-                return Err(HandshakeError::Plaintext(tcp, first[0]))
-            }
-            Ok(_) => {}
-        }
         let config = self
             .current
             .read()
