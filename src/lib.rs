@@ -78,6 +78,7 @@ pub mod kerberos;
 pub mod listen;
 pub mod loadgen;
 pub mod mapping;
+pub mod metacache;
 pub mod metrics;
 pub mod percent;
 pub mod secret;

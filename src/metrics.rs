@@ -551,6 +551,12 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition (OpenMetrics).
+    /// For parts that keep their own metrics (the metadata cache), before
+    /// the broker shares this.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     pub fn render(&self) -> String {
         // the audit writer counts in a static of its own (it has no Metrics)
         let (lost, shown) = (crate::audit::dropped(), self.audit_dropped.get());

@@ -24,6 +24,7 @@ use crate::config::{
 use crate::error::{RpcError, UpstreamError};
 use crate::identity::ClientIdentity;
 use crate::mapping::{self, NoMapping, UpstreamIdentity};
+use crate::metacache::{self, MetaCache, Recording, Replay, SessionScope};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::tcli::{self, Call, Guid, OpenSessionEdit, OpenSessionInfo, Scope};
@@ -43,6 +44,8 @@ pub struct Route {
     initiators: mapping::Initiators,
     policy: SessionPolicy,
     pool: HttpPool,
+    /// How long metadata answers are cached; `None`: not cached.
+    cache_ttl: Option<Duration>,
 }
 
 /// Chooses the identity presented upstream for a client: the one place.
@@ -87,6 +90,12 @@ pub struct BinaryClient {
     sessions: Vec<(Guid, Vec<u8>)>,
     /// Operations started on this connection, with their session.
     operations: HashMap<Guid, Guid>,
+    /// Each session's cache scope (who it is upstream, its protocol).
+    scopes: HashMap<Guid, SessionScope>,
+    /// Operations answered from the metadata cache.
+    replays: HashMap<Guid, Replay>,
+    /// Upstream metadata operations being recorded for the cache.
+    recordings: HashMap<Guid, Recording>,
 }
 
 /// Open operations one binary connection may hold. Beyond it, calls that
@@ -113,6 +122,9 @@ impl BinaryClient {
             link: None,
             sessions: Vec::new(),
             operations: HashMap::new(),
+            scopes: HashMap::new(),
+            replays: HashMap::new(),
+            recordings: HashMap::new(),
         }
     }
 
@@ -148,7 +160,19 @@ struct Owned {
     user: String,
     /// The session handle's secret, needed to close it on shutdown.
     secret: Vec<u8>,
+    scope: SessionScope,
 }
+
+/// An HTTP client's operation answered from the metadata cache.
+struct SharedReplay {
+    route: Arc<str>,
+    user: String,
+    session: Guid,
+    replay: std::sync::Mutex<Replay>,
+}
+
+/// An HTTP client's operation being recorded; taken out when it closes.
+type SharedRecording = Arc<std::sync::Mutex<Option<Recording>>>;
 
 /// Live upstream sessions per user, over every route and transport, held
 /// under `server.max_sessions_per_user`.
@@ -197,6 +221,10 @@ pub struct Broker {
     /// link that created it.
     sessions: Cache<Guid, Arc<Owned>>,
     operations: Cache<Guid, Arc<Owned>>,
+    meta: MetaCache,
+    /// HTTP clients' cached and recorded operations.
+    replays: Cache<Guid, Arc<SharedReplay>>,
+    recordings: Cache<Guid, SharedRecording>,
 }
 
 /// An upstream session just opened.
@@ -205,6 +233,7 @@ struct Opened {
     reply: Bytes,
     /// The session handle (guid, secret), unless the upstream refused.
     handle: Option<(Guid, Vec<u8>)>,
+    scope: SessionScope,
 }
 
 /// Replies above this size are relayed as they arrive: the client starts
@@ -237,12 +266,15 @@ impl Broker {
                     credentials: r.credentials.clone(),
                     mapping: r.mapping.clone(),
                     policy: r.session.clone(),
+                    cache_ttl: r.cache.then_some(r.cache_ttl),
                 };
                 (name.clone(), Arc::new(route))
             })
             .collect();
         let idle = config.server.session_idle_timeout;
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        let meta = MetaCache::new(config.server.metadata_cache_bytes, metrics.registry_mut());
+        let metrics = Arc::new(metrics);
         let counts = Arc::new(SessionCounts {
             cap: config.server.max_sessions_per_user,
             by_user: Default::default(),
@@ -280,6 +312,16 @@ impl Broker {
                 .eviction_listener(gone)
                 .build(),
             operations,
+            meta,
+            replays: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(idle)
+                .support_invalidation_closures()
+                .build(),
+            recordings: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_idle(idle)
+                .build(),
         }
     }
 
@@ -289,6 +331,8 @@ impl Broker {
     pub async fn housekeep(&self) {
         self.sessions.run_pending_tasks().await;
         self.operations.run_pending_tasks().await;
+        self.replays.run_pending_tasks().await;
+        self.recordings.run_pending_tasks().await;
     }
 
     /// Every route, by name.
@@ -319,37 +363,99 @@ impl Broker {
                 .map(Out::Reply);
         }
         let link = c.link.clone().ok_or(RpcError::UnknownHandle("session"))?;
-        // read before the message goes upstream: only handles opened on this
-        // connection are forwarded (a handle is a bearer secret, but one
-        // user must never drive another's session or read its rows)
-        let guid = self.owned_by_connection(c, call, &msg)?;
+        let guid = handle_of(call, &msg)?;
+        if call.scope != Scope::Session {
+            if let Some(r) = c.replays.get_mut(&guid) {
+                let reply = r.serve(call, &msg)?;
+                if call.method == "CloseOperation" {
+                    c.replays.remove(&guid);
+                }
+                return Ok(Out::Reply(reply));
+            }
+        }
+        // only handles opened on this connection are forwarded (a handle is
+        // a bearer secret, but one user must never drive another's session
+        // or read its rows)
+        self.owned_by_connection(c, call, guid)?;
         let creates = tcli::creates_operation(call.method);
-        if creates && c.operations.len() >= MAX_OPERATIONS_PER_CONNECTION {
+        if creates && c.operations.len() + c.replays.len() >= MAX_OPERATIONS_PER_CONNECTION {
             return Err(RpcError::BadRequest(format!(
                 "{MAX_OPERATIONS_PER_CONNECTION} operations are open on this connection; \
                  close some (CloseOperation) before starting more"
             )));
         }
-        if creates {
+        let key = match c.scopes.get(&guid) {
+            Some(scope) => self.cache_key(&c.route, scope, call, &msg)?,
+            None => None,
+        };
+        if let Some(k) = &key {
+            if let Some(e) = self.meta.get(k).await {
+                let (reply, replay) = e.answer(call.seqid, guid)?;
+                if let Some((op, r)) = replay {
+                    c.replays.insert(op, r);
+                }
+                return Ok(Out::Reply(reply));
+            }
+        }
+        self.before_statement(&c.route, call, &msg).await;
+        if creates || key.is_some() {
             // small, and read whole: the new operation handle is in it
-            let reply = timed(upstream, link.call(msg)).await?;
+            let reply = timed(upstream, link.call(msg.clone())).await?;
             let h = check_reply(&reply, call, &c.route.target, &link).await?;
-            let op = tcli::reply_operation_guid(&reply, &h)
-                .map_err(|e| malformed(&c.route.target, e))?;
+            let op = match creates {
+                true => tcli::reply_operation_guid(&reply, &h)
+                    .map_err(|e| malformed(&c.route.target, e))?,
+                false => None,
+            };
+            self.after_statement(&c.route, call, &msg).await;
             if let Some(op) = op {
                 c.operations.insert(op, guid);
             }
+            if let (Some(k), Some(ttl)) = (key, c.route.cache_ttl) {
+                match op {
+                    Some(op) => {
+                        if let Some(rec) = self.meta.record(k, ttl, &reply) {
+                            c.recordings.insert(op, rec);
+                        }
+                    }
+                    None => self.meta.store_whole(k, ttl, &reply).await,
+                }
+            }
             return Ok(Out::Reply(reply));
+        }
+        if let Some(rec) = c.recordings.get_mut(&guid).filter(|r| r.wanted()) {
+            if call.method == "CloseOperation" {
+                if let Some(rec) = c.recordings.remove(&guid) {
+                    self.finish_recording(&link, &c.route.target, rec, upstream)
+                        .await;
+                }
+            } else {
+                // read whole while recording: the rows are kept
+                let reply = timed(upstream, link.call(msg.clone())).await?;
+                check_reply(&reply, call, &c.route.target, &link).await?;
+                rec.observe(call, &msg, &reply);
+                if rec.complete() {
+                    if let Some(rec) = c.recordings.remove(&guid) {
+                        self.meta.store(rec).await;
+                    }
+                }
+                return Ok(Out::Reply(reply));
+            }
         }
         let out = relay_call(&link, call, msg, sink, &c.route.target, upstream).await?;
         match call.method {
             "CloseOperation" => {
                 c.operations.remove(&guid);
+                c.recordings.remove(&guid);
             }
             "CloseSession" => {
                 let before = c.sessions.len();
                 c.sessions.retain(|(s, _)| *s != guid);
-                c.operations.retain(|_, session| *session != guid);
+                let ops = &mut c.operations;
+                c.recordings.retain(|op, _| ops.get(op) != Some(&guid));
+                ops.retain(|_, session| *session != guid);
+                c.replays.retain(|_, r| r.session != guid);
+                c.scopes.remove(&guid);
                 if c.sessions.len() < before {
                     self.metrics.session_closed(&c.route.name, c.user());
                     self.counts.release(c.user());
@@ -360,18 +466,72 @@ impl Broker {
         Ok(out)
     }
 
+    /// The metadata cache's key for this call, if the route caches it.
+    fn cache_key(
+        &self,
+        route: &Route,
+        scope: &SessionScope,
+        call: &Call,
+        msg: &[u8],
+    ) -> Result<Option<metacache::Key>, RpcError> {
+        if route.cache_ttl.is_none() || !metacache::cacheable(call.method) {
+            return Ok(None);
+        }
+        Ok(Some(metacache::Key::of(&route.name, scope, call, msg)?))
+    }
+
+    /// A statement that may change metadata clears the route's cached
+    /// answers, before it runs and again once it has (a recording that
+    /// overlaps it is not stored either).
+    async fn before_statement(&self, route: &Route, call: &Call, msg: &[u8]) {
+        if call.method == "ExecuteStatement"
+            && route.cache_ttl.is_some()
+            && tcli::read_statement(msg).is_some_and(|sql| metacache::changes_metadata(&sql))
+        {
+            self.meta.invalidate_route(&route.name).await;
+        }
+    }
+
+    async fn after_statement(&self, route: &Route, call: &Call, msg: &[u8]) {
+        self.before_statement(route, call, msg).await;
+    }
+
+    /// The client closes a recorded operation: the broker reads what it
+    /// left (metadata, remaining rows) and stores the answer. A failure
+    /// here only means the answer is not cached.
+    async fn finish_recording(
+        &self,
+        link: &Link,
+        target: &Target,
+        mut rec: Recording,
+        upstream: &mut Duration,
+    ) {
+        // each request either completes a part or spoils the recording;
+        // the bound is a backstop
+        for _ in 0..10_000 {
+            let Some(req) = rec.next_request() else { break };
+            let Ok(call) = Call::parse(&req) else { break };
+            match timed(upstream, link.call(req.clone())).await {
+                Ok(reply) if check_reply(&reply, &call, target, link).await.is_ok() => {
+                    rec.observe_own(&call, &req, &reply)
+                }
+                _ => {
+                    rec.give_up();
+                    break;
+                }
+            }
+        }
+        self.meta.store(rec).await;
+    }
+
     /// The handle a binary client's request names, if this connection
     /// opened it; otherwise the request is refused before it is forwarded.
     fn owned_by_connection(
         &self,
         c: &BinaryClient,
         call: &Call,
-        msg: &[u8],
-    ) -> Result<Guid, RpcError> {
-        let h = peek_header(msg)?;
-        let guid = tcli::request_guid(msg, &h)?.ok_or_else(|| {
-            RpcError::BadRequest(format!("{} without a handle", call.wire_name()))
-        })?;
+        guid: Guid,
+    ) -> Result<(), RpcError> {
         let session = || c.sessions.iter().any(|(s, _)| *s == guid);
         let operation = || c.operations.contains_key(&guid);
         let (owned, what) = match call.scope {
@@ -380,7 +540,7 @@ impl Broker {
             _ => (session(), "session"),
         };
         if owned {
-            return Ok(guid);
+            return Ok(());
         }
         Err(self.refuse_handle(&c.route, c.user(), c.peer, call, what))
     }
@@ -442,6 +602,7 @@ impl Broker {
         match o.handle {
             Some(h) => {
                 self.metrics.session_opened(&c.route.name, &identity.user);
+                c.scopes.insert(h.0, o.scope);
                 c.sessions.push(h);
             }
             None => self.counts.release(&identity.user),
@@ -490,14 +651,92 @@ impl Broker {
                     route: c.route.name.clone(),
                     user: c.identity.user.clone(),
                     secret,
+                    scope: o.scope,
                 };
                 self.sessions.insert(guid, Arc::new(owned)).await;
             }
             return Ok(o.reply);
         }
-        let (session, guid) = self.lookup(c, call, &msg).await?;
-        let reply = timed(upstream, session.link.call(msg)).await?;
+        let guid = handle_of(call, &msg)?;
+        if call.scope != Scope::Session {
+            if let Some(r) = self.replays.get(&guid).await {
+                if r.user != c.identity.user || *r.route != *c.route.name {
+                    let (user, peer) = (&c.identity.user, c.identity.addr);
+                    return Err(self.refuse_handle(c.route, user, peer, call, "operation"));
+                }
+                let reply = r
+                    .replay
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .serve(call, &msg)?;
+                if call.method == "CloseOperation" {
+                    self.replays.invalidate(&guid).await;
+                }
+                return Ok(reply);
+            }
+        }
+        let session = self.lookup(c, call, guid).await?;
+        let key = self.cache_key(c.route, &session.scope, call, &msg)?;
+        if let Some(k) = &key {
+            if let Some(e) = self.meta.get(k).await {
+                let (reply, replay) = e.answer(call.seqid, guid)?;
+                if let Some((op, r)) = replay {
+                    let shared = SharedReplay {
+                        route: c.route.name.clone(),
+                        user: c.identity.user.clone(),
+                        session: guid,
+                        replay: std::sync::Mutex::new(r),
+                    };
+                    self.replays.insert(op, Arc::new(shared)).await;
+                }
+                return Ok(reply);
+            }
+        }
+        self.before_statement(c.route, call, &msg).await;
+        let recording = match call.scope {
+            Scope::Session => None,
+            _ => self.recordings.get(&guid).await,
+        };
+        if call.method == "CloseOperation" {
+            let taken = recording.and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).take());
+            if let Some(rec) = taken.filter(|r| r.wanted()) {
+                self.finish_recording(&session.link, &c.route.target, rec, upstream)
+                    .await;
+            }
+            self.recordings.invalidate(&guid).await;
+        }
+        let reply = timed(upstream, session.link.call(msg.clone())).await?;
         self.track_handles(c, call, guid, &session, &reply).await?;
+        self.after_statement(c.route, call, &msg).await;
+        if let Some(r) = self.recordings.get(&guid).await {
+            let done = {
+                let mut slot = r.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(rec) = slot.as_mut() {
+                    rec.observe(call, &msg, &reply);
+                }
+                match slot.as_ref().is_some_and(Recording::complete) {
+                    true => slot.take(),
+                    false => None,
+                }
+            };
+            if let Some(rec) = done {
+                self.recordings.invalidate(&guid).await;
+                self.meta.store(rec).await;
+            }
+        }
+        if let (Some(k), Some(ttl)) = (key, c.route.cache_ttl) {
+            match tcli::creates_operation(call.method) {
+                true => {
+                    let h = peek_header(&reply)?;
+                    let op = tcli::reply_operation_guid(&reply, &h).ok().flatten();
+                    if let (Some(op), Some(rec)) = (op, self.meta.record(k, ttl, &reply)) {
+                        let shared = Arc::new(std::sync::Mutex::new(Some(rec)));
+                        self.recordings.insert(op, shared).await;
+                    }
+                }
+                false => self.meta.store_whole(k, ttl, &reply).await,
+            }
+        }
         Ok(reply)
     }
 
@@ -539,6 +778,7 @@ impl Broker {
             identity.addr.ip().to_string(),
         ));
         let (conf, stripped) = mapping::session_conf(&route.policy, &client_conf, &forced);
+        let who = cache_identity(&cred.user, &conf);
         for key in stripped {
             warn!(user = %crate::edge::loggable(&identity.user), key = %crate::edge::loggable(&key), peer = %identity.addr, "stripped a client-supplied setting: possible spoofing attempt");
         }
@@ -573,10 +813,15 @@ impl Broker {
         if handle.is_some() {
             info!(user = %crate::edge::loggable(&identity.user), upstream_user = %cred.user, route = %route.name, "session opened");
         }
+        let protocol = match crate::wire::thrift::find_field(&reply, h.body_offset, &[0, 2]) {
+            Ok(Some((crate::wire::thrift::ttype::I32, mut r))) => r.i32().unwrap_or(-1),
+            _ => -1,
+        };
         Ok(Opened {
             link,
             reply,
             handle,
+            scope: SessionScope { protocol, who },
         })
     }
 
@@ -586,12 +831,8 @@ impl Broker {
         &self,
         c: &HttpClient<'_>,
         call: &Call,
-        msg: &[u8],
-    ) -> Result<(Arc<Owned>, Guid), RpcError> {
-        let h = peek_header(msg)?;
-        let guid = tcli::request_guid(msg, &h)?.ok_or_else(|| {
-            RpcError::BadRequest(format!("{} without a handle", call.wire_name()))
-        })?;
+        guid: Guid,
+    ) -> Result<Arc<Owned>, RpcError> {
         let (found, what) = match call.scope {
             Scope::Operation => (self.operations.get(&guid).await, "operation"),
             Scope::Unknown => match self.operations.get(&guid).await {
@@ -609,7 +850,7 @@ impl Broker {
                 return Err(self.refuse_handle(c.route, user, peer, call, what));
             }
         };
-        Ok((owned, guid))
+        Ok(owned)
     }
 
     /// HTTP clients: remember new operation handles (they share their
@@ -636,6 +877,9 @@ impl Broker {
             "CloseOperation" => self.operations.invalidate(&guid).await,
             "CloseSession" => {
                 self.sessions.invalidate(&guid).await;
+                let _ = self
+                    .replays
+                    .invalidate_entries_if(move |_, r| r.session == guid);
                 // compare by address: a captured Arc would keep the link alive
                 let closed = Arc::as_ptr(session) as usize;
                 // only fails if closures were not enabled at build time
@@ -675,6 +919,37 @@ impl Broker {
             self.sessions.invalidate(guid.as_ref()).await;
         }
     }
+}
+
+/// Who a session is upstream, for the metadata cache: the user (or
+/// principal), whoever it impersonates, and the settings that choose a
+/// database or catalog (answers for one never reach another).
+fn cache_identity(user: &str, conf: &[(String, String)]) -> Arc<str> {
+    let mut who = user.to_string();
+    let mut picked: Vec<&(String, String)> = conf
+        .iter()
+        .filter(|(k, _)| {
+            let base = k.strip_prefix("set:hiveconf:").unwrap_or(k);
+            mapping::IMPERSONATION_KEYS.contains(&base)
+                || base.starts_with("use:")
+                || base.contains("catalog")
+        })
+        .collect();
+    picked.sort();
+    for (k, v) in picked {
+        who.push('\0');
+        who.push_str(k);
+        who.push('=');
+        who.push_str(v);
+    }
+    who.into()
+}
+
+/// The handle GUID a session- or operation-scoped request names.
+fn handle_of(call: &Call, msg: &[u8]) -> Result<Guid, RpcError> {
+    let h = peek_header(msg)?;
+    tcli::request_guid(msg, &h)?
+        .ok_or_else(|| RpcError::BadRequest(format!("{} without a handle", call.wire_name())))
 }
 
 async fn close_upstream_session(link: &Link, guid: &Guid, secret: &[u8]) {

@@ -24,6 +24,21 @@ pub struct RouteConfig {
     pub mapping: Option<MappingConfig>,
     #[serde(default)]
     pub session: SessionPolicy,
+    /// Answer repeated metadata calls (GetTables, GetColumns, GetInfo, ...)
+    /// from the broker's cache.
+    #[serde(default = "default_true")]
+    pub cache: bool,
+    /// How long a cached metadata answer is served; DDL through the broker
+    /// clears the route's answers sooner.
+    #[serde(default = "default_cache_ttl", with = "duration")]
+    pub cache_ttl: Duration,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(300)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -284,6 +299,16 @@ impl RouteConfig {
                 .as_ref()
                 .is_some_and(|m| m.kind == MappingType::Kerberos);
         self.upstream.validate(key, kerberos_identity)?;
+        if self.cache
+            && (self.cache_ttl < Duration::from_secs(1)
+                || self.cache_ttl > Duration::from_secs(86_400))
+        {
+            return Err(invalid(
+                format!("{key}.cache_ttl"),
+                format!("{:?} is out of range", self.cache_ttl),
+                "use a duration between \"1s\" and \"24h\" (default \"5m\"), or cache = false",
+            ));
+        }
         if let CredentialsConfig::Kerberos { principal, keytab } = &self.credentials {
             if principal.is_empty() {
                 return Err(invalid(

@@ -83,6 +83,9 @@ pub struct ServerConfig {
     /// refusals, token lifecycle) as JSON lines, appended to this file
     /// (created with mode 0600). Unset: they stay in the ordinary log only.
     pub audit_log: Option<std::path::PathBuf>,
+    /// Bytes for cached metadata answers over all routes (one answer may
+    /// take an eighth; recordings in flight count too).
+    pub metadata_cache_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -110,12 +113,20 @@ impl Default for ServerConfig {
             client_idle_timeout: Duration::from_secs(3600),
             client_write_timeout: Duration::from_secs(120),
             audit_log: None,
+            metadata_cache_bytes: 64 * 1024 * 1024,
         }
     }
 }
 
 impl ServerConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.metadata_cache_bytes < 1 << 20 || self.metadata_cache_bytes > 1 << 34 {
+            return Err(invalid(
+                "server.metadata_cache_bytes",
+                format!("{} is out of range", self.metadata_cache_bytes),
+                "use a value between 1048576 (1 MiB) and 17179869184 (16 GiB), default 67108864 (64 MiB); turn the cache off per route with cache = false",
+            ));
+        }
         if self.max_message_bytes < 1024 || self.max_message_bytes > 1 << 31 {
             return Err(invalid(
                 "server.max_message_bytes",

@@ -257,6 +257,35 @@ def query(conn, args):
     return {"rows": [[None if v is None else str(v) for v in r] for r in cur.fetchall()]}
 
 
+def metadata(conn, args):
+    """The metadata calls a BI tool makes on connect, twice over: schemas,
+    the tables of one database, the columns of one table (arg: db.table)."""
+    db, t = args.arg.split(".")
+    out = []
+    for _ in range(2):
+        cur = conn.cursor()
+        if args.client == "impyla":
+            # GetSchemas, GetTables, GetColumns RPCs
+            cur.get_databases()
+            schemas = sorted(str(r[0]) for r in cur.fetchall())
+            cur.get_tables(database_name=db)
+            tables = sorted(str(r[2]) for r in cur.fetchall())
+            columns = [[str(name), str(kind)] for name, kind in cur.get_table_schema(t, database_name=db)]
+        else:
+            from TCLIService import ttypes
+
+            h = conn._sessionHandle
+            schemas = sorted(str(r[0]) for r in _metadata(conn, conn.client.GetSchemas(
+                ttypes.TGetSchemasReq(sessionHandle=h))))
+            tables = sorted(str(r[2]) for r in _metadata(conn, conn.client.GetTables(
+                ttypes.TGetTablesReq(sessionHandle=h, schemaName=db, tableName="%"))))
+            columns = [[str(r[3]), str(r[5])] for r in _metadata(conn, conn.client.GetColumns(
+                ttypes.TGetColumnsReq(sessionHandle=h, schemaName=db, tableName=t)))]
+        cur.close()
+        out.append({"schemas": schemas, "tables": tables, "columns": columns})
+    return {"first": out[0], "second": out[1]}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--client", choices=["impyla", "pyhive"], required=True)
@@ -270,7 +299,7 @@ def main():
                    "(impyla: use_ssl + ca_cert; PyHive: https, HTTP mode only)")
     p.add_argument("--client-cert", help="PyHive https: present this PEM client certificate")
     p.add_argument("--client-key", help="PyHive https: the client certificate's key")
-    p.add_argument("scenario", choices=["workload", "fetch", "error", "cancel", "long", "query"])
+    p.add_argument("scenario", choices=["workload", "fetch", "error", "cancel", "long", "query", "metadata"])
     p.add_argument("arg", nargs="?")
     args = p.parse_args()
     if args.timeout == 0:
