@@ -87,6 +87,7 @@ pub mod tcli;
 pub mod tls;
 pub mod tokens;
 pub mod upstream;
+pub mod warm;
 pub mod wire;
 
 use std::future::Future;

@@ -42,7 +42,7 @@ use crate::tcli::gen::{
     TFetchResultsResp, TGetOperationStatusResp, TI16Column, TI32Column, TI64Column,
     TOperationState, TRow, TRowSet, TStatus, TStatusCode, TStringColumn,
 };
-use crate::tcli::{self, Call};
+use crate::tcli::{self, reply_succeeded, with_seqid, Call};
 use crate::wire::thrift::{find_field, peek_header, ttype, MessageType, Reader, WireError, Writer};
 
 /// Methods whose answers are cached. GetInfo is answered whole; the others
@@ -517,21 +517,6 @@ impl MetaCache {
     }
 }
 
-/// The status code of a reply's TStatus (field 1 of the response): success
-/// or success with info.
-fn reply_succeeded(reply: &[u8]) -> bool {
-    let Ok(h) = peek_header(reply) else {
-        return false;
-    };
-    if h.kind != MessageType::Reply {
-        return false;
-    }
-    match find_field(reply, h.body_offset, &[0, 1, 1]) {
-        Ok(Some((ttype::I32, mut r))) => matches!(r.i32(), Ok(0 | 1)),
-        _ => false,
-    }
-}
-
 /// Where the operation handle is in a reply of a method that creates one.
 fn handle_at(reply: &[u8]) -> Result<Option<HandleAt>, WireError> {
     let h = peek_header(reply)?;
@@ -565,15 +550,6 @@ fn handle_at(reply: &[u8]) -> Result<Option<HandleAt>, WireError> {
         secret_len,
         handle: (start, end.pos()),
     }))
-}
-
-/// `reply` with its sequence id replaced (the four bytes before the body,
-/// in the strict and the old message layout alike).
-fn with_seqid(reply: &[u8], seqid: i32) -> Result<Vec<u8>, WireError> {
-    let h = peek_header(reply)?;
-    let mut v = reply.to_vec();
-    v[h.body_offset - 4..h.body_offset].copy_from_slice(&seqid.to_be_bytes());
-    Ok(v)
 }
 
 fn decode_reply<T>(

@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::tcli::{self, Call, Guid, OpenSessionEdit, OpenSessionInfo, Scope};
 use crate::upstream::{HttpPool, Link, Streamed, Target};
+use crate::warm::{Recipe, WarmKey, WarmPolicy, WarmPool};
 use crate::wire::io::ReplySink;
 use crate::wire::thrift::{peek_header, MessageHeader, MessageType, Writer};
 
@@ -222,6 +223,7 @@ pub struct Broker {
     sessions: Cache<Guid, Arc<Owned>>,
     operations: Cache<Guid, Arc<Owned>>,
     meta: MetaCache,
+    warm: Arc<WarmPool>,
     /// HTTP clients' cached and recorded operations.
     replays: Cache<Guid, Arc<SharedReplay>>,
     recordings: Cache<Guid, SharedRecording>,
@@ -274,6 +276,20 @@ impl Broker {
         let idle = config.server.session_idle_timeout;
         let mut metrics = Metrics::new();
         let meta = MetaCache::new(config.server.metadata_cache_bytes, metrics.registry_mut());
+        let policies = config
+            .routes
+            .iter()
+            .filter(|(_, r)| r.warm_sessions > 0)
+            .map(|(name, r)| {
+                let policy = WarmPolicy {
+                    per_key: r.warm_sessions,
+                    per_route: r.warm_sessions_max.unwrap_or(4 * r.warm_sessions),
+                    idle: r.warm_idle,
+                };
+                (Arc::<str>::from(name.as_str()), policy)
+            })
+            .collect();
+        let warm = Arc::new(WarmPool::new(policies, metrics.registry_mut()));
         let metrics = Arc::new(metrics);
         let counts = Arc::new(SessionCounts {
             cap: config.server.max_sessions_per_user,
@@ -313,6 +329,7 @@ impl Broker {
                 .build(),
             operations,
             meta,
+            warm,
             replays: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(idle)
@@ -333,6 +350,7 @@ impl Broker {
         self.operations.run_pending_tasks().await;
         self.replays.run_pending_tasks().await;
         self.recordings.run_pending_tasks().await;
+        self.warm.housekeep().await;
     }
 
     /// Every route, by name.
@@ -798,16 +816,35 @@ impl Broker {
             configuration: Some(conf),
         };
         let msg = Bytes::from(tcli::rewrite_open_session(msg, &edit)?);
-        let link = match reuse {
-            Some(l) => l,
-            None => {
+        let warm = match (&reuse, self.warm.enabled(&route.name)) {
+            (None, true) => {
+                WarmKey::new(&route.name, &cred, identity.addr.ip(), &msg).and_then(|k| {
+                    let recipe = Recipe {
+                        target: target.clone(),
+                        cred: cred.clone(),
+                        pool: route.pool.clone(),
+                        client_ip: identity.addr.ip(),
+                    };
+                    self.warm.take(&k, recipe)
+                })
+            }
+            _ => None,
+        };
+        let (link, reply) = match (warm, reuse) {
+            (Some(w), _) => (w.link, Bytes::from(tcli::with_seqid(&w.reply, call.seqid)?)),
+            (None, Some(l)) => {
+                let reply = timed(upstream, l.call(msg)).await?;
+                (l, reply)
+            }
+            (None, None) => {
                 let t0 = Instant::now();
                 let l = Link::open(target, &cred, &route.pool, identity.addr.ip()).await;
                 *upstream += t0.elapsed();
-                l?
+                let l = l?;
+                let reply = timed(upstream, l.call(msg)).await?;
+                (l, reply)
             }
         };
-        let reply = timed(upstream, link.call(msg)).await?;
         let h = check_reply(&reply, call, target, &link).await?;
         let handle = tcli::reply_session_handle(&reply, &h).map_err(|e| malformed(target, e))?;
         if handle.is_some() {
@@ -913,6 +950,7 @@ impl Broker {
 
     /// On shutdown: close every session HTTP clients left open.
     pub async fn close_all_sessions(&self) {
+        self.warm.close_all().await;
         let live: Vec<(Arc<Guid>, Arc<Owned>)> = self.sessions.iter().collect();
         for (guid, owned) in live {
             close_upstream_session(&owned.link, &guid, &owned.secret).await;

@@ -32,6 +32,22 @@ pub struct RouteConfig {
     /// clears the route's answers sooner.
     #[serde(default = "default_cache_ttl", with = "duration")]
     pub cache_ttl: Duration,
+    /// Upstream sessions kept open ahead for each kind of OpenSession seen
+    /// recently (same identity, address and settings); 0: none. Off by
+    /// default: a gateway that bills or caps per session counts them.
+    #[serde(default)]
+    pub warm_sessions: usize,
+    /// Warm sessions on this route over all kinds (default: 4 × warm_sessions).
+    #[serde(default)]
+    pub warm_sessions_max: Option<usize>,
+    /// A kind not asked for this long is forgotten, and a warm session this
+    /// old is closed rather than handed out.
+    #[serde(default = "default_warm_idle", with = "duration")]
+    pub warm_idle: Duration,
+}
+
+fn default_warm_idle() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn default_true() -> bool {
@@ -299,6 +315,32 @@ impl RouteConfig {
                 .as_ref()
                 .is_some_and(|m| m.kind == MappingType::Kerberos);
         self.upstream.validate(key, kerberos_identity)?;
+        if self.warm_sessions > 64 {
+            return Err(invalid(
+                format!("{key}.warm_sessions"),
+                format!("{} is more than 64", self.warm_sessions),
+                "keep a few sessions warm per kind of OpenSession (e.g. 2), or 0 for none",
+            ));
+        }
+        if let Some(max) = self.warm_sessions_max {
+            if max < self.warm_sessions || max > 1024 {
+                return Err(invalid(
+                    format!("{key}.warm_sessions_max"),
+                    format!(
+                        "{max} is below warm_sessions ({}) or above 1024",
+                        self.warm_sessions
+                    ),
+                    "set it between warm_sessions and 1024, or leave it out (4 × warm_sessions)",
+                ));
+            }
+        }
+        if self.warm_sessions > 0 && self.warm_idle < Duration::from_secs(1) {
+            return Err(invalid(
+                format!("{key}.warm_idle"),
+                "is under one second",
+                "use a duration such as \"10m\" (the default)",
+            ));
+        }
         if self.cache
             && (self.cache_ttl < Duration::from_secs(1)
                 || self.cache_ttl > Duration::from_secs(86_400))

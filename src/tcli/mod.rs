@@ -341,6 +341,31 @@ pub fn rewrite_open_session(msg: &[u8], edit: &OpenSessionEdit) -> Result<Vec<u8
     Ok(w.buf)
 }
 
+/// `reply` with its sequence id replaced (the four bytes before the body,
+/// in the strict and the old message layout alike): for replies the broker
+/// kept and hands to another call.
+pub fn with_seqid(reply: &[u8], seqid: i32) -> Result<Vec<u8>, WireError> {
+    let h = peek_header(reply)?;
+    let mut v = reply.to_vec();
+    v[h.body_offset - 4..h.body_offset].copy_from_slice(&seqid.to_be_bytes());
+    Ok(v)
+}
+
+/// The status code of a reply's TStatus (field 1 of the response): success
+/// or success with info.
+pub fn reply_succeeded(reply: &[u8]) -> bool {
+    let Ok(h) = peek_header(reply) else {
+        return false;
+    };
+    if h.kind != MessageType::Reply {
+        return false;
+    }
+    match find_field(reply, h.body_offset, &[0, 1, 1]) {
+        Ok(Some((ttype::I32, mut r))) => matches!(r.i32(), Ok(0 | 1)),
+        _ => false,
+    }
+}
+
 /// Status codes the broker itself reports.
 #[derive(Debug, Clone, Copy)]
 pub enum ReplyStatus {
