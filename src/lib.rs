@@ -25,7 +25,9 @@
 //!    operation handle ([`tcli::request_guid`]). OpenSession is the one request
 //!    rewritten ([`tcli::rewrite_open_session`]), with the upstream identity
 //!    chosen by [`session::upstream_credential`] ([`mapping`]); a NOSASL
-//!    client is authenticated there, from the same parse.
+//!    client is authenticated there, from the same parse. Before it goes
+//!    upstream it takes a place under the route's session caps, waiting its
+//!    turn (round robin by user) when the route is full ([`governor`]).
 //! 5. [`upstream`] sends the bytes unchanged (SASL PLAIN or GSSAPI, NOSASL, or
 //!    HTTP POST with Basic or SPNEGO; over TLS verified by [`tls::client`]
 //!    when the route says so) and returns the reply bytes; only
@@ -52,7 +54,8 @@
 //!   [`kerberos`] and [`identity`] (who is on each side, as plain data);
 //! - [`tls`] (certificates, reloads, verifiers over [`wire::stream`]);
 //! - [`config`] (TOML, each section validating itself), [`cloud`];
-//! - [`auth`] and [`mapping`], each with its own error type;
+//! - [`auth`], [`mapping`] and [`governor`] (a route's session caps and
+//!   their fair queue), each with its own error type;
 //! - [`error`] (every client-visible failure and how it is answered), then
 //!   [`upstream`], [`edge`], [`session`];
 //! - top: [`listen`], [`admin`], [`tokens`], [`client`], [`loadgen`],
@@ -73,6 +76,7 @@ pub mod emulator;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod governor;
 pub mod identity;
 pub mod kerberos;
 pub mod listen;
