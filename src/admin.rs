@@ -1,7 +1,8 @@
 //! The admin listener (default 127.0.0.1:10019): `/metrics` (Prometheus),
 //! `/healthz` (the process serves), `/readyz` (listeners up and every
-//! upstream reachable), `/status` (JSON: routes, live sessions per user,
-//! per-method latency, tokens masked). A small connection cap refuses (503)
+//! upstream reachable), `/status` (JSON: routes with their session caps,
+//! queue and waits, live sessions per user, per-method latency, tokens
+//! masked). A small connection cap refuses (503)
 //! rather than queues, and each request's head must arrive within the
 //! handshake timeout, so slow clients cannot keep a scraper out for long.
 
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::config::ServerConfig;
+use crate::governor::GovernorStatus;
 use crate::metrics::{LiveSessions, MethodRow};
 use crate::session::Broker;
 
@@ -69,6 +71,9 @@ pub struct RouteStatus {
     pub name: String,
     /// Secrets masked (a path token shows as ****).
     pub upstream: String,
+    /// Its session caps, places in use, queue and waits.
+    #[serde(default)]
+    pub governor: GovernorStatus,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -138,6 +143,7 @@ impl AdminState {
                 .map(|r| RouteStatus {
                     name: r.name.to_string(),
                     upstream: r.target.display.clone(),
+                    governor: r.governor.status(),
                 })
                 .collect(),
             sessions: m.live_sessions(),

@@ -7,6 +7,7 @@
 use http::StatusCode;
 
 use crate::auth::AuthError;
+use crate::governor::QueueTimeout;
 use crate::mapping::NoMapping;
 use crate::tcli::{error_reply, ReplyStatus};
 use crate::wire::io::FrameError;
@@ -130,6 +131,10 @@ pub enum RpcError {
     /// The user already has `server.max_sessions_per_user` live sessions.
     #[error("this user has {0} sessions open (server.max_sessions_per_user); close one (CloseSession) or try again later")]
     SessionLimit(usize),
+    /// No place under a route's `max_upstream_sessions` (or the per-user
+    /// cap) came free within its `queue_timeout`.
+    #[error(transparent)]
+    QueueTimeout(#[from] QueueTimeout),
 }
 
 /// Which connection cap refused a client.
@@ -402,6 +407,13 @@ impl RpcError {
                 retryable: true,
                 ..Rule::refusal("session_limit")
             },
+            // as a session cap: the gateway is busy, not the client wrong
+            RpcError::QueueTimeout(_) => Rule {
+                sql_state: "08004",
+                http: None,
+                retryable: true,
+                ..Rule::refusal("queue_timeout")
+            },
         }
     }
 
@@ -455,6 +467,24 @@ mod tests {
         assert!(!e.is_auth_failure(), "an outage is not a wrong password");
         // the log line keeps the detail
         assert!(e.to_string().contains("ldap://10.0.0.5:389"));
+    }
+
+    #[test]
+    fn a_queue_timeout_is_a_retryable_08004_in_a_thrift_reply_naming_route_and_cap() {
+        let e = RpcError::from(QueueTimeout {
+            route: "sts".into(),
+            cap: crate::governor::Cap::Route,
+            limit: 20,
+            queue_timeout: std::time::Duration::from_secs(30),
+        });
+        let a = e.answer();
+        assert_eq!((a.sql_state, a.http, a.retryable), ("08004", None, true));
+        assert_eq!(
+            a.text,
+            "kyuubi-broker: route 'sts': all 20 upstream sessions (max_upstream_sessions) are in \
+             use and none came free within queue_timeout 30s; retry later"
+        );
+        assert_eq!((e.kind(), e.blame()), ("queue_timeout", Blame::Client));
     }
 
     #[test]

@@ -25,7 +25,14 @@
 //!    operation handle ([`tcli::request_guid`]). OpenSession is the one request
 //!    rewritten ([`tcli::rewrite_open_session`]), with the upstream identity
 //!    chosen by [`session::upstream_credential`] ([`mapping`]); a NOSASL
-//!    client is authenticated there, from the same parse.
+//!    client is authenticated there, from the same parse. Before it goes
+//!    upstream it takes a place under the route's session caps, waiting its
+//!    turn (round robin by user) when the route is full ([`governor`]); a
+//!    session of a kind opened recently may be handed over ready
+//!    ([`warm`]). A metadata call (GetTables, GetColumns, ...) that was
+//!    answered before for the same identity is answered by the broker from
+//!    [`metacache`], with handles of its own; otherwise its answer is
+//!    recorded there as the client reads it.
 //! 5. [`upstream`] sends the bytes unchanged (SASL PLAIN or GSSAPI, NOSASL, or
 //!    HTTP POST with Basic or SPNEGO; over TLS verified by [`tls::client`]
 //!    when the route says so) and returns the reply bytes; only
@@ -52,9 +59,12 @@
 //!   [`kerberos`] and [`identity`] (who is on each side, as plain data);
 //! - [`tls`] (certificates, reloads, verifiers over [`wire::stream`]);
 //! - [`config`] (TOML, each section validating itself), [`cloud`];
-//! - [`auth`] and [`mapping`], each with its own error type;
+//! - [`auth`], [`mapping`] and [`governor`] (a route's session caps and
+//!   their fair queue), each with its own error type;
+//! - [`metacache`] (recorded metadata answers, over [`tcli`]);
 //! - [`error`] (every client-visible failure and how it is answered), then
-//!   [`upstream`], [`edge`], [`session`];
+//!   [`upstream`], [`warm`] (sessions opened ahead, over [`upstream`] and
+//!   [`governor`]), [`edge`], [`session`];
 //! - top: [`listen`], [`admin`], [`tokens`], [`client`], [`loadgen`],
 //!   [`commands`], `fuzzing` (what the fuzz targets in `fuzz/` call), and
 //!   this crate root.
@@ -73,6 +83,7 @@ pub mod emulator;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod governor;
 pub mod identity;
 pub mod kerberos;
 pub mod listen;

@@ -140,6 +140,10 @@ pub struct Metrics {
     tls_cert_expiry: Family<ListenerLabels, Gauge<f64, AtomicU64>>,
     audit_dropped: Counter,
     sessions: Family<RouteLabels, Gauge>,
+    governor_queue: Family<RouteLabels, Gauge>,
+    governor_sessions: Family<RouteLabels, Gauge>,
+    governor_wait: Histograms<RouteLabels>,
+    governor_timeouts: Family<RouteLabels, Counter>,
     token_age: Gauge<f64, AtomicU64>,
     token_expiry: Gauge<f64, AtomicU64>,
     methods: RwLock<HashMap<&'static str, Arc<MethodStats>>>,
@@ -289,6 +293,32 @@ impl Metrics {
             "Open client sessions, by route",
             sessions.clone(),
         );
+        let governor_queue = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "governor_queue_length",
+            "OpenSessions waiting for a place under the route's max_upstream_sessions or max_upstream_sessions_per_user, by route",
+            governor_queue.clone(),
+        );
+        let governor_sessions = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "governor_sessions",
+            "Places held under the route's governor: upstream sessions open or being opened, by route",
+            governor_sessions.clone(),
+        );
+        let governor_wait =
+            Histograms::<RouteLabels>::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        registry.register_with_unit(
+            "governor_wait",
+            "Time an admitted OpenSession waited for its place under the route's caps (0 when there was room), by route",
+            Unit::Seconds,
+            governor_wait.clone(),
+        );
+        let governor_timeouts = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "governor_timeouts",
+            "OpenSessions refused because no place came free within the route's queue_timeout, by route",
+            governor_timeouts.clone(),
+        );
         let token_age = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "token_age",
@@ -325,6 +355,10 @@ impl Metrics {
             tls_cert_expiry,
             audit_dropped,
             sessions,
+            governor_queue,
+            governor_sessions,
+            governor_wait,
+            governor_timeouts,
             token_age,
             token_expiry,
             methods: RwLock::new(HashMap::new()),
@@ -543,6 +577,20 @@ impl Metrics {
         }
     }
 
+    /// A route's governor series, created now so they show (at 0) before
+    /// the first OpenSession; the handles update the registry's values.
+    pub fn governor(&self, route: &Arc<str>) -> GovernorSeries {
+        let l = RouteLabels {
+            route: route.clone(),
+        };
+        GovernorSeries {
+            queue_length: self.governor_queue.get_or_create(&l).clone(),
+            sessions: self.governor_sessions.get_or_create(&l).clone(),
+            wait: self.governor_wait.get_or_create(&l).clone(),
+            timeouts: self.governor_timeouts.get_or_create(&l).clone(),
+        }
+    }
+
     /// Sets the token gauges from the rotation status (at scrape time).
     pub fn set_token(&self, age: Option<Duration>, to_expiry: Option<Duration>) {
         self.token_age.set(age.map_or(0.0, |d| d.as_secs_f64()));
@@ -594,6 +642,14 @@ impl Metrics {
 }
 
 pub struct ConnectionGuard(Gauge);
+
+/// One route's `governor_*` series (see [`Metrics::governor`]).
+pub struct GovernorSeries {
+    pub queue_length: Gauge,
+    pub sessions: Gauge,
+    pub wait: Histogram,
+    pub timeouts: Counter,
+}
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {

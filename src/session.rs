@@ -22,6 +22,7 @@ use crate::config::{
     Config, CredentialsConfig, MappingConfig, SessionPolicy, Transport, UpstreamSasl,
 };
 use crate::error::{RpcError, UpstreamError};
+use crate::governor::{Governor, Permit};
 use crate::identity::ClientIdentity;
 use crate::mapping::{self, NoMapping, UpstreamIdentity};
 use crate::metacache::{self, MetaCache, Recording, Replay, SessionScope};
@@ -47,6 +48,8 @@ pub struct Route {
     pool: HttpPool,
     /// How long metadata answers are cached; `None`: not cached.
     cache_ttl: Option<Duration>,
+    /// Places for upstream sessions under the route's caps.
+    pub governor: Arc<Governor>,
 }
 
 /// Chooses the identity presented upstream for a client: the one place.
@@ -89,6 +92,8 @@ pub struct BinaryClient {
     link: Option<Link>,
     /// Sessions opened on this connection (guid, secret).
     sessions: Vec<(Guid, Vec<u8>)>,
+    /// Each session's place under the route's caps.
+    permits: HashMap<Guid, Permit>,
     /// Operations started on this connection, with their session.
     operations: HashMap<Guid, Guid>,
     /// Each session's cache scope (who it is upstream, its protocol).
@@ -122,6 +127,7 @@ impl BinaryClient {
             login: None,
             link: None,
             sessions: Vec::new(),
+            permits: HashMap::new(),
             operations: HashMap::new(),
             scopes: HashMap::new(),
             replays: HashMap::new(),
@@ -162,6 +168,9 @@ struct Owned {
     /// The session handle's secret, needed to close it on shutdown.
     secret: Vec<u8>,
     scope: SessionScope,
+    /// Released by the sessions cache's eviction listener: operations
+    /// share this record and may hold it a while longer.
+    permit: Permit,
 }
 
 /// An HTTP client's operation answered from the metadata cache.
@@ -250,30 +259,6 @@ impl Broker {
         live_token: Option<watch::Receiver<Option<Secret>>>,
         upstream_tls: &std::collections::BTreeMap<String, crate::tls::client::ClientTls>,
     ) -> Broker {
-        let routes = config
-            .routes
-            .iter()
-            .map(|(name, r)| {
-                let target = Arc::new(Target::from_config(
-                    &r.upstream,
-                    config.server.max_message_bytes,
-                    live_token.clone(),
-                    upstream_tls.get(name).cloned(),
-                ));
-                let route = Route {
-                    name: name.as_str().into(),
-                    pool: HttpPool::new(target.connect_timeout, target.tls.as_ref()),
-                    target,
-                    initiators: mapping::initiators(&r.credentials, r.mapping.as_ref()),
-                    credentials: r.credentials.clone(),
-                    mapping: r.mapping.clone(),
-                    policy: r.session.clone(),
-                    cache_ttl: r.cache.then_some(r.cache_ttl),
-                };
-                (name.clone(), Arc::new(route))
-            })
-            .collect();
-        let idle = config.server.session_idle_timeout;
         let mut metrics = Metrics::new();
         let meta = MetaCache::new(config.server.metadata_cache_bytes, metrics.registry_mut());
         let policies = config
@@ -291,6 +276,39 @@ impl Broker {
             .collect();
         let warm = Arc::new(WarmPool::new(policies, metrics.registry_mut()));
         let metrics = Arc::new(metrics);
+        let routes = config
+            .routes
+            .iter()
+            .map(|(name, r)| {
+                let name: Arc<str> = name.as_str().into();
+                let target = Arc::new(Target::from_config(
+                    &r.upstream,
+                    config.server.max_message_bytes,
+                    live_token.clone(),
+                    upstream_tls.get(&*name).cloned(),
+                ));
+                let governor = Governor::new(
+                    name.clone(),
+                    r.max_upstream_sessions,
+                    r.max_upstream_sessions_per_user,
+                    r.queue_timeout,
+                    metrics.governor(&name),
+                );
+                let route = Route {
+                    name: name.clone(),
+                    governor,
+                    pool: HttpPool::new(target.connect_timeout, target.tls.as_ref()),
+                    target,
+                    initiators: mapping::initiators(&r.credentials, r.mapping.as_ref()),
+                    credentials: r.credentials.clone(),
+                    mapping: r.mapping.clone(),
+                    policy: r.session.clone(),
+                    cache_ttl: r.cache.then_some(r.cache_ttl),
+                };
+                (name.to_string(), Arc::new(route))
+            })
+            .collect();
+        let idle = config.server.session_idle_timeout;
         let counts = Arc::new(SessionCounts {
             cap: config.server.max_sessions_per_user,
             by_user: Default::default(),
@@ -307,6 +325,8 @@ impl Broker {
             m.session_closed(&v.route, &v.user);
             c.release(&v.user);
             if cause != RemovalCause::Expired {
+                // closed upstream already (CloseSession), or shutting down
+                v.permit.release();
                 return;
             }
             let closed = Arc::as_ptr(&v) as usize;
@@ -316,7 +336,11 @@ impl Broker {
                     debug!(route = %v.route, "closing a session idle for server.session_idle_timeout");
                     close_upstream_session(&v.link, &guid, &v.secret).await;
                     v.link.close().await;
+                    // only now is the upstream's session gone
+                    v.permit.release();
                 });
+            } else {
+                v.permit.release();
             }
         };
         Broker {
@@ -477,6 +501,7 @@ impl Broker {
                 if c.sessions.len() < before {
                     self.metrics.session_closed(&c.route.name, c.user());
                     self.counts.release(c.user());
+                    c.permits.remove(&guid);
                 }
             }
             _ => {}
@@ -606,7 +631,7 @@ impl Broker {
             Some(l) if l.is_usable().await => Some(l.clone()),
             _ => None,
         };
-        self.counts.reserve(&identity.user, &c.route, c.peer)?;
+        let permit = self.admit(&c.route, &identity.user, c.peer).await?;
         let o = match self
             .open_upstream(&c.route, identity, info, None, &msg, reuse, call, upstream)
             .await
@@ -621,6 +646,7 @@ impl Broker {
             Some(h) => {
                 self.metrics.session_opened(&c.route.name, &identity.user);
                 c.scopes.insert(h.0, o.scope);
+                c.permits.insert(h.0, permit);
                 c.sessions.push(h);
             }
             None => self.counts.release(&identity.user),
@@ -641,7 +667,7 @@ impl Broker {
         if call.scope == Scope::OpenSession {
             let info = tcli::read_open_session(&msg)?;
             let user = &c.identity.user;
-            self.counts.reserve(user, c.route, c.identity.addr)?;
+            let permit = self.admit(c.route, user, c.identity.addr).await?;
             let opened = self
                 .open_upstream(
                     c.route,
@@ -670,6 +696,7 @@ impl Broker {
                     user: c.identity.user.clone(),
                     secret,
                     scope: o.scope,
+                    permit,
                 };
                 self.sessions.insert(guid, Arc::new(owned)).await;
             }
@@ -758,6 +785,32 @@ impl Broker {
         Ok(reply)
     }
 
+    /// A place for one more upstream session of `user` on `route`: under
+    /// `server.max_sessions_per_user` (refused at once), then under the
+    /// route's governor (waited for, up to its `queue_timeout`). The permit
+    /// is dropped on every failed open; `counts` is released by the caller.
+    async fn admit(
+        &self,
+        route: &Route,
+        user: &str,
+        peer: std::net::SocketAddr,
+    ) -> Result<Permit, RpcError> {
+        self.counts.reserve(user, route, peer)?;
+        if route.governor.would_wait(user) {
+            self.warm.shed(&route.name);
+        }
+        match route.governor.acquire(user).await {
+            Ok(p) => Ok(p),
+            Err(e) => {
+                self.counts.release(user);
+                let (limit, reason) = (e.limit, e.cap.key());
+                let user = crate::edge::loggable(user);
+                info!(target: "audit", event = "cap_refused", route = %route.name, reason, client = %peer.ip(), %user, limit);
+                Err(e.into())
+            }
+        }
+    }
+
     /// Opens (or reuses) an upstream link as the client's mapped identity and
     /// sends it the rewritten OpenSession.
     #[allow(clippy::too_many_arguments)]
@@ -824,6 +877,7 @@ impl Broker {
                         cred: cred.clone(),
                         pool: route.pool.clone(),
                         client_ip: identity.addr.ip(),
+                        governor: route.governor.clone(),
                     };
                     self.warm.take(&k, recipe)
                 })
@@ -940,11 +994,17 @@ impl Broker {
             self.metrics.session_closed(&c.route.name, c.user());
             self.counts.release(c.user());
         }
+        // given back once the sessions are closed upstream, not before
+        let _permits = std::mem::take(&mut c.permits);
         let Some(link) = c.link.take() else { return };
-        if let Link::Http(_) = link {
-            for (guid, secret) in c.sessions.drain(..) {
-                close_upstream_session(&link, &guid, &secret).await;
+        match link {
+            Link::Http(_) => {
+                for (guid, secret) in c.sessions.drain(..) {
+                    close_upstream_session(&link, &guid, &secret).await;
+                }
             }
+            // the upstream ends a binary link's sessions with its connection
+            Link::Binary(_) => link.close().await,
         }
     }
 

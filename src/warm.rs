@@ -24,6 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tracing::debug;
 
+use crate::governor::{Governor, Permit};
 use crate::identity::Credential;
 use crate::tcli::{self, Guid};
 use crate::upstream::{HttpPool, Link, Target};
@@ -59,13 +60,21 @@ pub struct Recipe {
     pub cred: Credential,
     pub pool: HttpPool,
     pub client_ip: std::net::IpAddr,
+    /// The route's governor: a warm session holds a place of its own.
+    pub governor: Arc<Governor>,
 }
+
+/// The governor's name for places held by warm sessions (no client user
+/// can be named with a NUL).
+const WARM_USER: &str = "\0warm";
 
 /// A ready session: its link and the upstream's OpenSession reply.
 pub struct Warm {
     pub link: Link,
     pub reply: Bytes,
     born: Instant,
+    /// Given back when the client that takes this session holds its own.
+    _place: Permit,
 }
 
 struct Slot {
@@ -232,7 +241,10 @@ impl WarmPool {
                 None => return,
             }
         };
-        let opened = open_checked(&recipe, &key.request).await;
+        let opened = match recipe.governor.try_acquire(WARM_USER) {
+            Some(place) => open_checked(&recipe, &key.request, place).await,
+            None => Err("no free place under the route's governor".to_string()),
+        };
         let leftover = {
             let mut slots = self.lock();
             let leftover = match (slots.get_mut(&key), opened) {
@@ -288,6 +300,25 @@ impl WarmPool {
         }
     }
 
+    /// A client is about to queue on `route`'s governor: close one ready
+    /// session there, so that its place goes to the client.
+    pub fn shed(&self, route: &str) {
+        let w = {
+            let mut slots = self.lock();
+            let w = slots
+                .iter_mut()
+                .filter(|(k, _)| &*k.route == route)
+                .find_map(|(_, s)| s.ready.pop_front());
+            if let Some(r) = self.policies.keys().find(|r| &***r == route) {
+                self.set_gauge(&slots, r);
+            }
+            w
+        };
+        if let Some(w) = w {
+            tokio::spawn(close_warm(w));
+        }
+    }
+
     /// On shutdown: close every ready session.
     pub async fn close_all(&self) {
         let all: Vec<Warm> = {
@@ -303,7 +334,7 @@ impl WarmPool {
 /// Opens a link, sends the OpenSession, and checks the session with a
 /// GetInfo(CLI_DBMS_VER): a Kyuubi gateway answers that from the engine, so
 /// a session whose engine is still launching is not ready yet.
-async fn open_checked(recipe: &Recipe, request: &Bytes) -> Result<Warm, String> {
+async fn open_checked(recipe: &Recipe, request: &Bytes, place: Permit) -> Result<Warm, String> {
     let link = Link::open(&recipe.target, &recipe.cred, &recipe.pool, recipe.client_ip)
         .await
         .map_err(|e| e.to_string())?;
@@ -329,6 +360,7 @@ async fn open_checked(recipe: &Recipe, request: &Bytes) -> Result<Warm, String> 
         link,
         reply,
         born: Instant::now(),
+        _place: place,
     })
 }
 

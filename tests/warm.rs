@@ -153,3 +153,42 @@ async fn a_route_without_warm_sessions_opens_each_session_upstream() {
     );
     b.shutdown().await;
 }
+
+/// On a route at its governor's cap, a warm session gives its place to a
+/// client that would otherwise queue: the upstream never holds more than
+/// the cap, and the client is not kept waiting for `queue_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_sessions_give_their_places_to_clients_on_a_full_route() {
+    let relay = CountingRelay::start(sts_binary().await).await;
+    let toml = format!(
+        "[server]\nshutdown_grace = \"10s\"\n{ADMIN}{LISTENERS}\n{}",
+        route_toml(
+            "binary",
+            relay.addr,
+            "[routes.r]\nwarm_sessions = 2\ncache = false\nmax_upstream_sessions = 2\nqueue_timeout = \"20s\""
+        )
+    );
+    let b = start_broker_toml(&toml).await;
+    let admin = b.addrs["admin"];
+    let mut a = connect(b.binary, "alice").await;
+    let sa = a.open_session().await.unwrap();
+    // one place is left for the two warm sessions asked for
+    ready(admin, 1).await;
+    assert_eq!(relay.open(), 2);
+    let t0 = Instant::now();
+    let mut c = connect(b.binary, "carol").await;
+    let sc = c.open_session().await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "not refused after queue_timeout"
+    );
+    assert!(
+        relay.open() <= 2,
+        "{} upstream connections for a cap of 2",
+        relay.open()
+    );
+    assert!(metric(admin, "kyuubi_broker_governor_sessions").await <= 2);
+    c.close_session(sc).await.unwrap();
+    a.close_session(sa).await.unwrap();
+    b.shutdown().await;
+}

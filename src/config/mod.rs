@@ -647,6 +647,37 @@ mod tests {
     }
 
     #[test]
+    fn governor_caps_default_to_unlimited_and_a_cap_of_zero_is_refused_by_key() {
+        let c = Config::from_toml(MINIMAL, "t").unwrap();
+        let r = &c.routes["sts"];
+        assert_eq!(
+            (r.max_upstream_sessions, r.max_upstream_sessions_per_user),
+            (None, None)
+        );
+        assert_eq!(r.queue_timeout, Duration::from_secs(30));
+        let capped = |keys: &str| format!("{MINIMAL}\n[routes.sts]\n{keys}\n");
+        let c = Config::from_toml(
+            &capped("max_upstream_sessions = 20\nmax_upstream_sessions_per_user = 5\nqueue_timeout = \"2m\""),
+            "t",
+        )
+        .unwrap();
+        let r = &c.routes["sts"];
+        assert_eq!(
+            (
+                r.max_upstream_sessions,
+                r.max_upstream_sessions_per_user,
+                r.queue_timeout
+            ),
+            (Some(20), Some(5), Duration::from_secs(120))
+        );
+        for key in ["max_upstream_sessions", "max_upstream_sessions_per_user"] {
+            let e = err_of(&capped(&format!("{key} = 0")));
+            assert!(e.starts_with(&format!("routes.sts.{key}: is 0")), "{e}");
+        }
+        assert!(err_of(&capped("queue_timeout = \"later\"")).contains("30s"));
+    }
+
+    #[test]
     fn token_on_binary_upstream_is_refused() {
         let t = MINIMAL.replace("port = 10000", "port = 10000\ntoken = \"abc\"");
         assert!(err_of(&t).contains("routes.sts.upstream.token"));

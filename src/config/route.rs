@@ -44,6 +44,17 @@ pub struct RouteConfig {
     /// old is closed rather than handed out.
     #[serde(default = "default_warm_idle", with = "duration")]
     pub warm_idle: Duration,
+    /// Upstream sessions open at once on this route (none: unlimited).
+    /// Above it, OpenSession waits its turn, round robin by user.
+    #[serde(default)]
+    pub max_upstream_sessions: Option<usize>,
+    /// Upstream sessions one client user may hold at once on this route.
+    #[serde(default)]
+    pub max_upstream_sessions_per_user: Option<usize>,
+    /// How long an OpenSession waits for a place before it is refused
+    /// (retryable); "0s" refuses at once.
+    #[serde(default = "default_queue_timeout", with = "duration")]
+    pub queue_timeout: Duration,
 }
 
 fn default_warm_idle() -> Duration {
@@ -283,6 +294,9 @@ pub enum CredentialsConfig {
     },
 }
 
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -350,6 +364,21 @@ impl RouteConfig {
                 format!("{:?} is out of range", self.cache_ttl),
                 "use a duration between \"1s\" and \"24h\" (default \"5m\"), or cache = false",
             ));
+        }
+        for (k, v) in [
+            ("max_upstream_sessions", self.max_upstream_sessions),
+            (
+                "max_upstream_sessions_per_user",
+                self.max_upstream_sessions_per_user,
+            ),
+        ] {
+            if v == Some(0) {
+                return Err(invalid(
+                    format!("{key}.{k}"),
+                    "is 0, which would refuse every session",
+                    "remove it for no cap, or size it to the gateway (e.g. 20 for a 2C8G Kyuubi gateway)",
+                ));
+            }
         }
         if let CredentialsConfig::Kerberos { principal, keytab } = &self.credentials {
             if principal.is_empty() {
