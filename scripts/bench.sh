@@ -9,4 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-haproxy.sh
 cargo bench --bench proxy
+# the metadata cache and warm sessions against the fixture's Spark Thrift
+# Server (skipped, saying so, when it does not run on 127.0.0.1:10000)
+cargo bench --bench bi
 cargo bench --bench codec

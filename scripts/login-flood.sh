@@ -46,6 +46,9 @@ route = "sts"
 auth = "static"
 users_file = "$PWD/$users"
 
+[routes.sts]
+# measures forwarding: no metadata cache
+cache = false
 [routes.sts.upstream]
 transport = "binary"
 host = "127.0.0.1"

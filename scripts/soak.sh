@@ -44,11 +44,17 @@ route = "sts-http"
 auth = "none"
 allow_any_user = true
 
+[routes.sts-binary]
+# measures forwarding: no metadata cache
+cache = false
 [routes.sts-binary.upstream]
 transport = "binary"
 host = "127.0.0.1"
 port = 10000
 
+[routes.sts-http]
+# measures forwarding: no metadata cache
+cache = false
 [routes.sts-http.upstream]
 transport = "http"
 host = "127.0.0.1"

@@ -34,6 +34,9 @@ route = "sts"
 auth = "none"
 allow_any_user = true
 
+[routes.sts]
+# measures forwarding: no metadata cache
+cache = false
 [routes.sts.upstream]
 transport = "binary"
 host = "127.0.0.1"

@@ -437,10 +437,14 @@ bind = "127.0.0.1:{b_http2bin}"
 route = "resp_bin"
 auth = "none"
 allow_any_user = true
+[routes.resp_bin]
+cache = false
 [routes.resp_bin.upstream]
 transport = "binary"
 host = "127.0.0.1"
 port = {}
+[routes.resp_http]
+cache = false
 [routes.resp_http.upstream]
 transport = "http"
 host = "127.0.0.1"
@@ -451,7 +455,7 @@ port = {}
     );
     if sts_up {
         cfg.push_str(&format!(
-            "[[listener]]\nname = \"sts\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:{b_sts}\"\nroute = \"sts\"\nauth = \"none\"\nallow_any_user = true\n[routes.sts.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = 10000\n"
+            "[[listener]]\nname = \"sts\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:{b_sts}\"\nroute = \"sts\"\nauth = \"none\"\nallow_any_user = true\n[routes.sts]\ncache = false\n[routes.sts.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = 10000\n"
         ));
     }
     // the TLS pass: the broker's TLS listener and its TLS upstream, which is
@@ -503,7 +507,7 @@ port = {}
         cfg.push_str(&listener("bin2tls", b_2tls, "resp_tls", false));
         cfg.push_str(&listener("tls2tls", b_tls2tls, "resp_tls", true));
         cfg.push_str(&format!(
-            "[routes.resp_tls.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = {}\ntls = true\ntls_ca = \"{}\"\ntls_server_name = \"localhost\"\n",
+            "[routes.resp_tls]\ncache = false\n[routes.resp_tls.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = {}\ntls = true\ntls_ca = \"{}\"\ntls_server_name = \"localhost\"\n",
             match (&ha_bin, up_tls) {
                 (None, Some(a)) => a.port(),
                 _ => ha_tls_port,
@@ -514,7 +518,7 @@ port = {}
             // the same two hops in plaintext: what the TLS upstream adds
             cfg.push_str(&listener("bin2ha", b_2ha, "resp_ha", false));
             cfg.push_str(&format!(
-                "[routes.resp_ha.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = {ha_port}\n"
+                "[routes.resp_ha]\ncache = false\n[routes.resp_ha.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = {ha_port}\n"
             ));
         }
     }
