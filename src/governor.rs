@@ -268,9 +268,10 @@ impl Governor {
     /// A place only if one is free and nobody waits: for sessions the
     /// broker opens ahead (warm sessions), which must never take a place a
     /// client is queued for. Not counted as a wait.
+    /// The per-user cap does not apply: the place is the broker's own.
     pub fn try_acquire(self: &Arc<Self>, user: &str) -> Option<Permit> {
         let mut s = self.lock();
-        if s.queued > 0 || !self.route_fits(&s) || !self.user_fits(&s, user) {
+        if s.queued > 0 || !self.route_fits(&s) {
             return None;
         }
         Self::take(&mut s, user);
@@ -282,10 +283,17 @@ impl Governor {
         })
     }
 
-    /// Whether `user`'s OpenSession would wait now.
-    pub fn would_wait(&self, user: &str) -> bool {
+    /// Whether an OpenSession would wait now for want of a place on the
+    /// route (not for the user's own share: freeing a route place would
+    /// not help that).
+    pub fn route_full(&self) -> bool {
         let s = self.lock();
-        s.queued > 0 || !self.route_fits(&s) || !self.user_fits(&s, user)
+        s.queued > 0 || !self.route_fits(&s)
+    }
+
+    /// Whether an OpenSession waits for a place now.
+    pub fn has_waiters(&self) -> bool {
+        self.lock().queued > 0
     }
 
     /// Takes a waiter that was not granted out of the queue.

@@ -63,14 +63,9 @@ pub fn cacheable(method: &str) -> bool {
     )
 }
 
-/// Whether a statement may change what metadata calls return: DDL, repairs,
-/// refreshes, grants, procedure calls. Read from its first keyword, after
-/// blanks and comments; `USE` and queries do not.
-pub fn changes_metadata(sql: &str) -> bool {
-    const KEYWORDS: [&str; 16] = [
-        "CREATE", "DROP", "ALTER", "RENAME", "TRUNCATE", "MSCK", "REFRESH", "REPAIR", "ANALYZE",
-        "COMMENT", "GRANT", "REVOKE", "LOAD", "IMPORT", "CALL", "EXECUTE",
-    ];
+/// A statement's first keyword, after blanks and comments, upper-cased
+/// (at most 10 letters: enough to tell the keywords below apart).
+fn first_keyword(sql: &str) -> String {
     let mut s = sql;
     loop {
         s = s.trim_start();
@@ -82,22 +77,81 @@ pub fn changes_metadata(sql: &str) -> bool {
             break;
         }
     }
-    let word: String = s
-        .chars()
+    s.chars()
         .take_while(|c| c.is_ascii_alphabetic())
-        .take(9)
-        .collect();
-    KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(&word))
+        .take(10)
+        .collect::<String>()
+        .to_ascii_uppercase()
+}
+
+/// Statements that read only, as far as metadata goes.
+const QUERIES: [&str; 10] = [
+    "SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "VALUES", "FROM", "TABLE", "INSERT",
+];
+
+/// Whether a statement may change what metadata calls return. Denied by
+/// default: anything but a query, an INSERT or a session setting (SET,
+/// RESET, USE) counts, so DDL under any spelling, procedure calls and code
+/// in another language (Kyuubi's `kyuubi.operation.language`) all do.
+pub fn changes_metadata(sql: &str) -> bool {
+    let word = first_keyword(sql);
+    !(word.is_empty()
+        || QUERIES.contains(&word.as_str())
+        || ["SET", "RESET", "USE"].contains(&word.as_str()))
+}
+
+/// Whether a GetOperationStatus reply says the operation is over (finished,
+/// cancelled, closed, failed or timed out).
+pub fn operation_ended(reply: &[u8]) -> bool {
+    let Ok(h) = peek_header(reply) else {
+        return false;
+    };
+    match find_field(reply, h.body_offset, &[0, 2]) {
+        Ok(Some((ttype::I32, mut r))) => matches!(r.i32(), Ok(2..=5 | 8)),
+        _ => false,
+    }
 }
 
 /// Who a session is upstream and how it speaks: a cached answer is only
 /// given to a session with the same scope. `who` holds the upstream user
-/// (or principal), an impersonated user, and the session settings that pick
-/// a database or catalog.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// (or principal) and every setting the session was opened with (the
+/// impersonated user, database, catalog, engine, client address, ...).
+// no Debug: `who` holds session settings, which may carry secrets
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct SessionScope {
     pub protocol: i32,
     pub who: Arc<str>,
+    /// The database a `USE` chose, after the session opened.
+    pub database: Option<Arc<str>>,
+}
+
+impl SessionScope {
+    /// The scope after `sql` ran in the session: the same after a query,
+    /// one naming the database after `USE` (PyHive sends one on every
+    /// connect), none after anything else (SET, a temporary view, DDL): the
+    /// session then has state of its own that answers could show, and
+    /// neither uses nor feeds the cache.
+    pub fn after(&self, sql: &str) -> Option<SessionScope> {
+        let word = first_keyword(sql);
+        if QUERIES.contains(&word.as_str()) {
+            return Some(self.clone());
+        }
+        if word != "USE" {
+            return None;
+        }
+        let rest = sql.trim_start();
+        let db = rest[rest.find(|c: char| c.is_whitespace())?..]
+            .trim()
+            .trim_end_matches(';')
+            .trim();
+        if db.is_empty() || db.len() > 256 || db.contains(|c: char| c.is_whitespace()) {
+            return None;
+        }
+        Some(SessionScope {
+            database: Some(db.into()),
+            ..self.clone()
+        })
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -201,6 +255,24 @@ struct Col {
 struct Layout {
     nulls: Nulls,
     more: More,
+    offsets: Offsets,
+}
+
+/// What `startRowOffset` says: HiveServer2 and Spark give the position of
+/// the page's first row; Kyuubi's engines always 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Offsets {
+    Position,
+    Zero,
+}
+
+impl Offsets {
+    fn value(self, from: usize) -> i64 {
+        match self {
+            Offsets::Position => from as i64,
+            Offsets::Zero => 0,
+        }
+    }
 }
 
 /// Null-bitmap lengths seen in servers: HiveServer2 / Spark Thrift Server
@@ -282,8 +354,13 @@ struct SkipLabels {
 /// The cache: entries, the recordings' byte budget and the counters.
 pub struct MetaCache {
     entries: Cache<Key, Arc<Entry>>,
-    /// Bumped by DDL, per route: a recording begun before it is not stored.
-    generations: Mutex<HashMap<Arc<str>, u64>>,
+    ddl: Arc<DdlState>,
+    /// Bytes of entries held by replays in flight (an entry evicted while
+    /// a client reads it stays in memory until the client is done).
+    pinned: Arc<AtomicUsize>,
+    /// Per route, the `hasMoreRows` habit learned from answers that showed
+    /// it unambiguously.
+    habits: Mutex<HashMap<Arc<str>, More>>,
     /// Bytes held by recordings in flight, bounded like the entries.
     recording: Arc<AtomicUsize>,
     capacity: usize,
@@ -294,6 +371,77 @@ pub struct MetaCache {
     skipped: Family<SkipLabels, Counter>,
     invalidations: Family<RouteLabels, Counter>,
     size: Gauge,
+}
+
+/// Per route: statements that change metadata in flight, and a generation
+/// bumped whenever one begins or ends.
+struct DdlState {
+    entries: Cache<Key, Arc<Entry>>,
+    routes: Mutex<HashMap<Arc<str>, (u64, usize)>>,
+    invalidations: Family<RouteLabels, Counter>,
+}
+
+impl DdlState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, (u64, usize)>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn begin(&self, route: &Arc<str>) {
+        let mut m = self.lock();
+        let e = m.entry(route.clone()).or_default();
+        e.0 += 1;
+        e.1 += 1;
+    }
+
+    fn end(&self, route: &Arc<str>, clear: bool) {
+        {
+            let mut m = self.lock();
+            let e = m.entry(route.clone()).or_default();
+            e.0 += 1;
+            e.1 = e.1.saturating_sub(1);
+        }
+        if clear {
+            let r = route.clone();
+            // only fails if closures were not enabled at build time
+            let _ = self.entries.invalidate_entries_if(move |k, _| k.route == r);
+            self.invalidations
+                .get_or_create(&RouteLabels {
+                    route: route.clone(),
+                })
+                .inc();
+        }
+    }
+
+    fn generation(&self, route: &Arc<str>) -> u64 {
+        self.lock().get(route).map_or(0, |e| e.0)
+    }
+
+    /// Nothing began or ended since `generation`, and nothing runs now.
+    fn quiet_since(&self, route: &Arc<str>, generation: u64) -> bool {
+        self.lock()
+            .get(route)
+            .is_none_or(|&(g, running)| g == generation && running == 0)
+    }
+}
+
+/// A statement that changes metadata, in flight: dropping it ends it.
+pub struct Ddl {
+    state: Arc<DdlState>,
+    route: Arc<str>,
+    clear: bool,
+}
+
+impl Ddl {
+    /// The statement was refused before it ran: nothing to clear.
+    pub fn refused(mut self) {
+        self.clear = false;
+    }
+}
+
+impl Drop for Ddl {
+    fn drop(&mut self) {
+        self.state.end(&self.route, self.clear);
+    }
 }
 
 struct PerEntry;
@@ -329,9 +477,16 @@ impl MetaCache {
                 .inc();
             })
             .build();
+        let invalidations = Family::<RouteLabels, Counter>::default();
         let m = MetaCache {
+            ddl: Arc::new(DdlState {
+                entries: entries.clone(),
+                routes: Mutex::new(HashMap::new()),
+                invalidations: invalidations.clone(),
+            }),
             entries,
-            generations: Mutex::new(HashMap::new()),
+            pinned: Arc::new(AtomicUsize::new(0)),
+            habits: Mutex::new(HashMap::new()),
             recording: Arc::new(AtomicUsize::new(0)),
             capacity,
             max_entry: (capacity / 8).max(64 * 1024),
@@ -339,7 +494,7 @@ impl MetaCache {
             misses: Family::default(),
             evictions,
             skipped: Family::default(),
-            invalidations: Family::default(),
+            invalidations,
             size: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("metadata_cache");
@@ -390,28 +545,25 @@ impl MetaCache {
         found
     }
 
-    /// A statement that may change metadata ran on `route`: its answers go,
-    /// for every identity (a table one user creates is seen by others).
-    pub async fn invalidate_route(&self, route: &Arc<str>) {
-        {
-            let mut g = self.generations.lock().unwrap_or_else(|p| p.into_inner());
-            *g.entry(route.clone()).or_default() += 1;
+    /// A statement that may change metadata is about to run on `route`:
+    /// until the returned guard is dropped (the client closed the statement,
+    /// saw it end, or went away) nothing is stored for the route, and when
+    /// it is dropped the route's answers go, for every identity (a table one
+    /// user creates is seen by others). Answers already stored keep being
+    /// served meanwhile: the statement has not changed anything yet.
+    pub fn ddl_begin(&self, route: &Arc<str>) -> Ddl {
+        self.ddl.begin(route);
+        Ddl {
+            state: self.ddl.clone(),
+            route: route.clone(),
+            clear: true,
         }
-        let r = route.clone();
-        // only fails if closures were not enabled at build time
-        let _ = self.entries.invalidate_entries_if(move |k, _| k.route == r);
-        self.invalidations
-            .get_or_create(&RouteLabels {
-                route: route.clone(),
-            })
-            .inc();
-        self.entries.run_pending_tasks().await;
-        self.size.set(self.entries.weighted_size() as i64);
     }
 
-    fn generation(&self, route: &Arc<str>) -> u64 {
-        let g = self.generations.lock().unwrap_or_else(|p| p.into_inner());
-        g.get(route).copied().unwrap_or(0)
+    /// Taken before a cacheable call goes upstream: an answer is stored
+    /// only if no statement that changes metadata began or ended meanwhile.
+    pub fn generation(&self, route: &Arc<str>) -> u64 {
+        self.ddl.generation(route)
     }
 
     fn skip(&self, route: &Arc<str>, reason: &'static str) {
@@ -424,9 +576,15 @@ impl MetaCache {
     }
 
     /// Stores a GetInfo reply.
-    pub async fn store_whole(&self, key: Key, ttl: Duration, reply: &Bytes) {
+    pub async fn store_whole(&self, key: Key, ttl: Duration, reply: &Bytes, generation: u64) {
         if !reply_succeeded(reply) {
             return self.skip(&key.route, "error");
+        }
+        if reply.len() > self.max_entry {
+            return self.skip(&key.route, "too_big");
+        }
+        if !self.ddl.quiet_since(&key.route, generation) {
+            return self.skip(&key.route, "stale");
         }
         let weight = (reply.len() + key.args.len() + 128) as u32;
         let e = Entry {
@@ -439,8 +597,15 @@ impl MetaCache {
     }
 
     /// Starts recording the operation `create` (a reply to the call that
-    /// made it) opened; `None` if the reply is not a success.
-    pub fn record(&self, key: Key, ttl: Duration, create: &Bytes) -> Option<Recording> {
+    /// made it) opened; `None` if the reply is not a success. `generation`
+    /// was taken before the call went upstream.
+    pub fn record(
+        &self,
+        key: Key,
+        ttl: Duration,
+        create: &Bytes,
+        generation: u64,
+    ) -> Option<Recording> {
         let route = key.route.clone();
         let handle = match handle_at(create) {
             Ok(Some(h)) if reply_succeeded(create) => h,
@@ -449,7 +614,6 @@ impl MetaCache {
                 return None;
             }
         };
-        let generation = self.generation(&route);
         let mut r = Recording {
             key,
             ttl,
@@ -462,6 +626,7 @@ impl MetaCache {
             rows: None,
             pages: Vec::new(),
             nulls: NULLS.to_vec(),
+            offsets: vec![Offsets::Position, Offsets::Zero],
             total: 0,
             ended: false,
             spoiled: None,
@@ -481,7 +646,7 @@ impl MetaCache {
         if let Some(reason) = r.spoiled {
             return self.skip(&route, reason);
         }
-        if r.generation != self.generation(&route) {
+        if !self.ddl.quiet_since(&route, r.generation) {
             return self.skip(&route, "stale");
         }
         let (Some(metadata), Some(fetch_status), Some(rows), true) = (
@@ -492,10 +657,19 @@ impl MetaCache {
         ) else {
             return self.skip(&route, "incomplete");
         };
-        let Some(layout) = r.layout() else {
+        let habit = {
+            let h = self.habits.lock().unwrap_or_else(|p| p.into_inner());
+            h.get(&route).copied()
+        };
+        let Some((layout, learned)) = r.layout(habit) else {
             return self.skip(&route, "unusual");
         };
-        let weight = (r.held + r.key.args.len() + 256).min(u32::MAX as usize) as u32;
+        if learned {
+            let mut h = self.habits.lock().unwrap_or_else(|p| p.into_inner());
+            h.insert(route.clone(), layout.more);
+        }
+        // decoded rows take a few times their wire size
+        let weight = (4 * r.held + r.key.args.len() + 256).min(u32::MAX as usize) as u32;
         let op = Operation {
             create: r.create.clone(),
             handle: r.handle,
@@ -560,7 +734,15 @@ fn decode_reply<T>(
     if h.kind != MessageType::Reply {
         return None;
     }
-    let mut p = TBinaryInputProtocol::new(&reply[h.body_offset..], true);
+    // declared sizes bounded by the reply: an upstream claiming a list of a
+    // hundred million values gets an error, not an allocation
+    let body = &reply[h.body_offset..];
+    let config = thrift::TConfiguration::builder()
+        .max_string_size(Some(body.len()))
+        .max_container_size(Some(body.len()))
+        .build()
+        .ok()?;
+    let mut p = TBinaryInputProtocol::with_config(body, true, config);
     p.read_struct_begin().ok()?;
     let f = p.read_field_begin().ok()?;
     if f.id != Some(0) {
@@ -739,6 +921,8 @@ pub struct Recording {
     pages: Vec<Page>,
     /// Null layouts every page so far fits.
     nulls: Vec<Nulls>,
+    /// Offset habits every page so far fits.
+    offsets: Vec<Offsets>,
     total: usize,
     /// An empty page came: every row is here.
     ended: bool,
@@ -773,8 +957,12 @@ impl Recording {
         if self.spoiled.is_none() {
             self.spoiled = Some(reason);
         }
-        // what was recorded is no longer needed
+        // what was recorded is no longer needed, nor its share of the budget
         self.rows = None;
+        self.metadata = None;
+        self.pages = Vec::new();
+        self.budget.fetch_sub(self.held, Ordering::Relaxed);
+        self.held = 0;
     }
 
     /// Whether this recording still wants to see replies: a spoiled one
@@ -797,14 +985,18 @@ impl Recording {
         match call.method {
             "GetResultSetMetadata" if reply_succeeded(reply) => {
                 self.hold(reply.len());
-                self.metadata = Some(reply.clone());
+                if self.spoiled.is_none() {
+                    self.metadata = Some(reply.clone());
+                }
             }
             "GetOperationStatus" => {
                 let finished = decode_reply(reply, TGetOperationStatusResp::read_from_in_protocol)
                     .is_some_and(|r| r.operation_state == Some(TOperationState::FINISHED_STATE));
                 if finished {
                     self.hold(reply.len());
-                    self.status = Some(reply.clone());
+                    if self.spoiled.is_none() {
+                        self.status = Some(reply.clone());
+                    }
                 }
             }
             "FetchResults" => self.observe_page(msg, reply),
@@ -826,6 +1018,11 @@ impl Recording {
         if self.ended {
             return; // more empty pages
         }
+        // counted before it is decoded: a reply too big to keep is not read
+        self.hold(reply.len());
+        if self.spoiled.is_some() {
+            return;
+        }
         let Some(resp) = decode_reply(reply, TFetchResultsResp::read_from_in_protocol) else {
             return self.spoil("unusual");
         };
@@ -843,13 +1040,14 @@ impl Recording {
         let Some(rs) = resp.results else {
             return self.spoil("unusual");
         };
-        if rs.binary_columns.is_some()
-            || rs.column_count.is_some()
-            || rs.start_row_offset != self.total as i64
-        {
+        if rs.binary_columns.is_some() || rs.column_count.is_some() {
             return self.spoil("unusual");
         }
-        self.hold(reply.len());
+        let at = rs.start_row_offset;
+        self.offsets.retain(|o| o.value(self.total) == at);
+        if self.offsets.is_empty() {
+            return self.spoil("unusual");
+        }
         let n = page_rows(&rs);
         self.pages.push(Page {
             before: self.total,
@@ -948,18 +1146,35 @@ impl Recording {
         self.spoil("incomplete");
     }
 
-    /// The layout every recorded page fits.
-    fn layout(&self) -> Option<Layout> {
+    /// The layout every recorded page fits, and whether its `hasMoreRows`
+    /// habit was the only one that fits (then the route learns it). When
+    /// several fit, the route's learned habit is taken, else "rows remain"
+    /// (a client that trusts `hasMoreRows` then reads on rather than
+    /// stopping early).
+    fn layout(&self, habit: Option<More>) -> Option<(Layout, bool)> {
         let total = self.total;
-        let more = MORE.iter().copied().find(|m| {
-            self.pages
-                .iter()
-                .all(|p| p.more == m.value(total - p.before - p.n, p.n, p.asked))
-        })?;
-        Some(Layout {
+        let fits: Vec<More> = MORE
+            .iter()
+            .copied()
+            .filter(|m| {
+                self.pages
+                    .iter()
+                    .all(|p| p.more == m.value(total - p.before - p.n, p.n, p.asked))
+            })
+            .collect();
+        let more = match (fits.as_slice(), habit) {
+            ([], _) => return None,
+            ([only], _) => *only,
+            (_, Some(h)) if fits.contains(&h) => h,
+            _ if fits.contains(&More::Remaining) => More::Remaining,
+            _ => fits[0],
+        };
+        let layout = Layout {
             nulls: *self.nulls.first()?,
             more,
-        })
+            offsets: *self.offsets.first()?,
+        };
+        Some((layout, fits.len() == 1))
     }
 }
 
@@ -969,16 +1184,61 @@ pub struct Replay {
     /// The client's session, so that closing it closes this too.
     pub session: tcli::Guid,
     pos: usize,
+    _pin: Pin,
+}
+
+impl MetaCache {
+    /// The reply to the call that hit `entry`, and for an operation the new
+    /// handle's GUID with its replay. `None` when replays in flight already
+    /// hold as many bytes as the cache may: the call then goes upstream.
+    pub fn answer(
+        &self,
+        entry: &Arc<Entry>,
+        seqid: i32,
+        session: tcli::Guid,
+    ) -> Result<Option<Answer>, WireError> {
+        let weight = match entry.body {
+            Body::Operation(_) => entry.weight as usize,
+            Body::Whole(_) => 0,
+        };
+        if weight > 0 {
+            let held = self.pinned.fetch_add(weight, Ordering::Relaxed) + weight;
+            if held > self.capacity {
+                self.pinned.fetch_sub(weight, Ordering::Relaxed);
+                return Ok(None);
+            }
+        }
+        let pin = Pin {
+            budget: self.pinned.clone(),
+            bytes: weight,
+        };
+        entry.answer(seqid, session, pin).map(Some)
+    }
+}
+
+/// The reply to a call that hit an entry, and for an operation the new
+/// handle's GUID with its replay.
+pub type Answer = (Bytes, Option<(tcli::Guid, Replay)>);
+
+/// An entry's bytes counted while a replay reads it.
+struct Pin {
+    budget: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl Entry {
-    /// The reply to the call that hit this entry, and for an operation the
-    /// new handle's GUID with its replay.
-    pub fn answer(
+    fn answer(
         self: &Arc<Self>,
         seqid: i32,
         session: tcli::Guid,
-    ) -> Result<(Bytes, Option<(tcli::Guid, Replay)>), WireError> {
+        pin: Pin,
+    ) -> Result<Answer, WireError> {
         match &self.body {
             Body::Whole(reply) => Ok((Bytes::from(with_seqid(reply, seqid)?), None)),
             Body::Operation(op) => {
@@ -998,6 +1258,7 @@ impl Entry {
                     entry: self.clone(),
                     session,
                     pos: 0,
+                    _pin: pin,
                 };
                 Ok((Bytes::from(v), Some((guid, replay))))
             }
@@ -1013,21 +1274,6 @@ fn success_status() -> TStatus {
         error_code: None,
         error_message: None,
     }
-}
-
-/// TStatus-only replies (CloseOperation, CancelOperation).
-fn status_only(method: &str, seqid: i32) -> Bytes {
-    let mut w = Writer::default();
-    w.message_begin(method, MessageType::Reply, seqid);
-    w.field(ttype::STRUCT, 0);
-    w.field(ttype::STRUCT, 1);
-    {
-        let mut p = TBinaryOutputProtocol::new(&mut w.buf, true);
-        let _ = success_status().write_to_out_protocol(&mut p);
-    }
-    w.stop();
-    w.stop();
-    Bytes::from(w.buf)
 }
 
 impl Replay {
@@ -1061,7 +1307,9 @@ impl Replay {
                 }
             },
             "FetchResults" => self.fetch(op, call, msg)?,
-            "CloseOperation" | "CancelOperation" => status_only(call.method, seqid),
+            "CloseOperation" | "CancelOperation" => {
+                Bytes::from(tcli::status_reply(call.method, seqid))
+            }
             "other" => {
                 // what a Thrift server says of a method it lacks (Impala's
                 // GetLog: impyla then reads the log with FetchResults)
@@ -1134,7 +1382,7 @@ impl Replay {
         self.pos = to;
         let rs = match &op.rows {
             Rows::Columns(cols) => TRowSet {
-                start_row_offset: from as i64,
+                start_row_offset: layout.offsets.value(from),
                 rows: Vec::new(),
                 columns: Some(
                     cols.iter()
@@ -1145,7 +1393,7 @@ impl Replay {
                 column_count: None,
             },
             Rows::Rows(rows) => TRowSet {
-                start_row_offset: from as i64,
+                start_row_offset: layout.offsets.value(from),
                 rows: rows[from..to].to_vec(),
                 columns: None,
                 binary_columns: None,
@@ -1166,7 +1414,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ddl_is_recognised_after_blanks_and_comments() {
+    fn statements_that_may_change_metadata_are_all_but_queries_and_settings() {
         for sql in [
             "CREATE TABLE t (a int)",
             "  drop table t",
@@ -1174,20 +1422,34 @@ mod tests {
             "/* x */ msck repair table t",
             "refresh table t",
             "Truncate table t",
+            "cache table c as select 1",
+            "spark.sql(\"create table t (a int)\")",
         ] {
             assert!(changes_metadata(sql), "{sql}");
+            assert!(scope().after(sql).is_none(), "{sql}");
         }
         for sql in [
             "select 1",
-            "use db",
             "insert into t values (1)",
             "-- create table\nselect 1",
             "/* drop */ show tables",
-            "createx",
+            "WITH a AS (select 1) select * from a",
             "",
         ] {
             assert!(!changes_metadata(sql), "{sql}");
         }
+        for sql in ["set spark.sql.shuffle.partitions=7", "reset", "use"] {
+            assert!(!changes_metadata(sql), "{sql}");
+            assert!(
+                scope().after(sql).is_none(),
+                "{sql}: the session has state of its own"
+            );
+        }
+        assert!(scope().after("select 1") == Some(scope()));
+        let used = scope().after("USE `sales`;").unwrap();
+        assert_eq!(used.database.as_deref(), Some("`sales`"));
+        assert!(used != scope(), "another database, another scope");
+        assert!(used.after("use sales").unwrap() != used);
     }
 
     #[test]
@@ -1288,13 +1550,18 @@ mod tests {
         Bytes::from(w.buf)
     }
 
+    fn scope() -> SessionScope {
+        SessionScope {
+            protocol: 9,
+            who: "etl".into(),
+            database: None,
+        }
+    }
+
     fn key() -> Key {
         Key {
             route: "r".into(),
-            scope: SessionScope {
-                protocol: 9,
-                who: "etl".into(),
-            },
+            scope: scope(),
             method: "GetTables",
             args: Box::new([]),
         }
@@ -1308,7 +1575,7 @@ mod tests {
         let mut reg = Registry::default();
         let cache = MetaCache::new(1 << 20, &mut reg);
         let mut rec = cache
-            .record(key(), Duration::from_secs(60), &create_reply())
+            .record(key(), Duration::from_secs(60), &create_reply(), 0)
             .unwrap();
         let (md_call, md_msg) = {
             let mut w = Writer::default();
@@ -1332,7 +1599,7 @@ mod tests {
         assert!(rec.next_request().is_none(), "complete");
         cache.store(rec).await;
         let entry = cache.get(&key()).await.expect("stored");
-        let (reply, replay) = entry.answer(11, [0; 16]).unwrap();
+        let (reply, replay) = cache.answer(&entry, 11, [0; 16]).unwrap().unwrap();
         let (guid, mut replay) = replay.unwrap();
         let h = peek_header(&reply).unwrap();
         assert_eq!(h.seqid, 11);
@@ -1379,7 +1646,7 @@ mod tests {
         let mut reg = Registry::default();
         let cache = MetaCache::new(64 * 1024, &mut reg);
         let rec = cache
-            .record(key(), Duration::from_secs(60), &create_reply())
+            .record(key(), Duration::from_secs(60), &create_reply(), 0)
             .unwrap();
         let first = rec.next_request().unwrap();
         assert_eq!(peek_header(&first).unwrap().name, "GetResultSetMetadata");
@@ -1425,15 +1692,38 @@ mod tests {
         w.stop();
         let info = Bytes::from(w.buf);
         cache
-            .store_whole(key(), Duration::from_secs(60), &info)
+            .store_whole(key(), Duration::from_secs(60), &info, 0)
             .await;
         assert!(cache.get(&key()).await.is_some());
         let rec = cache
-            .record(key(), Duration::from_secs(60), &create_reply())
+            .record(key(), Duration::from_secs(60), &create_reply(), 0)
             .unwrap();
-        cache.invalidate_route(&"r".into()).await;
-        assert!(cache.get(&key()).await.is_none());
+        let ddl = cache.ddl_begin(&"r".into());
+        // still served while the statement runs; nothing new is stored
+        assert!(cache.get(&key()).await.is_some());
+        let during = cache.generation(&"r".into());
+        let other = Key {
+            method: "GetInfo",
+            args: Box::new([1]),
+            ..key()
+        };
+        cache
+            .store_whole(other.clone(), Duration::from_secs(60), &info, during)
+            .await;
+        assert!(cache.get(&other).await.is_none(), "not stored during DDL");
+        drop(ddl);
+        cache.entries.run_pending_tasks().await;
+        assert!(cache.get(&key()).await.is_none(), "cleared when it ended");
+        // a recording begun before the statement is not stored after it
         cache.store(rec).await;
         assert!(cache.get(&key()).await.is_none());
+        // a refused statement clears nothing
+        let after = cache.generation(&"r".into());
+        cache
+            .store_whole(key(), Duration::from_secs(60), &info, after)
+            .await;
+        cache.ddl_begin(&"r".into()).refused();
+        cache.entries.run_pending_tasks().await;
+        assert!(cache.get(&key()).await.is_some());
     }
 }

@@ -25,7 +25,7 @@ use crate::error::{RpcError, UpstreamError};
 use crate::governor::{Governor, Permit};
 use crate::identity::ClientIdentity;
 use crate::mapping::{self, NoMapping, UpstreamIdentity};
-use crate::metacache::{self, MetaCache, Recording, Replay, SessionScope};
+use crate::metacache::{self, Ddl, MetaCache, Recording, Replay, SessionScope};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::tcli::{self, Call, Guid, OpenSessionEdit, OpenSessionInfo, Scope};
@@ -102,6 +102,8 @@ pub struct BinaryClient {
     replays: HashMap<Guid, Replay>,
     /// Upstream metadata operations being recorded for the cache.
     recordings: HashMap<Guid, Recording>,
+    /// Statements that change metadata, until they end.
+    ddl: HashMap<Guid, metacache::Ddl>,
 }
 
 /// Open operations one binary connection may hold. Beyond it, calls that
@@ -132,6 +134,7 @@ impl BinaryClient {
             scopes: HashMap::new(),
             replays: HashMap::new(),
             recordings: HashMap::new(),
+            ddl: HashMap::new(),
         }
     }
 
@@ -167,7 +170,9 @@ struct Owned {
     user: String,
     /// The session handle's secret, needed to close it on shutdown.
     secret: Vec<u8>,
-    scope: SessionScope,
+    /// For the metadata cache; `None` once the session has state of its
+    /// own (see [`SessionScope::after`]).
+    scope: std::sync::Mutex<Option<SessionScope>>,
     /// Released by the sessions cache's eviction listener: operations
     /// share this record and may hold it a while longer.
     permit: Permit,
@@ -182,7 +187,10 @@ struct SharedReplay {
 }
 
 /// An HTTP client's operation being recorded; taken out when it closes.
-type SharedRecording = Arc<std::sync::Mutex<Option<Recording>>>;
+struct SharedRecording {
+    session: Guid,
+    rec: std::sync::Mutex<Option<Recording>>,
+}
 
 /// Live upstream sessions per user, over every route and transport, held
 /// under `server.max_sessions_per_user`.
@@ -235,7 +243,9 @@ pub struct Broker {
     warm: Arc<WarmPool>,
     /// HTTP clients' cached and recorded operations.
     replays: Cache<Guid, Arc<SharedReplay>>,
-    recordings: Cache<Guid, SharedRecording>,
+    recordings: Cache<Guid, Arc<SharedRecording>>,
+    /// HTTP clients' statements that change metadata, until they end.
+    ddl_ops: Cache<Guid, Arc<(Guid, Ddl)>>,
 }
 
 /// An upstream session just opened.
@@ -362,6 +372,12 @@ impl Broker {
             recordings: Cache::builder()
                 .max_capacity(10_000)
                 .time_to_idle(idle)
+                .support_invalidation_closures()
+                .build(),
+            ddl_ops: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(idle)
+                .support_invalidation_closures()
                 .build(),
         }
     }
@@ -374,6 +390,7 @@ impl Broker {
         self.operations.run_pending_tasks().await;
         self.replays.run_pending_tasks().await;
         self.recordings.run_pending_tasks().await;
+        self.ddl_ops.run_pending_tasks().await;
         self.warm.housekeep().await;
     }
 
@@ -432,14 +449,22 @@ impl Broker {
         };
         if let Some(k) = &key {
             if let Some(e) = self.meta.get(k).await {
-                let (reply, replay) = e.answer(call.seqid, guid)?;
-                if let Some((op, r)) = replay {
-                    c.replays.insert(op, r);
+                if let Some((reply, replay)) = self.meta.answer(&e, call.seqid, guid)? {
+                    if let Some((op, r)) = replay {
+                        c.replays.insert(op, r);
+                    }
+                    return Ok(Out::Reply(reply));
                 }
-                return Ok(Out::Reply(reply));
             }
         }
-        self.before_statement(&c.route, call, &msg).await;
+        let (ddl, sql) = self.statement_begins(&c.route, call, &msg);
+        if let Some(sql) = sql {
+            match c.scopes.get(&guid).and_then(|s| s.after(&sql)) {
+                Some(after) => c.scopes.insert(guid, after),
+                None => c.scopes.remove(&guid),
+            };
+        }
+        let generation = self.meta.generation(&c.route.name);
         if creates || key.is_some() {
             // small, and read whole: the new operation handle is in it
             let reply = timed(upstream, link.call(msg.clone())).await?;
@@ -449,18 +474,24 @@ impl Broker {
                     .map_err(|e| malformed(&c.route.target, e))?,
                 false => None,
             };
-            self.after_statement(&c.route, call, &msg).await;
             if let Some(op) = op {
                 c.operations.insert(op, guid);
+            }
+            match (ddl, op) {
+                (Some(d), Some(op)) if tcli::reply_succeeded(&reply) => {
+                    c.ddl.insert(op, d);
+                }
+                (Some(d), _) => d.refused(),
+                (None, _) => {}
             }
             if let (Some(k), Some(ttl)) = (key, c.route.cache_ttl) {
                 match op {
                     Some(op) => {
-                        if let Some(rec) = self.meta.record(k, ttl, &reply) {
+                        if let Some(rec) = self.meta.record(k, ttl, &reply, generation) {
                             c.recordings.insert(op, rec);
                         }
                     }
-                    None => self.meta.store_whole(k, ttl, &reply).await,
+                    None => self.meta.store_whole(k, ttl, &reply, generation).await,
                 }
             }
             return Ok(Out::Reply(reply));
@@ -484,29 +515,58 @@ impl Broker {
                 return Ok(Out::Reply(reply));
             }
         }
+        if call.method == "CloseSession" && self.warm.enabled(&c.route.name) {
+            // a route with warm sessions answers at once: the client is done
+            // with the session, and the upstream's cleanup (a few ms on a
+            // Spark Thrift Server) runs in the background; its place under
+            // the governor is held until the upstream has closed it
+            if let Some((_, secret)) = c.sessions.iter().find(|(s, _)| *s == guid).cloned() {
+                let place = c.permits.remove(&guid);
+                let link = link.clone();
+                tokio::spawn(async move {
+                    close_upstream_session(&link, &guid, &secret).await;
+                    drop(place);
+                });
+                self.forget_session(c, guid);
+                return Ok(Out::Reply(Bytes::from(tcli::status_reply(
+                    call.method,
+                    call.seqid,
+                ))));
+            }
+        }
         let out = relay_call(&link, call, msg, sink, &c.route.target, upstream).await?;
         match call.method {
+            "GetOperationStatus" if c.ddl.contains_key(&guid) => {
+                if matches!(&out, Out::Reply(r) if metacache::operation_ended(r)) {
+                    c.ddl.remove(&guid);
+                }
+            }
             "CloseOperation" => {
                 c.operations.remove(&guid);
                 c.recordings.remove(&guid);
+                c.ddl.remove(&guid);
             }
-            "CloseSession" => {
-                let before = c.sessions.len();
-                c.sessions.retain(|(s, _)| *s != guid);
-                let ops = &mut c.operations;
-                c.recordings.retain(|op, _| ops.get(op) != Some(&guid));
-                ops.retain(|_, session| *session != guid);
-                c.replays.retain(|_, r| r.session != guid);
-                c.scopes.remove(&guid);
-                if c.sessions.len() < before {
-                    self.metrics.session_closed(&c.route.name, c.user());
-                    self.counts.release(c.user());
-                    c.permits.remove(&guid);
-                }
-            }
+            "CloseSession" => self.forget_session(c, guid),
             _ => {}
         }
         Ok(out)
+    }
+
+    /// A binary client's session is closed: forget it and everything of it.
+    fn forget_session(&self, c: &mut BinaryClient, guid: Guid) {
+        let before = c.sessions.len();
+        c.sessions.retain(|(s, _)| *s != guid);
+        let ops = &mut c.operations;
+        c.recordings.retain(|op, _| ops.get(op) != Some(&guid));
+        c.ddl.retain(|op, _| ops.get(op) != Some(&guid));
+        ops.retain(|_, session| *session != guid);
+        c.replays.retain(|_, r| r.session != guid);
+        c.scopes.remove(&guid);
+        if c.sessions.len() < before {
+            self.metrics.session_closed(&c.route.name, c.user());
+            self.counts.release(c.user());
+            c.permits.remove(&guid);
+        }
     }
 
     /// The metadata cache's key for this call, if the route caches it.
@@ -523,20 +583,22 @@ impl Broker {
         Ok(Some(metacache::Key::of(&route.name, scope, call, msg)?))
     }
 
-    /// A statement that may change metadata clears the route's cached
-    /// answers, before it runs and again once it has (a recording that
-    /// overlaps it is not stored either).
-    async fn before_statement(&self, route: &Route, call: &Call, msg: &[u8]) {
-        if call.method == "ExecuteStatement"
-            && route.cache_ttl.is_some()
-            && tcli::read_statement(msg).is_some_and(|sql| metacache::changes_metadata(&sql))
-        {
-            self.meta.invalidate_route(&route.name).await;
+    /// An ExecuteStatement as the metadata cache sees it: a statement that
+    /// may change metadata begins (held until it ends; see
+    /// [`MetaCache::ddl_begin`]), and its text, for the session's scope
+    /// ([`SessionScope::after`]).
+    fn statement_begins(
+        &self,
+        route: &Route,
+        call: &Call,
+        msg: &[u8],
+    ) -> (Option<Ddl>, Option<String>) {
+        if call.method != "ExecuteStatement" || route.cache_ttl.is_none() {
+            return (None, None);
         }
-    }
-
-    async fn after_statement(&self, route: &Route, call: &Call, msg: &[u8]) {
-        self.before_statement(route, call, msg).await;
+        let sql = tcli::read_statement(msg).unwrap_or_default();
+        let ddl = metacache::changes_metadata(&sql).then(|| self.meta.ddl_begin(&route.name));
+        (ddl, Some(sql))
     }
 
     /// The client closes a recorded operation: the broker reads what it
@@ -549,9 +611,9 @@ impl Broker {
         mut rec: Recording,
         upstream: &mut Duration,
     ) {
-        // each request either completes a part or spoils the recording;
-        // the bound is a backstop
-        for _ in 0..10_000 {
+        // each request either completes a part or spoils the recording; a
+        // client that read little of a long answer is not worth waiting for
+        for _ in 0..64 {
             let Some(req) = rec.next_request() else { break };
             let Ok(call) = Call::parse(&req) else { break };
             match timed(upstream, link.call(req.clone())).await {
@@ -695,7 +757,7 @@ impl Broker {
                     route: c.route.name.clone(),
                     user: c.identity.user.clone(),
                     secret,
-                    scope: o.scope,
+                    scope: std::sync::Mutex::new(Some(o.scope)),
                     permit,
                 };
                 self.sessions.insert(guid, Arc::new(owned)).await;
@@ -721,41 +783,83 @@ impl Broker {
             }
         }
         let session = self.lookup(c, call, guid).await?;
-        let key = self.cache_key(c.route, &session.scope, call, &msg)?;
+        let scope = session
+            .scope
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let key = match scope {
+            Some(scope) => self.cache_key(c.route, &scope, call, &msg)?,
+            None => None,
+        };
         if let Some(k) = &key {
             if let Some(e) = self.meta.get(k).await {
-                let (reply, replay) = e.answer(call.seqid, guid)?;
-                if let Some((op, r)) = replay {
-                    let shared = SharedReplay {
-                        route: c.route.name.clone(),
-                        user: c.identity.user.clone(),
-                        session: guid,
-                        replay: std::sync::Mutex::new(r),
-                    };
-                    self.replays.insert(op, Arc::new(shared)).await;
+                if let Some((reply, replay)) = self.meta.answer(&e, call.seqid, guid)? {
+                    if let Some((op, r)) = replay {
+                        let shared = SharedReplay {
+                            route: c.route.name.clone(),
+                            user: c.identity.user.clone(),
+                            session: guid,
+                            replay: std::sync::Mutex::new(r),
+                        };
+                        self.replays.insert(op, Arc::new(shared)).await;
+                    }
+                    return Ok(reply);
                 }
-                return Ok(reply);
             }
         }
-        self.before_statement(c.route, call, &msg).await;
+        let (ddl, sql) = self.statement_begins(c.route, call, &msg);
+        if let Some(sql) = sql {
+            let mut scope = session.scope.lock().unwrap_or_else(|p| p.into_inner());
+            *scope = scope.as_ref().and_then(|s| s.after(&sql));
+        }
+        let generation = self.meta.generation(&c.route.name);
         let recording = match call.scope {
             Scope::Session => None,
             _ => self.recordings.get(&guid).await,
         };
         if call.method == "CloseOperation" {
-            let taken = recording.and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).take());
+            let taken =
+                recording.and_then(|r| r.rec.lock().unwrap_or_else(|p| p.into_inner()).take());
             if let Some(rec) = taken.filter(|r| r.wanted()) {
                 self.finish_recording(&session.link, &c.route.target, rec, upstream)
                     .await;
             }
             self.recordings.invalidate(&guid).await;
         }
+        if call.method == "CloseSession" && self.warm.enabled(&c.route.name) {
+            // answered at once, closed upstream in the background (see
+            // call_binary); the link is closed after that CloseSession
+            let (link, secret) = (session.link.clone(), session.secret.clone());
+            tokio::spawn(async move {
+                close_upstream_session(&link, &guid, &secret).await;
+                link.close().await;
+            });
+            let reply = Bytes::from(tcli::status_reply(call.method, call.seqid));
+            self.track_handles(c, call, guid, &session, &reply).await?;
+            return Ok(reply);
+        }
         let reply = timed(upstream, session.link.call(msg.clone())).await?;
         self.track_handles(c, call, guid, &session, &reply).await?;
-        self.after_statement(c.route, call, &msg).await;
+        match (ddl, call.method) {
+            (Some(d), _) => {
+                let h = peek_header(&reply)?;
+                match tcli::reply_operation_guid(&reply, &h).ok().flatten() {
+                    Some(op) if tcli::reply_succeeded(&reply) => {
+                        self.ddl_ops.insert(op, Arc::new((guid, d))).await;
+                    }
+                    _ => d.refused(),
+                }
+            }
+            (None, "CloseOperation") => self.ddl_ops.invalidate(&guid).await,
+            (None, "GetOperationStatus") if metacache::operation_ended(&reply) => {
+                self.ddl_ops.invalidate(&guid).await
+            }
+            _ => {}
+        }
         if let Some(r) = self.recordings.get(&guid).await {
             let done = {
-                let mut slot = r.lock().unwrap_or_else(|p| p.into_inner());
+                let mut slot = r.rec.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(rec) = slot.as_mut() {
                     rec.observe(call, &msg, &reply);
                 }
@@ -774,12 +878,16 @@ impl Broker {
                 true => {
                     let h = peek_header(&reply)?;
                     let op = tcli::reply_operation_guid(&reply, &h).ok().flatten();
-                    if let (Some(op), Some(rec)) = (op, self.meta.record(k, ttl, &reply)) {
-                        let shared = Arc::new(std::sync::Mutex::new(Some(rec)));
-                        self.recordings.insert(op, shared).await;
+                    let rec = self.meta.record(k, ttl, &reply, generation);
+                    if let (Some(op), Some(rec)) = (op, rec) {
+                        let shared = SharedRecording {
+                            session: guid,
+                            rec: std::sync::Mutex::new(Some(rec)),
+                        };
+                        self.recordings.insert(op, Arc::new(shared)).await;
                     }
                 }
-                false => self.meta.store_whole(k, ttl, &reply).await,
+                false => self.meta.store_whole(k, ttl, &reply, generation).await,
             }
         }
         Ok(reply)
@@ -796,7 +904,7 @@ impl Broker {
         peer: std::net::SocketAddr,
     ) -> Result<Permit, RpcError> {
         self.counts.reserve(user, route, peer)?;
-        if route.governor.would_wait(user) {
+        if route.governor.route_full() {
             self.warm.shed(&route.name);
         }
         match route.governor.acquire(user).await {
@@ -869,20 +977,22 @@ impl Broker {
             configuration: Some(conf),
         };
         let msg = Bytes::from(tcli::rewrite_open_session(msg, &edit)?);
-        let warm = match (&reuse, self.warm.enabled(&route.name)) {
-            (None, true) => {
-                WarmKey::new(&route.name, &cred, identity.addr.ip(), &msg).and_then(|k| {
-                    let recipe = Recipe {
-                        target: target.clone(),
-                        cred: cred.clone(),
-                        pool: route.pool.clone(),
-                        client_ip: identity.addr.ip(),
-                        governor: route.governor.clone(),
-                    };
-                    self.warm.take(&k, recipe)
-                })
-            }
+        let kind = match (&reuse, self.warm.enabled(&route.name)) {
+            (None, true) => WarmKey::new(&self.warm, &route.name, &cred, identity.addr.ip(), &msg),
             _ => None,
+        };
+        let warm = match kind {
+            Some(k) => {
+                let recipe = Recipe {
+                    target: target.clone(),
+                    cred: cred.clone(),
+                    pool: route.pool.clone(),
+                    client_ip: identity.addr.ip(),
+                    governor: route.governor.clone(),
+                };
+                self.warm.take(&k, recipe).await
+            }
+            None => None,
         };
         let (link, reply) = match (warm, reuse) {
             (Some(w), _) => (w.link, Bytes::from(tcli::with_seqid(&w.reply, call.seqid)?)),
@@ -912,7 +1022,11 @@ impl Broker {
             link,
             reply,
             handle,
-            scope: SessionScope { protocol, who },
+            scope: SessionScope {
+                protocol,
+                who,
+                database: None,
+            },
         })
     }
 
@@ -971,6 +1085,10 @@ impl Broker {
                 let _ = self
                     .replays
                     .invalidate_entries_if(move |_, r| r.session == guid);
+                let _ = self
+                    .recordings
+                    .invalidate_entries_if(move |_, r| r.session == guid);
+                let _ = self.ddl_ops.invalidate_entries_if(move |_, d| d.0 == guid);
                 // compare by address: a captured Arc would keep the link alive
                 let closed = Arc::as_ptr(session) as usize;
                 // only fails if closures were not enabled at build time
@@ -978,8 +1096,11 @@ impl Broker {
                     .operations
                     .invalidate_entries_if(move |_, v| Arc::as_ptr(v) as usize == closed);
                 // the link belongs to this session alone: close it now
-                // rather than when the cache lets go of the entry
-                session.link.close().await;
+                // rather than when the cache lets go of the entry (on a
+                // route with warm sessions, after the background close)
+                if !self.warm.enabled(&c.route.name) {
+                    session.link.close().await;
+                }
             }
             _ => {}
         }
@@ -1020,21 +1141,15 @@ impl Broker {
 }
 
 /// Who a session is upstream, for the metadata cache: the user (or
-/// principal), whoever it impersonates, and the settings that choose a
-/// database or catalog (answers for one never reach another).
+/// principal) and every setting it was opened with (impersonated user,
+/// database, catalog, engine, client address, ...): answers for one never
+/// reach another. Settings that cannot change an answer would only split
+/// the cache more finely; none is left out.
 fn cache_identity(user: &str, conf: &[(String, String)]) -> Arc<str> {
     let mut who = user.to_string();
-    let mut picked: Vec<&(String, String)> = conf
-        .iter()
-        .filter(|(k, _)| {
-            let base = k.strip_prefix("set:hiveconf:").unwrap_or(k);
-            mapping::IMPERSONATION_KEYS.contains(&base)
-                || base.starts_with("use:")
-                || base.contains("catalog")
-        })
-        .collect();
-    picked.sort();
-    for (k, v) in picked {
+    let mut all: Vec<&(String, String)> = conf.iter().collect();
+    all.sort();
+    for (k, v) in all {
         who.push('\0');
         who.push_str(k);
         who.push('=');

@@ -48,6 +48,10 @@ pub struct WarmPolicy {
 pub struct WarmKey {
     route: Arc<str>,
     user: String,
+    /// A keyed digest of the password the session logs in with upstream:
+    /// a client naming alice with another password (on a listener that
+    /// leaves the check to the upstream) never gets alice's session.
+    password: [u8; 32],
     kerberos: bool,
     client_ip: std::net::IpAddr,
     request: Bytes,
@@ -97,8 +101,16 @@ struct ResultLabels {
     result: &'static str,
 }
 
+/// Kinds of OpenSession kept per route, and the largest request kept.
+const KINDS_PER_ROUTE: usize = 64;
+const MAX_REQUEST: usize = 64 * 1024;
+
 pub struct WarmPool {
     slots: Mutex<HashMap<WarmKey, Slot>>,
+    /// The key of the password digests, made at startup.
+    digest_key: [u8; 32],
+    /// Set at shutdown: fills still running close what they open.
+    closed: std::sync::atomic::AtomicBool,
     policies: HashMap<Arc<str>, WarmPolicy>,
     ready: Family<RouteLabels, Gauge>,
     handed: Family<ResultLabels, Counter>,
@@ -106,18 +118,27 @@ pub struct WarmPool {
 }
 
 impl WarmKey {
+    /// `None` for a request too big to keep.
     pub fn new(
+        pool: &WarmPool,
         route: &Arc<str>,
         cred: &Credential,
         client_ip: std::net::IpAddr,
         request: &[u8],
     ) -> Option<WarmKey> {
+        if request.len() > MAX_REQUEST {
+            return None;
+        }
         let h = peek_header(request).ok()?;
         let mut request = request.to_vec();
         request[h.body_offset - 4..h.body_offset].fill(0);
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&pool.digest_key).ok()?;
+        mac.update(cred.password.expose().as_bytes());
         Some(WarmKey {
             route: route.clone(),
             user: cred.user.clone(),
+            password: mac.finalize().into_bytes().into(),
             kerberos: cred.kerberos.is_some(),
             client_ip,
             request: Bytes::from(request),
@@ -130,6 +151,8 @@ impl WarmPool {
     pub fn new(policies: HashMap<Arc<str>, WarmPolicy>, registry: &mut Registry) -> WarmPool {
         let p = WarmPool {
             slots: Mutex::new(HashMap::new()),
+            digest_key: rand::random(),
+            closed: Default::default(),
             policies,
             ready: Family::default(),
             handed: Family::default(),
@@ -184,11 +207,18 @@ impl WarmPool {
 
     /// A ready session of this kind, if there is one; either way the kind
     /// is (re)filled in the background.
-    pub fn take(self: &Arc<Self>, key: &WarmKey, recipe: Recipe) -> Option<Warm> {
+    pub async fn take(self: &Arc<Self>, key: &WarmKey, recipe: Recipe) -> Option<Warm> {
         let policy = *self.policies.get(&key.route)?;
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         let mut stale = Vec::new();
         let (found, wanted) = {
             let mut slots = self.lock();
+            let kinds = slots.keys().filter(|k| k.route == key.route).count();
+            if !slots.contains_key(key) && kinds >= KINDS_PER_ROUTE {
+                return None;
+            }
             let slot = slots.entry(key.clone()).or_insert_with(|| Slot {
                 recipe: recipe.clone(),
                 ready: VecDeque::new(),
@@ -218,6 +248,16 @@ impl WarmPool {
         for w in stale {
             tokio::spawn(close_warm(w));
         }
+        // a connection the upstream (or a load balancer) dropped while it
+        // waited is not handed out
+        let found = match found {
+            Some(w) if w.link.is_usable().await => Some(w),
+            Some(w) => {
+                tokio::spawn(close_warm(w));
+                None
+            }
+            None => None,
+        };
         for _ in 0..wanted {
             let (pool, key) = (self.clone(), key.clone());
             tokio::spawn(async move { pool.fill(key).await });
@@ -244,6 +284,18 @@ impl WarmPool {
         let opened = match recipe.governor.try_acquire(WARM_USER) {
             Some(place) => open_checked(&recipe, &key.request, place).await,
             None => Err("no free place under the route's governor".to_string()),
+        };
+        // opened while clients queued for a place, or while shutting down:
+        // the place is theirs, the session is not kept
+        let opened = match opened {
+            Ok(w)
+                if recipe.governor.has_waiters()
+                    || self.closed.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                close_warm(w).await;
+                Err("not kept: clients wait for places, or the broker stops".to_string())
+            }
+            other => other,
         };
         let leftover = {
             let mut slots = self.lock();
@@ -284,7 +336,10 @@ impl WarmPool {
             let policies = &self.policies;
             slots.retain(|k, s| {
                 let idle = policies.get(&k.route).map_or(Duration::ZERO, |p| p.idle);
-                s.ready.retain(|w| w.born.elapsed() < idle);
+                let (old, young): (VecDeque<Warm>, VecDeque<Warm>) =
+                    s.ready.drain(..).partition(|w| w.born.elapsed() >= idle);
+                s.ready = young;
+                closing.extend(old);
                 let keep = s.asked.elapsed() < idle;
                 if !keep {
                     closing.extend(s.ready.drain(..));
@@ -321,6 +376,8 @@ impl WarmPool {
 
     /// On shutdown: close every ready session.
     pub async fn close_all(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let all: Vec<Warm> = {
             let mut slots = self.lock();
             slots.values_mut().flat_map(|s| s.ready.drain(..)).collect()
@@ -348,10 +405,13 @@ async fn open_checked(recipe: &Recipe, request: &Bytes, place: Permit) -> Result
         link.close().await;
         return Err("OpenSession was refused".into());
     };
-    let info = link
-        .call(get_info(&guid, &secret))
-        .await
-        .map_err(|e| e.to_string())?;
+    let info = match link.call(get_info(&guid, &secret)).await {
+        Ok(info) => info,
+        Err(e) => {
+            close_session(&link, &guid, &secret).await;
+            return Err(e.to_string());
+        }
+    };
     if !tcli::reply_succeeded(&info) {
         close_session(&link, &guid, &secret).await;
         return Err("the new session failed its GetInfo check".into());

@@ -406,3 +406,145 @@ async fn a_sweep_of_get_columns_over_200_tables_is_served_from_the_cache_the_sec
     c.close_session(s).await.unwrap();
     b.shutdown().await;
 }
+
+/// A session with state of its own (here a temporary view, which Spark's
+/// GetTables lists) neither uses nor feeds the cache: another session of
+/// the same identity never sees that view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_with_a_temporary_view_neither_feeds_nor_uses_the_cache() {
+    let sts = sts_binary().await;
+    // a database of its own, so no other test's DROP runs under this listing
+    // (Spark lists a session's temporary views whatever the schema pattern)
+    {
+        let mut c = connect(Transport::Binary, sts, "setup").await;
+        let s = c.open_session().await.unwrap();
+        let op = c
+            .execute(&s, "create database if not exists kb_mc_tv_db")
+            .await
+            .unwrap();
+        c.close_operation(op).await.unwrap();
+        c.close_session(s).await.unwrap();
+    }
+    let b = broker_for(sts).await;
+    let admin = b.addrs["admin"];
+    let mut a = connect(Transport::Binary, b.binary, "alice").await;
+    let sa = a.open_session().await.unwrap();
+    let op = a
+        .execute(&sa, "create temporary view kb_mc_tv as select 1 as x")
+        .await
+        .unwrap();
+    a.close_operation(op).await.unwrap();
+    assert_eq!(
+        table_names(&mut a, &sa, "kb_mc_tv_db", "kb_mc_tv%").await,
+        vec!["kb_mc_tv".to_string()]
+    );
+    assert_eq!(
+        table_names(&mut a, &sa, "kb_mc_tv_db", "kb_mc_tv%").await,
+        vec!["kb_mc_tv".to_string()]
+    );
+    let mut other = connect(Transport::Binary, b.binary, "alice").await;
+    let so = other.open_session().await.unwrap();
+    assert!(
+        table_names(&mut other, &so, "%", "kb_mc_tv%")
+            .await
+            .is_empty(),
+        "another session's view"
+    );
+    assert_eq!(
+        metric(admin, "kyuubi_broker_metadata_cache_hits_total").await,
+        0
+    );
+    a.close_session(sa).await.unwrap();
+    other.close_session(so).await.unwrap();
+    b.shutdown().await;
+}
+
+/// Hive JDBC and PyHive run statements asynchronously: the ExecuteStatement
+/// reply comes before a CREATE TABLE is done. Answers recorded meanwhile are
+/// not kept, and the route's answers are cleared once the statement ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asynchronous_ddl_statement_is_seen_once_it_has_ended() {
+    let sts = sts_binary().await;
+    let db = "kb_metacache_async";
+    {
+        let mut c = connect(Transport::Binary, sts, "setup").await;
+        let s = c.open_session().await.unwrap();
+        for q in [
+            format!("drop database if exists {db} cascade"),
+            format!("create database {db}"),
+        ] {
+            let op = c.execute(&s, &q).await.unwrap();
+            c.close_operation(op).await.unwrap();
+        }
+        c.close_session(s).await.unwrap();
+    }
+    let b = broker_for(sts).await;
+    let mut reader = connect(Transport::Binary, b.binary, "alice").await;
+    let rs = reader.open_session().await.unwrap();
+    assert!(table_names(&mut reader, &rs, db, "%").await.is_empty());
+    let mut writer = connect(Transport::Binary, b.binary, "alice").await;
+    let ws = writer.open_session().await.unwrap();
+    let req = TExecuteStatementReq {
+        session_handle: ws.clone(),
+        statement: format!("create table {db}.made_async (a int) using parquet"),
+        conf_overlay: None,
+        run_async: Some(true),
+        query_timeout: None,
+    };
+    let resp: TExecuteStatementResp = writer.call("ExecuteStatement", &req).await.unwrap();
+    let op = resp.operation_handle.unwrap();
+    // metadata read while the statement may still run is answered, not kept
+    let _ = table_names(&mut reader, &rs, db, "%").await;
+    loop {
+        let st: TGetOperationStatusResp = writer
+            .call(
+                "GetOperationStatus",
+                &TGetOperationStatusReq::new(op.clone(), None),
+            )
+            .await
+            .unwrap();
+        match st.operation_state {
+            Some(TOperationState::FINISHED_STATE) => break,
+            Some(
+                TOperationState::RUNNING_STATE
+                | TOperationState::PENDING_STATE
+                | TOperationState::INITIALIZED_STATE,
+            ) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            other => panic!("the CREATE TABLE ended {other:?}"),
+        }
+    }
+    writer.close_operation(op).await.unwrap();
+    assert_eq!(
+        table_names(&mut reader, &rs, db, "%").await,
+        vec!["made_async".to_string()]
+    );
+    reader.close_session(rs).await.unwrap();
+    writer.close_session(ws).await.unwrap();
+    b.shutdown().await;
+}
+
+/// GetTables through `c`: the names of the tables matching.
+async fn table_names(
+    c: &mut Hs2Client,
+    s: &TSessionHandle,
+    schema: &str,
+    table: &str,
+) -> Vec<String> {
+    let req = TGetTablesReq::new(
+        s.clone(),
+        None,
+        Some(schema.to_string()),
+        Some(table.to_string()),
+        None,
+    );
+    let resp: TGetTablesResp = c.call("GetTables", &req).await.unwrap();
+    let op = resp
+        .operation_handle
+        .unwrap_or_else(|| panic!("GetTables {schema}.{table}: {:?}", resp.status));
+    let page = c.fetch(&op, 1000).await.unwrap();
+    c.close_operation(op).await.unwrap();
+    match &page.results.unwrap().columns.unwrap()[2] {
+        TColumn::StringVal(v) => v.values.clone(),
+        other => panic!("{other:?}"),
+    }
+}

@@ -192,3 +192,42 @@ async fn warm_sessions_give_their_places_to_clients_on_a_full_route() {
     a.close_session(sa).await.unwrap();
     b.shutdown().await;
 }
+
+/// The upstream checks passwords (a Spark Thrift Server against the
+/// fixture's slapd) and the listener leaves that to it: a client naming
+/// alice with a wrong password is refused by the upstream, never handed a
+/// session alice's own password opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_session_is_never_handed_to_a_client_with_another_password() {
+    let sts = sts_ldap().await;
+    let toml = format!(
+        "[server]\nshutdown_grace = \"10s\"\n{ADMIN}{LISTENERS}\n{}",
+        route_toml(
+            "binary",
+            sts,
+            "[routes.r]\nwarm_sessions = 2\ncache = false"
+        )
+    );
+    let b = start_broker_toml(&toml).await;
+    let admin = b.addrs["admin"];
+    assert_eq!(
+        current_user(b.binary, Transport::Binary, "alice", "alice-pw")
+            .await
+            .unwrap(),
+        "alice"
+    );
+    ready(admin, 2).await;
+    let wrong = current_user(b.binary, Transport::Binary, "alice", "bob-pw").await;
+    assert!(wrong.is_err(), "a wrong password got a session: {wrong:?}");
+    assert_eq!(hits(admin).await, 0, "the wrong password was a miss");
+    // the right one still gets a warm session
+    ready(admin, 2).await;
+    assert_eq!(
+        current_user(b.binary, Transport::Binary, "alice", "alice-pw")
+            .await
+            .unwrap(),
+        "alice"
+    );
+    assert_eq!(hits(admin).await, 1);
+    b.shutdown().await;
+}

@@ -366,6 +366,21 @@ pub fn reply_succeeded(reply: &[u8]) -> bool {
     }
 }
 
+/// A reply carrying only a success TStatus (CloseSession, CloseOperation,
+/// CancelOperation), for calls the broker answers itself.
+pub fn status_reply(method: &str, seqid: i32) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.message_begin(method, MessageType::Reply, seqid);
+    w.field(ttype::STRUCT, 0);
+    w.field(ttype::STRUCT, 1);
+    w.field(ttype::I32, 1);
+    w.i32(gen::TStatusCode::SUCCESS_STATUS.0);
+    w.stop();
+    w.stop();
+    w.stop();
+    w.buf
+}
+
 /// Status codes the broker itself reports.
 #[derive(Debug, Clone, Copy)]
 pub enum ReplyStatus {
