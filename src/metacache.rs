@@ -1726,4 +1726,45 @@ mod tests {
         cache.entries.run_pending_tasks().await;
         assert!(cache.get(&key()).await.is_some());
     }
+
+    /// Whatever a client puts in a FetchResults on a replayed operation, it
+    /// gets an answer (or a clear error), never a panic or a huge page.
+    #[tokio::test]
+    async fn a_replay_answers_hostile_fetch_requests() {
+        let mut reg = Registry::default();
+        let cache = MetaCache::new(1 << 20, &mut reg);
+        let mut rec = cache
+            .record(key(), Duration::from_secs(60), &create_reply(), 0)
+            .unwrap();
+        let mut w = Writer::default();
+        w.message_begin("GetResultSetMetadata", MessageType::Call, 4);
+        w.stop();
+        let md = w.buf;
+        rec.observe(&Call::parse(&md).unwrap(), &md, &metadata_reply());
+        for (values, at) in [(&["a", "b"][..], 0), (&[][..], 2)] {
+            let (c, m) = fetch_call(0, 2, 7);
+            rec.observe(&c, &m, &string_page(values, vec![0], at, Some(false)));
+        }
+        cache.store(rec).await;
+        let entry = cache.get(&key()).await.unwrap();
+        let (_, replay) = cache.answer(&entry, 1, [0; 16]).unwrap().unwrap();
+        let (_, mut replay) = replay.unwrap();
+        for (orientation, max_rows) in [(0, -5), (0, i64::MAX), (0, 0), (99, 1), (-1, 1), (5, 1)] {
+            let (c, m) = fetch_call(orientation, max_rows, 3);
+            let reply = replay.serve(&c, &m).unwrap();
+            let resp = decode_reply(&reply, TFetchResultsResp::read_from_in_protocol);
+            if matches!(orientation, 0 | 4) {
+                let n = resp.and_then(|r| r.results).map_or(99, |rs| page_rows(&rs));
+                assert!(n <= 2, "{orientation} {max_rows}: {n} rows");
+            } else {
+                assert!(
+                    !reply_succeeded(&reply),
+                    "orientation {orientation} refused"
+                );
+            }
+        }
+        // a truncated request is an error, not a panic
+        let (c, m) = fetch_call(0, 1, 3);
+        assert!(replay.serve(&c, &m[..m.len() - 6]).is_err());
+    }
 }
