@@ -37,8 +37,8 @@
 //!    HTTP POST with Basic or SPNEGO; over TLS verified by [`tls::client`]
 //!    when the route says so) and returns the reply bytes; only
 //!    OpenSession replies and new operation handles are read. A big reply
-//!    from a binary upstream to a binary client is passed on as it arrives
-//!    ([`upstream::Link::call_streaming`]).
+//!    from a binary or HTTP upstream to a binary client is passed on as it
+//!    arrives ([`upstream::Link::call_streaming`]).
 //! 6. Every outcome the client can see, success or failure, login or RPC, is
 //!    finished at the [`edge`] (timed, counted in [`metrics`] by outcome,
 //!    logged once) and answered by one function per transport

@@ -61,7 +61,11 @@ impl BinaryConn {
                 UpstreamSasl::Nosasl => Framing::Bare,
             };
             let mut conn = BinaryConn {
-                io: Some(MessageIo::new(stream, t.max_message_bytes)),
+                io: Some({
+                    let mut io = MessageIo::new(stream, t.max_message_bytes);
+                    io.join_frames();
+                    io
+                }),
                 target: t,
                 framing,
                 broken: false,

@@ -133,14 +133,28 @@ impl HttpChannel {
     }
 
     pub async fn call(&self, msg: Bytes) -> Result<Bytes, UpstreamError> {
-        match self.call_once(msg.clone()).await {
+        match self.call_streaming(msg, None).await? {
+            HttpReply::Whole(b) => Ok(b),
+            HttpReply::Partial(_) => unreachable!("no relay size was given"),
+        }
+    }
+
+    /// As [`HttpChannel::call`]; with `relay_above`, a reply body longer
+    /// than that comes back as soon as that much is in, with the rest of
+    /// the body to relay ([`HttpRest`]).
+    pub async fn call_streaming(
+        &self,
+        msg: Bytes,
+        relay_above: Option<usize>,
+    ) -> Result<HttpReply, UpstreamError> {
+        match self.call_once(msg.clone(), relay_above).await {
             // The upstream's cookie expired: a 401 means nothing ran, so
             // authenticate afresh and send the call once more.
             Err(UpstreamError::AuthRejected { .. })
                 if matches!(self.auth, HttpAuth::Negotiate(..)) && self.cookie().is_some() =>
             {
                 *self.cookie.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                self.call_once(msg).await
+                self.call_once(msg, relay_above).await
             }
             r => r,
         }
@@ -169,7 +183,11 @@ impl HttpChannel {
         }
     }
 
-    async fn call_once(&self, msg: Bytes) -> Result<Bytes, UpstreamError> {
+    async fn call_once(
+        &self,
+        msg: Bytes,
+        relay_above: Option<usize>,
+    ) -> Result<HttpReply, UpstreamError> {
         let t = &self.target;
         let mut req = Request::post(t.http_uri()?)
             .header(CONTENT_TYPE, "application/x-thrift")
@@ -203,6 +221,9 @@ impl HttpChannel {
             if let Some(c) = auth_cookie(resp.headers()) {
                 *self.cookie.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
             }
+            if let (StatusCode::OK, Some(above)) = (status, relay_above) {
+                return read_head(t, resp.into_body(), above).await;
+            }
             let body = Limited::new(resp.into_body(), t.max_message_bytes)
                 .collect()
                 .await
@@ -212,7 +233,7 @@ impl HttpChannel {
                 })?
                 .to_bytes();
             match status {
-                StatusCode::OK => Ok(body),
+                StatusCode::OK => Ok(HttpReply::Whole(body)),
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                     Err(UpstreamError::AuthRejected {
                         upstream: t.display.clone(),
@@ -234,6 +255,106 @@ impl HttpChannel {
                 secs: t.read_timeout.as_secs_f64(),
             })?
     }
+}
+
+/// An HTTP upstream's reply: whole, or its first part and the rest of the
+/// body still to come.
+pub enum HttpReply {
+    Whole(Bytes),
+    Partial(HttpRest),
+}
+
+/// The rest of a big reply body. Dropped before the end, the connection is
+/// not reused (hyper discards a body that was not read to its end).
+pub struct HttpRest {
+    pub head: Bytes,
+    body: hyper::body::Incoming,
+    /// The body's length, when the upstream gave it (Content-Length).
+    pub len: Option<usize>,
+    max: usize,
+    read_timeout: Duration,
+    upstream: String,
+}
+
+impl HttpRest {
+    /// The next part of the body, `None` at its end. Bounded by the route's
+    /// read timeout per part and by `max_message_bytes` in all.
+    pub async fn next(&mut self, so_far: usize) -> Result<Option<Bytes>, String> {
+        loop {
+            let frame = tokio::time::timeout(self.read_timeout, self.body.frame())
+                .await
+                .map_err(|_| {
+                    format!(
+                        "{}: no reply data for {:.0} s (read_timeout)",
+                        self.upstream,
+                        self.read_timeout.as_secs_f64()
+                    )
+                })?;
+            let Some(frame) = frame else { return Ok(None) };
+            let frame =
+                frame.map_err(|e| format!("{}: reading the reply body: {e}", self.upstream))?;
+            // trailers carry no message bytes
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if so_far + data.len() > self.max {
+                return Err(format!(
+                    "{}: reply larger than max_message_bytes ({})",
+                    self.upstream, self.max
+                ));
+            }
+            return Ok(Some(data));
+        }
+    }
+}
+
+/// Reads a 200 reply's body until `above` bytes are in or it ends.
+async fn read_head(
+    t: &Target,
+    mut body: hyper::body::Incoming,
+    above: usize,
+) -> Result<HttpReply, UpstreamError> {
+    use hyper::body::Body;
+    let broken = |detail: String| UpstreamError::Protocol {
+        upstream: t.display.clone(),
+        detail,
+    };
+    let len = body
+        .size_hint()
+        .exact()
+        .and_then(|n| usize::try_from(n).ok());
+    if len.is_some_and(|n| n > t.max_message_bytes) {
+        return Err(broken(format!(
+            "reply larger than max_message_bytes ({})",
+            t.max_message_bytes
+        )));
+    }
+    let mut head = bytes::BytesMut::new();
+    while head.len() <= above {
+        match body.frame().await {
+            None => return Ok(HttpReply::Whole(head.freeze())),
+            Some(Err(e)) => return Err(broken(format!("reading the reply body: {e}"))),
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    if head.len() + d.len() > t.max_message_bytes {
+                        return Err(broken(format!(
+                            "reply larger than max_message_bytes ({})",
+                            t.max_message_bytes
+                        )));
+                    }
+                    head.extend_from_slice(&d);
+                }
+            }
+        }
+    }
+    Ok(HttpReply::Partial(HttpRest {
+        head: head.freeze(),
+        body,
+        len,
+        max: t.max_message_bytes,
+        read_timeout: t.read_timeout,
+        upstream: t.display.clone(),
+    }))
 }
 
 fn basic_header(target: &Target, cred: &Credential) -> Result<HeaderValue, UpstreamError> {

@@ -2,8 +2,8 @@
 //! authenticated channel to it that carries Thrift messages.
 //! Binary links own a TCP connection (SASL PLAIN, GSSAPI or NOSASL); HTTP
 //! links share a keep-alive connection pool and POST one message per request.
-//! [`Link::call_streaming`] lets a big reply from a binary upstream go on to
-//! a binary client as it arrives.
+//! [`Link::call_streaming`] lets a big reply from a binary or HTTP upstream
+//! go on to a binary client as it arrives.
 
 mod binary;
 mod http;
@@ -169,16 +169,25 @@ pub enum Streamed {
 /// A big reply whose first bytes have arrived. Dropped before it is fully
 /// relayed, it closes the link: the stream is mid-frame.
 pub struct Pending {
-    conn: OwnedMutexGuard<BinaryConn>,
-    len: usize,
+    from: From,
     head: Bytes,
     relayed: bool,
 }
 
+enum From {
+    /// A SASL frame of `len` bytes, the rest still on the connection.
+    Binary {
+        conn: OwnedMutexGuard<BinaryConn>,
+        len: usize,
+    },
+    /// The rest of an HTTP reply body.
+    Http(http::HttpRest),
+}
+
 impl Drop for Pending {
     fn drop(&mut self) {
-        if !self.relayed {
-            self.conn.close();
+        if let (false, From::Binary { conn, .. }) = (self.relayed, &mut self.from) {
+            conn.close();
         }
     }
 }
@@ -194,13 +203,53 @@ impl Pending {
     /// [`RpcError::RelayBroken`], naming the side that failed.
     pub async fn relay_to(mut self, sink: &mut ReplySink<'_>) -> Result<usize, RpcError> {
         let broken = |(side, detail)| RpcError::RelayBroken { side, detail };
-        sink.start(self.len, &self.head)
-            .await
-            .map_err(|e| broken((crate::error::Side::Client, e.to_string())))?;
-        let rest = self.len - self.head.len();
-        self.conn.relay_rest(rest, sink).await.map_err(broken)?;
-        self.relayed = true;
-        Ok(self.len)
+        let client = |e: crate::wire::io::FrameError| (crate::error::Side::Client, e.to_string());
+        let upstream = |e: String| (crate::error::Side::Upstream, e);
+        let head = self.head.clone();
+        match &mut self.from {
+            From::Binary { conn, len } => {
+                let len = *len;
+                sink.start(len, &head)
+                    .await
+                    .map_err(|e| broken(client(e)))?;
+                let rest = len - head.len();
+                conn.relay_rest(rest, sink).await.map_err(broken)?;
+                self.relayed = true;
+                Ok(len)
+            }
+            // with its length known, one frame as from a binary upstream;
+            // without, each part is a frame of its own (a SASL client reads a
+            // message across frames), so nothing waits for the whole body
+            From::Http(rest) => {
+                let known = rest.len;
+                match known {
+                    Some(len) => sink.start(len, &head).await,
+                    None => sink.frame(&head).await,
+                }
+                .map_err(|e| broken(client(e)))?;
+                let mut sent = head.len();
+                while let Some(part) = rest.next(sent).await.map_err(|e| broken(upstream(e)))? {
+                    sent += part.len();
+                    if known.is_some_and(|len| sent > len) {
+                        return Err(broken(upstream(
+                            "reply body longer than its Content-Length".into(),
+                        )));
+                    }
+                    match known {
+                        Some(_) => sink.write(&part).await,
+                        None => sink.frame(&part).await,
+                    }
+                    .map_err(|e| broken(client(e)))?;
+                }
+                if known.is_some_and(|len| sent != len) {
+                    return Err(broken(upstream(
+                        "reply body shorter than its Content-Length".into(),
+                    )));
+                }
+                self.relayed = true;
+                Ok(sent)
+            }
+        }
     }
 }
 
@@ -251,15 +300,24 @@ impl Link {
         msg: Bytes,
         relay_above: usize,
     ) -> Result<Streamed, UpstreamError> {
-        let Link::Binary(c) = self else {
-            return self.call(msg).await.map(Streamed::Whole);
+        let c = match self {
+            Link::Binary(c) => c,
+            Link::Http(h) => {
+                return match h.call_streaming(msg, Some(relay_above)).await? {
+                    http::HttpReply::Whole(reply) => Ok(Streamed::Whole(reply)),
+                    http::HttpReply::Partial(rest) => Ok(Streamed::Partial(Pending {
+                        head: rest.head.clone(),
+                        from: From::Http(rest),
+                        relayed: false,
+                    })),
+                };
+            }
         };
         let mut conn = c.clone().lock_owned().await;
         match conn.call_head(msg, relay_above).await? {
             Head::Whole(reply) => Ok(Streamed::Whole(reply)),
             Head::Partial { len, head } => Ok(Streamed::Partial(Pending {
-                conn,
-                len,
+                from: From::Binary { conn, len },
                 head,
                 relayed: false,
             })),

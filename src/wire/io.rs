@@ -107,6 +107,8 @@ pub struct MessageIo {
     scanner: thrift::BareScanner,
     /// None: every read and write may take as long as the caller allows.
     limits: Option<Limits>,
+    /// Replies read by the broker as a client: a message may span frames.
+    join_frames: bool,
 }
 
 impl MessageIo {
@@ -122,6 +124,7 @@ impl MessageIo {
             layer: None,
             scanner: thrift::BareScanner::default(),
             limits: None,
+            join_frames: false,
         }
     }
 
@@ -221,7 +224,43 @@ impl MessageIo {
         .await
     }
 
+    /// The broker reads replies here as a client (an upstream link, or the
+    /// load generator): join frames into messages (see `read_frame`).
+    pub fn join_frames(&mut self) {
+        self.join_frames = true;
+    }
+
+    /// One Thrift message from SASL data frames. On a connection whose
+    /// replies the broker reads as a client, a message may span frames
+    /// (Thrift's TSaslTransport reads across them, and a broker relaying an
+    /// HTTP upstream's reply of unknown length sends it so): frames are then
+    /// joined until the message is complete. Clients' requests come one
+    /// frame per message, so a truncated one is answered at once.
     async fn read_frame(&mut self) -> Result<Bytes, FrameError> {
+        let first = self.read_one_frame().await?;
+        let mut scan = thrift::BareScanner::default();
+        if !self.join_frames || self.layer.is_some() || !matches!(scan.advance(&first), Ok(None)) {
+            // whole (or not Thrift at all: the caller's parser says so)
+            return Ok(first);
+        }
+        let mut msg = BytesMut::from(&first[..]);
+        loop {
+            let next = self.read_one_frame().await?;
+            if msg.len() + next.len() > self.max {
+                return Err(FrameError::TooLarge {
+                    len: msg.len() + next.len(),
+                    max: self.max,
+                });
+            }
+            msg.extend_from_slice(&next);
+            match scan.advance(&msg) {
+                Ok(None) => continue,
+                _ => return Ok(msg.freeze()),
+            }
+        }
+    }
+
+    async fn read_one_frame(&mut self) -> Result<Bytes, FrameError> {
         loop {
             if let Some(len) = sasl::data_frame_len(&self.buf, self.max)? {
                 if self.buf.len() >= 4 + len {
@@ -446,6 +485,13 @@ impl<'a> ReplySink<'a> {
     /// Starts a reply of `len` bytes whose first part is `head`.
     pub async fn start(&mut self, len: usize, head: &[u8]) -> Result<(), FrameError> {
         let r = self.io.write_frame_head(self.framing, len, head).await;
+        self.note(r)
+    }
+
+    /// A part of a reply whose length is not known: a SASL frame of its own
+    /// (the client reads the message across frames), or the bare bytes.
+    pub async fn frame(&mut self, part: &[u8]) -> Result<(), FrameError> {
+        let r = self.io.write_message(self.framing, part).await;
         self.note(r)
     }
 
