@@ -495,7 +495,10 @@ cmd_kdc_start() {
       echo "$KDC_DIR/krb5.conf"
       return 0
     fi
-    kdc_alive || { cat "$KDC_DIR/krb5kdc.out" >&2; die "krb5kdc exited"; }
+    # alive, not kdc_alive: until the subshell has exec'd, its command
+    # line is still the shell's
+    kill -0 "$(cat "$KDC_DIR/krb5kdc.pid")" 2>/dev/null ||
+      { cat "$KDC_DIR/krb5kdc.out" >&2; die "krb5kdc exited"; }
     sleep 0.1
   done
   die "krb5kdc not ready after 10 s"
