@@ -250,6 +250,39 @@ async fn latency_cpu(url: &str, procs: Procs) -> Ping {
     }
 }
 
+/// Clients of the throughput pass (issue 12 §0 compares at 32).
+const THROUGHPUT_CLIENTS: usize = 32;
+
+/// GetInfo round trips from 32 clients at once, with the CPU time the
+/// broker and HAProxy spent per RPC over the measured part.
+async fn throughput_cpu(url: &str, procs: Procs) -> Ping {
+    let n = pings() * 5;
+    measure(
+        url,
+        &plan(
+            Scenario::Ping,
+            Limit::Iterations(n / 10),
+            THROUGHPUT_CLIENTS,
+        ),
+    )
+    .await;
+    let before = (cpu_ticks(procs.broker), procs.haproxy.and_then(cpu_ticks));
+    let r = measure(
+        url,
+        &plan(Scenario::Ping, Limit::Iterations(n), THROUGHPUT_CLIENTS),
+    )
+    .await;
+    let after = (cpu_ticks(procs.broker), procs.haproxy.and_then(cpu_ticks));
+    let per_rpc = |b: Option<u64>, a: Option<u64>| {
+        Some((a? - b?) as f64 * 1e6 / clock_ticks_per_sec() / r.ops.max(1) as f64)
+    };
+    Ping {
+        broker_cpu_us_per_rpc: per_rpc(before.0, after.0),
+        haproxy_cpu_us_per_rpc: per_rpc(before.1, after.1),
+        r,
+    }
+}
+
 /// Connection set-up through one path: connect + TLS + SASL login (until
 /// the first RPC can go), and until the first OpenSession reply (through
 /// the broker, that includes its own upstream connection).
@@ -608,6 +641,13 @@ port = {}
         Some(_) => Some(latency(&via_ha).await),
         None => None,
     };
+    // throughput at 32 clients, with CPU per RPC (plaintext, binary)
+    let tp_direct = throughput_cpu(&direct, procs).await;
+    let tp_broker = throughput_cpu(&via_broker, procs).await;
+    let tp_ha = match &ha {
+        Some(_) => Some(throughput_cpu(&via_ha, procs).await),
+        None => None,
+    };
     let lat_http_direct = latency(&http(up_http.port())).await;
     let lat_http_broker = latency(&http(b_http)).await;
     let lat_http2bin = latency(&http(b_http2bin)).await;
@@ -851,6 +891,11 @@ port = {}
             "http_broker": lat_http_broker,
             "http_client_to_binary_upstream_broker": lat_http2bin,
         },
+        "throughput_32_clients": {
+            "direct": tp_direct,
+            "broker": tp_broker,
+            "haproxy": tp_ha,
+        },
         "spark_thrift_server_small": sts.as_ref().map(|(d, b)| json!({"direct": d, "broker": b})),
         "tls": if certs.is_none() {
             json!({"skipped": "no test certificates: scripts/fixture.sh tls-certs failed"})
@@ -901,6 +946,29 @@ port = {}
         &lat_http2bin,
         &lat_direct,
     );
+    {
+        let cpu = |v: Option<f64>| v.map_or("-".to_string(), |c| format!("{c:.1}"));
+        md.push_str(&format!(
+            "\n{THROUGHPUT_CLIENTS} clients at once, {} GetInfo round trips per path; CPU per RPC: utime + stime from `/proc/<pid>/stat` over the measured part divided by its RPCs.\n\n| path | ops/s | × direct | p50 µs | p99 µs | broker CPU µs/RPC | HAProxy CPU µs/RPC |\n|---|---|---|---|---|---|---|\n",
+            pings() * 5
+        ));
+        let mut tp_row = |name: &str, t: &Ping| {
+            md.push_str(&format!(
+                "| {name} | {:.0} | {:.2} | {} | {} | {} | {} |\n",
+                t.r.ops_per_sec,
+                t.r.ops_per_sec / tp_direct.r.ops_per_sec.max(1e-9),
+                t.r.p50_us,
+                t.r.p99_us,
+                cpu(t.broker_cpu_us_per_rpc),
+                cpu(t.haproxy_cpu_us_per_rpc)
+            ));
+        };
+        tp_row("binary, direct", &tp_direct);
+        tp_row("binary, through the broker", &tp_broker);
+        if let Some(h) = &tp_ha {
+            tp_row("binary, through HAProxy (TCP)", h);
+        }
+    }
     md.push_str(&format!(
         "\n| {FETCH_ROWS} rows × 2 columns (median of 7) | rows/s |\n|---|---|\n| direct | {:.0} |\n| broker | {:.0} (×{fetch_ratio:.3}) |\n",
         rows_per_sec(&f_direct),
