@@ -18,15 +18,20 @@
 
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kyuubi_broker::client::Hs2Client;
 use kyuubi_broker::config::{Transport, UpstreamConfig};
 use kyuubi_broker::tcli::gen::{
-    TColumn, TGetColumnsReq, TGetColumnsResp, TGetTablesReq, TGetTablesResp,
+    TColumn, TGetColumnsReq, TGetColumnsResp, TGetTablesReq, TGetTablesResp, TSessionHandle,
 };
 use serde_json::json;
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{free_port, wait_port, Proc};
 
 const BROKER: &str = env!("CARGO_BIN_EXE_kyuubi-broker");
 const DB: &str = "kb_bench_bi";
@@ -51,34 +56,6 @@ fn connects() -> usize {
     }
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_port(port: u16) {
-    let t0 = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "nothing listens on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A broker process in front of 127.0.0.1:`upstream` with these route keys.
 fn broker(upstream: u16, route: &str, dir: &Path, name: &str) -> (Proc, u16) {
     let port = free_port();
@@ -98,7 +75,7 @@ fn broker(upstream: u16, route: &str, dir: &Path, name: &str) -> (Proc, u16) {
             .spawn()
             .expect("start the broker"),
     );
-    wait_port(port);
+    wait_port(port, "the broker");
     (p, port)
 }
 
@@ -118,11 +95,8 @@ fn rows(c: &TColumn) -> usize {
     }
 }
 
-/// The database of `tables()` tables (views: metastore entries, quick to
-/// make), made when it is missing or has another count.
-async fn prepare(port: u16) {
-    let mut c = connect(port).await;
-    let s = c.open_session().await.unwrap();
+/// GetTables of the database: how many tables it lists.
+async fn table_count(c: &mut Hs2Client, s: &TSessionHandle) -> usize {
     let req = TGetTablesReq::new(
         s.clone(),
         None,
@@ -132,14 +106,19 @@ async fn prepare(port: u16) {
     );
     let resp: TGetTablesResp = c.call("GetTables", &req).await.unwrap();
     let op = resp.operation_handle.unwrap();
-    let have = c
-        .fetch(&op, 10_000)
-        .await
-        .unwrap()
-        .results
-        .and_then(|r| r.columns)
-        .map_or(0, |cols| rows(&cols[2]));
+    let page = c.fetch(&op, 10_000).await.unwrap();
     c.close_operation(op).await.unwrap();
+    page.results
+        .and_then(|r| r.columns)
+        .map_or(0, |cols| rows(&cols[2]))
+}
+
+/// The database of `tables()` tables (views: metastore entries, quick to
+/// make), made when it is missing or has another count.
+async fn prepare(port: u16) {
+    let mut c = connect(port).await;
+    let s = c.open_session().await.unwrap();
+    let have = table_count(&mut c, &s).await;
     if have != tables() {
         eprintln!("[bi] making {DB} with {} tables", tables());
         let mut sql = vec![
@@ -164,23 +143,7 @@ async fn sweep(port: u16) -> Duration {
     let mut c = connect(port).await;
     let s = c.open_session().await.unwrap();
     let t0 = Instant::now();
-    let req = TGetTablesReq::new(
-        s.clone(),
-        None,
-        Some(DB.to_string()),
-        Some("%".to_string()),
-        None,
-    );
-    let resp: TGetTablesResp = c.call("GetTables", &req).await.unwrap();
-    let op = resp.operation_handle.unwrap();
-    let n = c
-        .fetch(&op, 10_000)
-        .await
-        .unwrap()
-        .results
-        .and_then(|r| r.columns)
-        .map_or(0, |cols| rows(&cols[2]));
-    c.close_operation(op).await.unwrap();
+    let n = table_count(&mut c, &s).await;
     assert_eq!(n, tables(), "GetTables saw every table");
     for i in 0..tables() {
         let req = TGetColumnsReq::new(

@@ -23,6 +23,16 @@ async fn connect(addr: SocketAddr, user: &str) -> Hs2Client {
     .unwrap()
 }
 
+/// A broker with an admin listener in front of `upstream`, with these
+/// `[routes.r]` keys.
+async fn broker_in_front_of(upstream: SocketAddr, route_keys: &str) -> Broker {
+    let toml = format!(
+        "[server]\nshutdown_grace = \"10s\"\n{ADMIN}{LISTENERS}\n{}",
+        route_toml("binary", upstream, &format!("[routes.r]\n{route_keys}"))
+    );
+    start_broker_toml(&toml).await
+}
+
 async fn metric(admin: SocketAddr, name: &str) -> u64 {
     let (_, text) = admin_get(admin, "/metrics").await;
     series(&text, name).values().sum::<f64>() as u64
@@ -52,15 +62,7 @@ async fn hits(admin: SocketAddr) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_sessions_are_handed_out_once_and_carry_nothing_from_their_last_client() {
     let relay = CountingRelay::start(sts_binary().await).await;
-    let toml = format!(
-        "[server]\nshutdown_grace = \"10s\"\n{ADMIN}{LISTENERS}\n{}",
-        route_toml(
-            "binary",
-            relay.addr,
-            "[routes.r]\nwarm_sessions = 2\ncache = false"
-        )
-    );
-    let b = start_broker_toml(&toml).await;
+    let b = broker_in_front_of(relay.addr, "warm_sessions = 2\ncache = false").await;
     let admin = b.addrs["admin"];
 
     // The first OpenSession of its kind is opened while the client waits,
@@ -136,11 +138,7 @@ async fn warm_sessions_are_handed_out_once_and_carry_nothing_from_their_last_cli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_without_warm_sessions_opens_each_session_upstream() {
     let relay = CountingRelay::start(sts_binary().await).await;
-    let toml = format!(
-        "[server]\nshutdown_grace = \"10s\"\n{ADMIN}{LISTENERS}\n{}",
-        route_toml("binary", relay.addr, "")
-    );
-    let b = start_broker_toml(&toml).await;
+    let b = broker_in_front_of(relay.addr, "").await;
     for _ in 0..2 {
         let mut c = connect(b.binary, "alice").await;
         let s = c.open_session().await.unwrap();
@@ -160,15 +158,11 @@ async fn a_route_without_warm_sessions_opens_each_session_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_sessions_give_their_places_to_clients_on_a_full_route() {
     let relay = CountingRelay::start(sts_binary().await).await;
-    let toml = format!(
-        "[server]\nshutdown_grace = \"10s\"\n{ADMIN}{LISTENERS}\n{}",
-        route_toml(
-            "binary",
-            relay.addr,
-            "[routes.r]\nwarm_sessions = 2\ncache = false\nmax_upstream_sessions = 2\nqueue_timeout = \"20s\""
-        )
-    );
-    let b = start_broker_toml(&toml).await;
+    let b = broker_in_front_of(
+        relay.addr,
+        "warm_sessions = 2\ncache = false\nmax_upstream_sessions = 2\nqueue_timeout = \"20s\"",
+    )
+    .await;
     let admin = b.addrs["admin"];
     let mut a = connect(b.binary, "alice").await;
     let sa = a.open_session().await.unwrap();
@@ -200,15 +194,7 @@ async fn warm_sessions_give_their_places_to_clients_on_a_full_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_session_is_never_handed_to_a_client_with_another_password() {
     let sts = sts_ldap().await;
-    let toml = format!(
-        "[server]\nshutdown_grace = \"10s\"\n{ADMIN}{LISTENERS}\n{}",
-        route_toml(
-            "binary",
-            sts,
-            "[routes.r]\nwarm_sessions = 2\ncache = false"
-        )
-    );
-    let b = start_broker_toml(&toml).await;
+    let b = broker_in_front_of(sts, "warm_sessions = 2\ncache = false").await;
     let admin = b.addrs["admin"];
     assert_eq!(
         current_user(b.binary, Transport::Binary, "alice", "alice-pw")

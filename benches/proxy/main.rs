@@ -15,13 +15,17 @@
 //!
 //! Writes target/bench-report/{report.json, report.md, latency.png}.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod png;
 mod responder;
+
+use common::{free_port, wait_port, Proc};
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kyuubi_broker::client::Hs2Client;
@@ -93,35 +97,6 @@ fn tls_certs() -> Option<PathBuf> {
         }
     }
     Some(dir)
-}
-
-/// A child process killed (by PID) and reaped when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_port(port: u16, what: &str) {
-    let t0 = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{what} did not listen on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// utime + stime of a process, in clock ticks (/proc/<pid>/stat fields 14
