@@ -12,4 +12,7 @@ cargo bench --bench proxy
 # the metadata cache and warm sessions against the fixture's Spark Thrift
 # Server (skipped, saying so, when it does not run on 127.0.0.1:10000)
 cargo bench --bench bi
+# the 1M-row fetch on all four bridges (the fixture's binary and HTTP Spark
+# Thrift Servers on 10000/10001 when they run, and the responder)
+cargo bench --bench bridges
 cargo bench --bench codec

@@ -37,8 +37,11 @@
 //!    HTTP POST with Basic or SPNEGO; over TLS verified by [`tls::client`]
 //!    when the route says so) and returns the reply bytes; only
 //!    OpenSession replies and new operation handles are read. A big reply
-//!    from a binary or HTTP upstream to a binary client is passed on as it
-//!    arrives ([`upstream::Link::call_streaming`]).
+//!    from a binary or HTTP upstream is passed on as it arrives
+//!    ([`upstream::Link::call_streaming`], [`upstream::Pending`]): written
+//!    to a binary client's connection, or fed into an HTTP client's
+//!    response body part by part (`listen::http::ReplyBody`), which
+//!    finishes the exchange at the edge when it ends.
 //! 6. Every outcome the client can see, success or failure, login or RPC, is
 //!    finished at the [`edge`] (timed, counted in [`metrics`] by outcome,
 //!    logged once) and answered by one function per transport

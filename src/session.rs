@@ -29,7 +29,7 @@ use crate::metacache::{self, Ddl, MetaCache, Recording, Replay, SessionScope};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::tcli::{self, Call, Guid, OpenSessionEdit, OpenSessionInfo, Scope};
-use crate::upstream::{HttpPool, Link, Streamed, Target};
+use crate::upstream::{HttpPool, Link, Pending, Streamed, Target};
 use crate::warm::{Recipe, WarmKey, WarmPolicy, WarmPool};
 use crate::wire::io::ReplySink;
 use crate::wire::thrift::{peek_header, MessageHeader, MessageType, Writer};
@@ -64,6 +64,13 @@ pub fn upstream_credential(
         client,
         &route.initiators,
     )
+}
+
+/// A reply to an HTTP client: whole, or the start of a big one whose rest
+/// is still arriving from the upstream.
+pub enum HttpOut {
+    Reply(Bytes),
+    Stream(Pending),
 }
 
 /// A reply: whole, or already relayed to the client (`usize` bytes).
@@ -718,14 +725,15 @@ impl Broker {
     }
 
     /// One call from an HTTP client; the time spent on the upstream is added
-    /// to `upstream`.
+    /// to `upstream`. A big FetchResults reply comes back as it arrives
+    /// ([`HttpOut::Stream`]), for the listener to stream into its response.
     pub async fn call_http(
         &self,
         c: &HttpClient<'_>,
         call: &Call,
         msg: Bytes,
         upstream: &mut Duration,
-    ) -> Result<Bytes, RpcError> {
+    ) -> Result<HttpOut, RpcError> {
         if call.scope == Scope::OpenSession {
             let info = tcli::read_open_session(&msg)?;
             let user = &c.identity.user;
@@ -746,7 +754,7 @@ impl Broker {
                 Ok(o) if o.handle.is_some() => o,
                 other => {
                     self.counts.release(user);
-                    return other.map(|o| o.reply);
+                    return other.map(|o| HttpOut::Reply(o.reply));
                 }
             };
             // released by the cache's eviction listener, whatever removes it
@@ -762,7 +770,7 @@ impl Broker {
                 };
                 self.sessions.insert(guid, Arc::new(owned)).await;
             }
-            return Ok(o.reply);
+            return Ok(HttpOut::Reply(o.reply));
         }
         let guid = handle_of(call, &msg)?;
         if call.scope != Scope::Session {
@@ -779,7 +787,7 @@ impl Broker {
                 if call.method == "CloseOperation" {
                     self.replays.invalidate(&guid).await;
                 }
-                return Ok(reply);
+                return Ok(HttpOut::Reply(reply));
             }
         }
         let session = self.lookup(c, call, guid).await?;
@@ -804,7 +812,7 @@ impl Broker {
                         };
                         self.replays.insert(op, Arc::new(shared)).await;
                     }
-                    return Ok(reply);
+                    return Ok(HttpOut::Reply(reply));
                 }
             }
         }
@@ -818,6 +826,9 @@ impl Broker {
             Scope::Session => None,
             _ => self.recordings.get(&guid).await,
         };
+        // rows nobody records, of a call that opens or ends nothing
+        let streams =
+            call.method == "FetchResults" && recording.is_none() && key.is_none() && ddl.is_none();
         if call.method == "CloseOperation" {
             let taken =
                 recording.and_then(|r| r.rec.lock().unwrap_or_else(|p| p.into_inner()).take());
@@ -837,9 +848,24 @@ impl Broker {
             });
             let reply = Bytes::from(tcli::status_reply(call.method, call.seqid));
             self.track_handles(c, call, guid, &session, &reply).await?;
-            return Ok(reply);
+            return Ok(HttpOut::Reply(reply));
         }
-        let reply = timed(upstream, session.link.call(msg.clone())).await?;
+        let reply = match streams {
+            true => match timed(
+                upstream,
+                session.link.call_streaming(msg.clone(), RELAY_ABOVE),
+            )
+            .await?
+            {
+                Streamed::Whole(reply) => reply,
+                Streamed::Partial(p) => {
+                    // dropping `p` on a mismatch closes the link: it is mid-frame
+                    answers(p.head(), call).map_err(|e| malformed(&c.route.target, e))?;
+                    return Ok(HttpOut::Stream(p));
+                }
+            },
+            false => timed(upstream, session.link.call(msg.clone())).await?,
+        };
         self.track_handles(c, call, guid, &session, &reply).await?;
         match (ddl, call.method) {
             (Some(d), _) => {
@@ -890,7 +916,7 @@ impl Broker {
                 false => self.meta.store_whole(k, ttl, &reply, generation).await,
             }
         }
-        Ok(reply)
+        Ok(HttpOut::Reply(reply))
     }
 
     /// A place for one more upstream session of `user` on `route`: under

@@ -1,8 +1,9 @@
-//! Big replies from an HTTP upstream reach a binary client as they arrive,
-//! not after the broker has read them whole: proved with a small fake HTTP
-//! upstream that sends the first part of a FetchResults reply and then
-//! stalls (or hangs up). The real-server side of the same path is the
-//! 1M-row fetch of `tests/bridges.rs` (binary client, HTTP upstream).
+//! Big replies reach the client as they arrive, not after the broker has
+//! read them whole, on every bridge: proved with small fake upstreams (HTTP,
+//! and binary from `common`) that send the first part of a FetchResults
+//! reply and then stall, hang up, or meet a client that stops reading. The
+//! real-server side of the same paths is the 1M-row fetch of
+//! `tests/bridges.rs` on all four bridges.
 
 mod common;
 
@@ -24,6 +25,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 const ROWS: usize = 60_000;
+/// A reply bigger than what loopback socket buffers hold (about 8 MB).
+const HUGE: usize = 500_000;
+const ADMIN: &str = "[admin]\nbind = \"127.0.0.1:0\"\n";
 
 fn message<T: TSerializable>(
     name: &str,
@@ -57,7 +61,11 @@ fn handle_id(b: u8) -> THandleIdentifier {
 }
 
 fn big_page() -> TFetchResultsResp {
-    let values: Vec<String> = (0..ROWS).map(|i| format!("row-{i:08}")).collect();
+    page_of(ROWS)
+}
+
+fn page_of(rows: usize) -> TFetchResultsResp {
+    let values: Vec<String> = (0..rows).map(|i| format!("row-{i:08}")).collect();
     TFetchResultsResp::new(
         ok(),
         Some(false),
@@ -74,15 +82,19 @@ fn big_page() -> TFetchResultsResp {
     )
 }
 
-/// The reply the fake sends for a call.
-fn reply(call: &[u8]) -> Vec<u8> {
+/// The reply the fake sends for a call, with pages of `rows` rows.
+fn reply_of(call: &[u8], rows: usize) -> Vec<u8> {
     let h = peek_header(call).unwrap();
+    answer(h.name, h.seqid, rows)
+}
+
+fn answer(name: &str, seqid: i32, rows: usize) -> Vec<u8> {
     let op = TOperationHandle::new(handle_id(2), TOperationType::EXECUTE_STATEMENT, true, None);
-    match h.name {
+    match name {
         "OpenSession" => message(
             "OpenSession",
             TMessageType::Reply,
-            h.seqid,
+            seqid,
             0,
             &TOpenSessionResp::new(
                 ok(),
@@ -94,15 +106,21 @@ fn reply(call: &[u8]) -> Vec<u8> {
         "ExecuteStatement" => message(
             "ExecuteStatement",
             TMessageType::Reply,
-            h.seqid,
+            seqid,
             0,
             &TExecuteStatementResp::new(ok(), Some(op)),
         ),
-        "FetchResults" => message("FetchResults", TMessageType::Reply, h.seqid, 0, &big_page()),
+        "FetchResults" => message(
+            "FetchResults",
+            TMessageType::Reply,
+            seqid,
+            0,
+            &page_of(rows),
+        ),
         other => message(
             other,
             TMessageType::Reply,
-            h.seqid,
+            seqid,
             0,
             &TCloseOperationResp::new(ok()),
         ),
@@ -112,6 +130,11 @@ fn reply(call: &[u8]) -> Vec<u8> {
 /// After the first 256 KiB of a FetchResults body: wait for `release`, or
 /// (with `cut`) hang up.
 async fn fake_http_upstream(release: Arc<Notify>, cut: bool) -> SocketAddr {
+    fake_http_upstream_of(release, cut, ROWS).await
+}
+
+/// As [`fake_http_upstream`], with FetchResults pages of `rows` rows.
+async fn fake_http_upstream_of(release: Arc<Notify>, cut: bool, rows: usize) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -144,7 +167,7 @@ async fn fake_http_upstream(release: Arc<Notify>, cut: bool) -> SocketAddr {
                         }
                     }
                     let body: Vec<u8> = buf.drain(..end + len).skip(end).collect();
-                    let out = reply(&body);
+                    let out = reply_of(&body, rows);
                     let big = peek_header(&body).unwrap().name == "FetchResults";
                     let mut resp = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-thrift\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
                     let split = if big { 256 * 1024 } else { out.len() };
@@ -336,5 +359,376 @@ async fn an_http_upstream_cut_mid_reply_closes_that_client_only() {
             "not a whole message"
         );
     }
+    b.shutdown().await;
+}
+
+/// An HTTP/1.1 client speaking Thrift over HTTP by hand on one keep-alive
+/// connection, to see a response's bytes as they come.
+struct RawHttp {
+    s: TcpStream,
+    seqid: i32,
+    /// Bytes read past the last response.
+    buf: Vec<u8>,
+}
+
+impl RawHttp {
+    async fn connect(addr: SocketAddr) -> RawHttp {
+        RawHttp::on(TcpStream::connect(addr).await.unwrap())
+    }
+
+    fn on(s: TcpStream) -> RawHttp {
+        RawHttp {
+            s,
+            seqid: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send<T: TSerializable>(&mut self, method: &str, req: &T) {
+        self.seqid += 1;
+        let msg = message(method, TMessageType::Call, self.seqid, 1, req);
+        // carol:pw
+        let mut r = format!(
+            "POST /cliservice HTTP/1.1\r\nhost: broker\r\nauthorization: Basic Y2Fyb2w6cHc=\r\n\
+             content-type: application/x-thrift\r\ncontent-length: {}\r\n\r\n",
+            msg.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(&msg);
+        self.s.write_all(&r).await.unwrap();
+    }
+
+    /// More bytes into `buf`; false at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        let mut b = vec![0u8; 65536];
+        match self.s.read(&mut b).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&b[..n]);
+                true
+            }
+        }
+    }
+
+    /// A response's status line and headers, lower-cased.
+    async fn head(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..i]).to_ascii_lowercase();
+                self.buf.drain(..i + 4);
+                return head;
+            }
+            assert!(
+                self.fill().await,
+                "connection closed before a response head"
+            );
+        }
+    }
+
+    /// The body after `head`: by Content-Length or chunked; `None` when the
+    /// connection ended first.
+    async fn body(&mut self, head: &str) -> Option<Vec<u8>> {
+        if let Some(len) = header(head, "content-length") {
+            let len: usize = len.parse().unwrap();
+            while self.buf.len() < len {
+                if !self.fill().await {
+                    return None;
+                }
+            }
+            return Some(self.buf.drain(..len).collect());
+        }
+        assert_eq!(header(head, "transfer-encoding"), Some("chunked"));
+        let mut body = Vec::new();
+        loop {
+            let line = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                if !self.fill().await {
+                    return None;
+                }
+            };
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&self.buf[..line]).unwrap(), 16).unwrap();
+            while self.buf.len() < line + 2 + size + 2 {
+                if !self.fill().await {
+                    return None;
+                }
+            }
+            body.extend_from_slice(&self.buf[line + 2..line + 2 + size]);
+            self.buf.drain(..line + 2 + size + 2);
+            if size == 0 {
+                return Some(body);
+            }
+        }
+    }
+
+    async fn reply<T: TSerializable>(&mut self) -> T {
+        let head = self.head().await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let body = self.body(&head).await.expect("a whole body");
+        decode(&body)
+    }
+
+    /// Opens a session and a statement, and asks for its rows.
+    async fn ask_for_rows(&mut self, rows: usize) {
+        self.send(
+            "OpenSession",
+            &TOpenSessionReq::new(
+                TProtocolVersion::HIVE_CLI_SERVICE_PROTOCOL_V10,
+                None,
+                None,
+                None,
+            ),
+        )
+        .await;
+        let open: TOpenSessionResp = self.reply().await;
+        let session = open.session_handle.unwrap();
+        self.send(
+            "ExecuteStatement",
+            &TExecuteStatementReq::new(session, "select big".to_string(), None, None, None),
+        )
+        .await;
+        let ex: TExecuteStatementResp = self.reply().await;
+        let op = ex.operation_handle.unwrap();
+        self.send(
+            "FetchResults",
+            &TFetchResultsReq::new(op, TFetchOrientation::FETCH_NEXT, rows as i64, None),
+        )
+        .await;
+    }
+}
+
+fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim() == name)
+        .map(|(_, v)| v.trim())
+}
+
+fn decode<T: TSerializable>(msg: &[u8]) -> T {
+    let mut p = TBinaryInputProtocol::new(msg, true);
+    p.read_message_begin().unwrap();
+    p.read_struct_begin().unwrap();
+    assert_eq!(p.read_field_begin().unwrap().id, Some(0));
+    T::read_from_in_protocol(&mut p).unwrap()
+}
+
+fn op_handle() -> TOperationHandle {
+    TOperationHandle::new(handle_id(2), TOperationType::EXECUTE_STATEMENT, true, None)
+}
+
+async fn metrics_of(b: &Broker) -> String {
+    admin_get(b.addrs["admin"], "/metrics").await.1
+}
+
+fn fetches(metrics: &str, outcome: &str) -> u64 {
+    series(metrics, "kyuubi_broker_rpc_duration_seconds_count")
+        .iter()
+        .filter(|(l, _)| {
+            l.contains("method=\"FetchResults\"")
+                && l.contains("client_transport=\"http\"")
+                && l.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .map(|(_, v)| *v as u64)
+        .sum()
+}
+
+async fn broker_with_admin(route: &str, server: &str) -> Broker {
+    let toml =
+        format!("[server]\nshutdown_grace = \"10s\"\n{server}\n{ADMIN}{LISTENERS}\n{route}\n");
+    start_broker_toml(&toml).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_reply_from_an_http_upstream_reaches_an_http_client_before_the_upstream_finishes() {
+    let release = Arc::new(Notify::new());
+    let up = fake_http_upstream(release.clone(), false).await;
+    let b = broker_with_admin(&route_toml("http", up, ""), "").await;
+    let mut c = RawHttp::connect(b.http).await;
+    c.ask_for_rows(ROWS).await;
+    // the upstream gave no length: the response is chunked, and its head and
+    // first 64 KiB arrive while the upstream still holds the rest back
+    let got_head = tokio::time::timeout(Duration::from_secs(20), async {
+        let head = c.head().await;
+        while c.buf.len() < 64 * 1024 {
+            assert!(c.fill().await, "closed early");
+        }
+        head
+    })
+    .await
+    .expect("the first 64 KiB arrived while the upstream was still sending");
+    assert!(got_head.starts_with("http/1.1 200"), "{got_head}");
+    assert_eq!(header(&got_head, "transfer-encoding"), Some("chunked"));
+    assert_eq!(
+        fetches(&metrics_of(&b).await, "ok"),
+        0,
+        "the exchange ends with the body, not with its head"
+    );
+    release.notify_one();
+    let body = c.body(&got_head).await.expect("the whole body");
+    let page: TFetchResultsResp = decode(&body);
+    assert_eq!(page, big_page());
+    // the same connection goes on: the response ended where it should
+    c.send("CloseOperation", &TCloseOperationReq::new(op_handle()))
+        .await;
+    let closed: TCloseOperationResp = c.reply().await;
+    assert_eq!(closed.status.status_code, TStatusCode::SUCCESS_STATUS);
+    let m = metrics_of(&b).await;
+    assert_eq!(fetches(&m, "ok"), 1, "counted once, when the body ended");
+    let sizes = series(&m, "kyuubi_broker_rpc_response_size_bytes_sum");
+    let fetched: f64 = sizes
+        .iter()
+        .filter(|(l, _)| l.contains("method=\"FetchResults\""))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(
+        fetched as usize,
+        body.len(),
+        "the size counted is what was sent"
+    );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_upstream_cut_mid_reply_breaks_that_http_response_only() {
+    // the reply's frame says its whole length; 256 KiB of it come, then the
+    // upstream hangs up
+    let whole = message("FetchResults", TMessageType::Reply, 0, 0, &big_page());
+    let up = FakeUpstream::binary()
+        .on_call(move |c| match c.method.as_str() {
+            "FetchResults" => {
+                let mut w = whole.clone();
+                // the seqid the client sent: bytes 4..8 after the name
+                let name_end = 8 + "FetchResults".len();
+                w[name_end..name_end + 4].copy_from_slice(&c.seqid.to_be_bytes());
+                let mut raw = (w.len() as u32).to_be_bytes().to_vec();
+                raw.extend_from_slice(&w[..256 * 1024]);
+                Reply::RawThenHangUp(raw)
+            }
+            _ => Reply::Answer,
+        })
+        .start()
+        .await;
+    let b = broker_with_admin(&route_toml("binary", up.addr, ""), "").await;
+    let mut c = RawHttp::connect(b.http).await;
+    c.ask_for_rows(ROWS).await;
+    let head = tokio::time::timeout(Duration::from_secs(20), c.head())
+        .await
+        .expect("a response head");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // a binary upstream's frame gives the length: Content-Length, not chunked
+    let full = message("FetchResults", TMessageType::Reply, 0, 0, &big_page()).len();
+    assert_eq!(
+        header(&head, "content-length"),
+        Some(full.to_string().as_str())
+    );
+    let body = tokio::time::timeout(Duration::from_secs(20), c.body(&head))
+        .await
+        .expect("the broker ends the response");
+    assert!(
+        body.is_none(),
+        "the body stops short: never a shorter good reply"
+    );
+    assert!(c.buf.len() >= 64 * 1024, "the part that came was passed on");
+    let m = metrics_of(&b).await;
+    assert_eq!(fetches(&m, "relay_broken"), 1, "{m}");
+    // everyone else goes on: a new connection opens a session
+    let mut other = RawHttp::connect(b.http).await;
+    other
+        .send(
+            "OpenSession",
+            &TOpenSessionReq::new(
+                TProtocolVersion::HIVE_CLI_SERVICE_PROTOCOL_V10,
+                None,
+                None,
+                None,
+            ),
+        )
+        .await;
+    let open: TOpenSessionResp = other.reply().await;
+    assert_eq!(open.status.status_code, TStatusCode::SUCCESS_STATUS);
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_client_that_stops_reading_a_streamed_reply_is_closed_after_the_write_timeout() {
+    let release = Arc::new(Notify::new());
+    release.notify_one(); // the upstream sends all of it at once
+    let up = fake_http_upstream_of(release, false, HUGE).await;
+    let b = broker_with_admin(&route_toml("http", up, ""), "client_write_timeout = \"1s\"").await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut c = RawHttp::on(sock.connect(b.http).await.unwrap());
+    c.ask_for_rows(HUGE).await;
+    // the client reads nothing more; the broker gives up on it
+    let timed_out = |m: &str| {
+        series(m, "kyuubi_broker_connections_timed_out_total")
+            .iter()
+            .filter(|(l, _)| l.contains("listener=\"http\"") && l.contains("reason=\"write\""))
+            .map(|(_, v)| *v)
+            .sum::<f64>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = metrics_of(&b).await;
+        if timed_out(&m) >= 1.0 {
+            assert_eq!(fetches(&m, "client_closed"), 1, "{m}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no write timeout within 30 s: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // what did arrive is not a whole reply, and the connection is closed
+    let head = c.head().await;
+    assert!(c.body(&head).await.is_none(), "the body stops short");
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_replies_from_a_binary_upstream_stream_to_an_http_client_with_their_length_and_the_link_goes_on(
+) {
+    let up = FakeUpstream::binary()
+        // the same answers as the HTTP fake's, framed
+        .on_call(|c| Reply::Message(answer(&c.method, c.seqid, ROWS)))
+        .start()
+        .await;
+    let b = broker_with_admin(&route_toml("binary", up.addr, ""), "").await;
+    let mut c = RawHttp::connect(b.http).await;
+    c.ask_for_rows(ROWS).await;
+    for round in 0..3 {
+        if round > 0 {
+            c.send(
+                "FetchResults",
+                &TFetchResultsReq::new(
+                    op_handle(),
+                    TFetchOrientation::FETCH_NEXT,
+                    ROWS as i64,
+                    None,
+                ),
+            )
+            .await;
+        }
+        let head = c.head().await;
+        let full = message("FetchResults", TMessageType::Reply, 0, 0, &big_page()).len();
+        assert_eq!(
+            header(&head, "content-length"),
+            Some(full.to_string().as_str())
+        );
+        let body = c.body(&head).await.expect("the whole body");
+        let page: TFetchResultsResp = decode(&body);
+        assert_eq!(page, big_page(), "round {round}");
+    }
+    // the upstream link was whole after each reply: one upstream connection
+    let m = metrics_of(&b).await;
+    assert_eq!(fetches(&m, "ok"), 3, "{m}");
+    assert_eq!(
+        fetches(&m, "client_closed") + fetches(&m, "closed"),
+        0,
+        "{m}"
+    );
     b.shutdown().await;
 }

@@ -1,11 +1,17 @@
 //! Thrift-over-HTTP listener: one POST per RPC to the configured path (or any
 //! sub-path), Basic or SPNEGO credentials or the broker's `hive.server2.auth`
-//! cookie. Every response, success or refusal, is built by `respond`.
+//! cookie. Every response, success or refusal, is built by `respond`; a big
+//! FetchResults reply is streamed into its body as it arrives from the
+//! upstream ([`ReplyBody`]), and its exchange is finished at the edge when
+//! the body ends.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -15,8 +21,8 @@ use http::header::{
     WWW_AUTHENTICATE,
 };
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -28,11 +34,12 @@ use super::limits::{Refusal, Slot, UserSlot};
 use super::{Listener, Shared, Tls};
 use crate::auth::AuthError;
 use crate::edge::{Exchange, Kind};
-use crate::error::RpcError;
+use crate::error::{RpcError, Side};
 use crate::identity::ClientIdentity;
 use crate::secret::Secret;
-use crate::session::HttpClient;
+use crate::session::{HttpClient, HttpOut};
 use crate::tcli::Call;
+use crate::upstream::Pending;
 use crate::wire::stream::Stream;
 
 /// Per-listener state shared by its connections.
@@ -80,6 +87,9 @@ pub async fn serve(
     shared: Arc<Shared>,
     admission: Result<Slot, Refusal>,
 ) {
+    // a streamed reply goes out part by part: Nagle would hold each part
+    // back for the client's delayed ACK (40 ms)
+    let _ = stream.set_nodelay(true);
     let stream = match super::tls_handshake(stream, peer, &listener.l, &shared).await {
         Tls::Ready(s) => s,
         Tls::Plaintext(tcp, _) => {
@@ -108,6 +118,7 @@ pub async fn serve(
     // the user this connection counts against, from its first
     // authenticated request on
     let user = Arc::new(Mutex::new(None::<UserSlot>));
+    let who = user.clone();
     let svc = service_fn(move |req| {
         seen.store(true, Ordering::Relaxed);
         let (listener, shared, user) = (hl.clone(), sh.clone(), user.clone());
@@ -119,9 +130,14 @@ pub async fn serve(
     });
     let started = Instant::now();
     let spoke = Arc::new(AtomicBool::new(false));
+    let write_timeout = shared.server.client_write_timeout;
+    let stalled = Arc::new(AtomicBool::new(false));
     let stream = Spoke {
         inner: stream,
         spoke: spoke.clone(),
+        write_timeout,
+        stall: None,
+        stalled: stalled.clone(),
     };
     let conn = builder(&shared).serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
@@ -134,6 +150,16 @@ pub async fn serve(
         }
     };
     match result {
+        // a client that stopped taking a reply: its connection is closed
+        // (and the reply's exchange finished as the client's failure)
+        Err(_) if stalled.load(Ordering::Relaxed) => {
+            let held = who.lock().unwrap_or_else(|p| p.into_inner());
+            let user = held.as_ref().map_or("", |s| s.user());
+            listener
+                .l
+                .edge
+                .timed_out(peer, user, "write", write_timeout);
+        }
         // hyper closes a connection whose request head is late: the client
         // sees the close, the edge records why
         // opened ahead of need and never used (hyper's and browsers' pools
@@ -200,8 +226,8 @@ async fn refuse(
     }
 }
 
-fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.into())));
+fn text(status: StatusCode, body: impl Into<String>) -> Response<ReplyBody> {
+    let mut r = Response::new(ReplyBody::whole(Bytes::from(body.into())));
     *r.status_mut() = status;
     r.headers_mut().insert(
         CONTENT_TYPE,
@@ -210,8 +236,8 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
     r
 }
 
-fn thrift(body: Bytes) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body));
+fn thrift(body: ReplyBody) -> Response<ReplyBody> {
+    let mut r = Response::new(body);
     r.headers_mut().insert(
         CONTENT_TYPE,
         http::HeaderValue::from_static("application/x-thrift"),
@@ -271,17 +297,23 @@ struct Extra {
 }
 
 /// The one way out for every outcome on the HTTP listener: finishes the
-/// exchange at the edge (time, metrics, log) and builds the response.
+/// exchange at the edge (time, metrics, log) and builds the response. A
+/// streamed reply's exchange is finished by its body, when the last byte is
+/// out or the relay broke.
 fn respond(
-    listener: &HttpListener,
+    listener: &Arc<HttpListener>,
     ex: &Exchange<'_>,
-    result: Result<Bytes, RpcError>,
+    result: Result<HttpOut, RpcError>,
     extra: Extra,
-) -> Response<Full<Bytes>> {
-    listener.l.edge.finish(ex, result.as_ref().map(Bytes::len));
+) -> Response<ReplyBody> {
     let mut resp = match result {
-        Ok(reply) => thrift(reply),
+        Ok(HttpOut::Reply(reply)) => {
+            listener.l.edge.finish(ex, Ok(reply.len()));
+            thrift(ReplyBody::whole(reply))
+        }
+        Ok(HttpOut::Stream(p)) => thrift(ReplyBody::stream(p, Finish::of(listener, ex))),
         Err(e) => {
+            listener.l.edge.finish(ex, Err(&e));
             let a = e.answer();
             // a malformed body was read whole: the connection can go on
             let close = a.close && !matches!(e, RpcError::Malformed(_));
@@ -313,7 +345,9 @@ fn respond(
                 }
                 // refusals inside TCLIService (unknown handle, no mapping)
                 // are Thrift replies, as HiveServer2 gives them
-                (None, Kind::Call(c)) => thrift(e.to_thrift_reply(c.wire_name(), c.seqid).into()),
+                (None, Kind::Call(c)) => thrift(ReplyBody::whole(
+                    e.to_thrift_reply(c.wire_name(), c.seqid).into(),
+                )),
                 (None, _) => text(StatusCode::BAD_REQUEST, a.text),
             }
         }
@@ -378,11 +412,11 @@ fn check_request(
 async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
-    listener: &HttpListener,
+    listener: &Arc<HttpListener>,
     shared: &Shared,
     user_slot: &Mutex<Option<UserSlot>>,
     cert: Option<&CertLogin>,
-) -> Response<Full<Bytes>> {
+) -> Response<ReplyBody> {
     let started = Instant::now();
     if let Err(e) = check_request(&req, &listener.l.config, shared) {
         let ex = Exchange::new(Kind::Unparsed, peer, "", "unknown", started);
@@ -631,20 +665,53 @@ async fn authenticate_request(
 
 /// A client stream that remembers whether the client sent any byte, which
 /// tells a late request head (a failed handshake) from a connection that
-/// was never used.
+/// was never used; and that fails a write the client has not taken within
+/// `server.client_write_timeout`, so a client that stops reading holds no
+/// upstream link (nor a streamed reply) for ever. The timer is armed only
+/// when a write has to wait.
 struct Spoke {
     inner: Stream,
     spoke: Arc<AtomicBool>,
+    write_timeout: Duration,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set once a write ran out of `write_timeout`.
+    stalled: Arc<AtomicBool>,
+}
+
+impl Spoke {
+    /// `r`, a write's outcome, with the stall timer applied to it.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if r.is_ready() {
+            self.stall = None;
+            return r;
+        }
+        let limit = self.write_timeout;
+        let t = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if t.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.stalled.store(true, Ordering::Relaxed);
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the client took no reply data for {limit:?} (client_write_timeout)"),
+        )))
+    }
 }
 
 impl tokio::io::AsyncRead for Spoke {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before && !self.spoke.load(Ordering::Relaxed) {
             self.spoke.store(true, Ordering::Relaxed);
         }
@@ -654,37 +721,247 @@ impl tokio::io::AsyncRead for Spoke {
 
 impl tokio::io::AsyncWrite for Spoke {
     fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bounded(cx, r)
     }
 
     fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.bounded(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
 
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.bounded(cx, r)
     }
 
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A response body: a whole reply (or refusal text), or a big reply
+/// streamed from the upstream part by part as hyper asks for more, so the
+/// broker holds one part of it at a time, never the reply.
+pub(crate) enum ReplyBody {
+    Whole(Option<Bytes>),
+    Stream(Box<Streaming>),
+}
+
+/// One part of a streamed reply being read.
+type NextPart = Pin<Box<dyn Future<Output = (Pending, Result<Option<Bytes>, String>)> + Send>>;
+
+pub(crate) struct Streaming {
+    /// The reply between parts; in `reading` while a part is awaited.
+    pending: Option<Pending>,
+    reading: Option<(NextPart, Instant)>,
+    len: Option<u64>,
+    /// Finished once: at the end, on a broken relay, or when dropped early.
+    finish: Option<Finish>,
+}
+
+impl ReplyBody {
+    fn whole(b: Bytes) -> ReplyBody {
+        ReplyBody::Whole(Some(b))
+    }
+
+    fn stream(p: Pending, finish: Finish) -> ReplyBody {
+        ReplyBody::Stream(Box::new(Streaming {
+            len: p.size().map(|n| n as u64),
+            pending: Some(p),
+            reading: None,
+            finish: Some(finish),
+        }))
+    }
+}
+
+impl hyper::body::Body for ReplyBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            ReplyBody::Whole(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ReplyBody::Stream(s) => s.poll_part(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReplyBody::Whole(b) => b.is_none(),
+            ReplyBody::Stream(s) => s.finish.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReplyBody::Whole(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            // with the upstream's length hyper sends Content-Length;
+            // without, chunked
+            ReplyBody::Stream(s) => match s.len {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+        }
+    }
+}
+
+impl Streaming {
+    fn poll_part(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.reading.is_none() {
+            let Some(mut p) = self.pending.take() else {
+                return Poll::Ready(None);
+            };
+            let next: NextPart = Box::pin(async move {
+                let r = p.next().await;
+                (p, r)
+            });
+            self.reading = Some((next, Instant::now()));
+        }
+        let Some((next, since)) = self.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let (p, r) = match next.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(done) => done,
+        };
+        let waited = since.elapsed();
+        self.reading = None;
+        if let Some(f) = self.finish.as_mut() {
+            f.upstream += waited;
+        }
+        match r {
+            Ok(Some(part)) => {
+                self.sent(part.len());
+                // hyper sends no more than the length it announced and may
+                // drop the body without asking for its end: the exchange is
+                // finished with its last byte
+                let through = self
+                    .finish
+                    .as_ref()
+                    .is_some_and(|f| Some(f.sent as u64) == self.len);
+                if through {
+                    if let Some(f) = self.finish.take() {
+                        let n = f.sent;
+                        f.done(Ok(n));
+                    }
+                }
+                self.pending = Some(p);
+                Poll::Ready(Some(Ok(Frame::data(part))))
+            }
+            Ok(None) => {
+                if let Some(f) = self.finish.take() {
+                    let n = f.sent;
+                    f.done(Ok(n));
+                }
+                Poll::Ready(None)
+            }
+            Err(detail) => {
+                // hyper ends the response unfinished (no last chunk, or short
+                // of its Content-Length) and closes the connection: the
+                // client sees a broken reply, never a shorter good one
+                let e = RpcError::RelayBroken {
+                    side: Side::Upstream,
+                    detail,
+                };
+                let text = e.to_string();
+                if let Some(f) = self.finish.take() {
+                    f.done(Err(&e));
+                }
+                Poll::Ready(Some(Err(std::io::Error::other(text))))
+            }
+        }
+    }
+
+    fn sent(&mut self, n: usize) {
+        if let Some(f) = self.finish.as_mut() {
+            f.sent += n;
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        // hyper drops the body when the client went away (or stopped
+        // reading) before the end
+        if let Some(f) = self.finish.take() {
+            let e = RpcError::RelayBroken {
+                side: Side::Client,
+                detail: "the client connection ended before the reply was through".into(),
+            };
+            f.done(Err(&e));
+        }
+    }
+}
+
+/// A streamed reply's exchange, owned, to finish at the edge when the body
+/// ends.
+pub(crate) struct Finish {
+    listener: Arc<HttpListener>,
+    /// Always a call: only a call's reply is streamed.
+    call: Option<Call>,
+    peer: SocketAddr,
+    user: String,
+    mechanism: &'static str,
+    started: Instant,
+    upstream: Duration,
+    request_bytes: usize,
+    statement: Option<Bytes>,
+    sent: usize,
+}
+
+impl Finish {
+    fn of(listener: &Arc<HttpListener>, ex: &Exchange<'_>) -> Finish {
+        let call = match ex.kind {
+            Kind::Call(c) => Some(c.clone()),
+            _ => None,
+        };
+        Finish {
+            listener: listener.clone(),
+            call,
+            peer: ex.peer,
+            user: ex.user.to_string(),
+            mechanism: ex.mechanism,
+            started: ex.started,
+            upstream: ex.upstream,
+            request_bytes: ex.request_bytes,
+            statement: ex.statement.clone(),
+            sent: 0,
+        }
+    }
+
+    fn done(self, result: Result<usize, &RpcError>) {
+        let ex = Exchange {
+            upstream: self.upstream,
+            request_bytes: self.request_bytes,
+            statement: self.statement.clone(),
+            ..Exchange::new(
+                self.call.as_ref().map_or(Kind::Unparsed, Kind::Call),
+                self.peer,
+                &self.user,
+                self.mechanism,
+                self.started,
+            )
+        };
+        self.listener.l.edge.finish(&ex, result);
     }
 }
 

@@ -9,9 +9,9 @@ use tokio::time::timeout;
 
 use super::Target;
 use crate::config::UpstreamSasl;
-use crate::error::{Side, UpstreamError};
+use crate::error::UpstreamError;
 use crate::identity::Credential;
-use crate::wire::io::{FrameError, Framing, MessageIo, ReplySink};
+use crate::wire::io::{FrameError, Framing, MessageIo};
 use crate::wire::sasl;
 use crate::wire::stream::Stream;
 
@@ -231,7 +231,7 @@ impl BinaryConn {
 
     /// Sends `msg` and reads the start of the reply: the whole reply when it
     /// is at most `min` bytes (or frames are wrapped or unframed), else its
-    /// first `min` bytes; [`BinaryConn::relay_rest`] then forwards the rest.
+    /// first `min` bytes; [`BinaryConn::read_rest`] then takes the rest.
     pub async fn call_head(&mut self, msg: Bytes, min: usize) -> Result<Head, UpstreamError> {
         let piecewise =
             self.framing == Framing::Sasl && self.io.as_ref().is_some_and(|io| !io.has_layer());
@@ -259,30 +259,34 @@ impl BinaryConn {
         r
     }
 
-    /// Forwards the `remaining` bytes of a reply to `sink` as they arrive.
-    /// Any failure leaves both streams mid-frame: the link is then broken,
-    /// and the error says which side failed.
-    pub async fn relay_rest(
-        &mut self,
-        mut remaining: usize,
-        sink: &mut ReplySink<'_>,
-    ) -> Result<(), (Side, String)> {
-        self.broken = true; // until the whole frame is through
+    /// A reply's head was read and its rest is still on the connection:
+    /// until [`BinaryConn::read_rest`] has taken all of it the stream is
+    /// mid-frame, and the link counts as broken.
+    pub fn begin_relay(&mut self) {
+        self.broken = true;
+    }
+
+    /// Up to `remaining` more bytes of the reply being relayed, as they
+    /// arrive; the last of them makes the link usable again. Any failure
+    /// leaves the stream mid-frame: the link stays broken.
+    pub async fn read_rest(&mut self, remaining: usize) -> Result<Bytes, String> {
         let Some(io) = self.io.as_mut() else {
-            return Err((Side::Upstream, "upstream connection closed".into()));
+            return Err("upstream connection closed".into());
         };
-        while remaining > 0 {
-            let chunk = match io.read_chunk(remaining).await {
-                Ok(c) => c,
-                Err(e) => return Err((Side::Upstream, format!("{}: {e}", self.target.display))),
-            };
-            remaining -= chunk.len();
-            sink.write(&chunk)
-                .await
-                .map_err(|e| (Side::Client, e.to_string()))?;
+        let chunk = io
+            .read_chunk(remaining)
+            .await
+            .map_err(|e| format!("{}: {e}", self.target.display))?;
+        if chunk.is_empty() {
+            return Err(format!(
+                "{}: connection closed mid-reply",
+                self.target.display
+            ));
         }
-        self.broken = false;
-        Ok(())
+        if chunk.len() == remaining {
+            self.broken = false;
+        }
+        Ok(chunk)
     }
 
     pub async fn call(&mut self, msg: Bytes) -> Result<Bytes, UpstreamError> {

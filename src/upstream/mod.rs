@@ -3,7 +3,7 @@
 //! Binary links own a TCP connection (SASL PLAIN, GSSAPI or NOSASL); HTTP
 //! links share a keep-alive connection pool and POST one message per request.
 //! [`Link::call_streaming`] lets a big reply from a binary or HTTP upstream
-//! go on to a binary client as it arrives.
+//! go on to the client (binary or HTTP) as it arrives.
 
 mod binary;
 mod http;
@@ -166,11 +166,17 @@ pub enum Streamed {
     Partial(Pending),
 }
 
-/// A big reply whose first bytes have arrived. Dropped before it is fully
-/// relayed, it closes the link: the stream is mid-frame.
+/// A big reply whose first bytes have arrived, read piece by piece with
+/// [`Pending::next`] (an HTTP client's streamed body) or written whole to a
+/// binary client with [`Pending::relay_to`]. Dropped before its end, it
+/// closes a binary link: the stream is mid-frame.
 pub struct Pending {
     from: From,
     head: Bytes,
+    /// The head was handed out by [`Pending::next`].
+    head_taken: bool,
+    /// Bytes handed out so far.
+    sent: usize,
     relayed: bool,
 }
 
@@ -193,63 +199,92 @@ impl Drop for Pending {
 }
 
 impl Pending {
+    fn new(from: From, head: Bytes) -> Pending {
+        Pending {
+            from,
+            head,
+            head_taken: false,
+            sent: 0,
+            relayed: false,
+        }
+    }
+
     /// The bytes received so far (at least the message header).
     pub fn head(&self) -> &[u8] {
         &self.head
+    }
+
+    /// The reply's whole size, when the upstream said it (a SASL frame's
+    /// length, an HTTP Content-Length).
+    pub fn size(&self) -> Option<usize> {
+        match &self.from {
+            From::Binary { len, .. } => Some(*len),
+            From::Http(rest) => rest.len,
+        }
+    }
+
+    /// The next part of the reply, the head first; `None` once it is all
+    /// through. Bounded by the upstream's read timeout per part and, for
+    /// HTTP, by `max_message_bytes`; every failure here is the upstream's.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, String> {
+        if !self.head_taken {
+            self.head_taken = true;
+            self.sent = self.head.len();
+            return Ok(Some(self.head.clone()));
+        }
+        let part = match &mut self.from {
+            From::Binary { conn, len } => match *len - self.sent {
+                0 => None,
+                rest => Some(conn.read_rest(rest).await?),
+            },
+            From::Http(rest) => rest.next(self.sent).await?,
+        };
+        match part {
+            Some(p) => {
+                self.sent += p.len();
+                match self.size() {
+                    Some(len) if self.sent > len => {
+                        return Err("reply body longer than its Content-Length".into())
+                    }
+                    // the last part: a reader that knows the length (hyper
+                    // with a Content-Length) asks for nothing more, and the
+                    // link is whole again
+                    Some(len) if self.sent == len => self.relayed = true,
+                    _ => {}
+                }
+                Ok(Some(p))
+            }
+            None => {
+                if self.size().is_some_and(|len| self.sent != len) {
+                    return Err("reply body shorter than its Content-Length".into());
+                }
+                self.relayed = true;
+                Ok(None)
+            }
+        }
     }
 
     /// Writes the whole reply to `sink`, the rest as it arrives, and returns
     /// its size. A failure after the first byte went out is
     /// [`RpcError::RelayBroken`], naming the side that failed.
     pub async fn relay_to(mut self, sink: &mut ReplySink<'_>) -> Result<usize, RpcError> {
-        let broken = |(side, detail)| RpcError::RelayBroken { side, detail };
-        let client = |e: crate::wire::io::FrameError| (crate::error::Side::Client, e.to_string());
-        let upstream = |e: String| (crate::error::Side::Upstream, e);
-        let head = self.head.clone();
-        match &mut self.from {
-            From::Binary { conn, len } => {
-                let len = *len;
-                sink.start(len, &head)
-                    .await
-                    .map_err(|e| broken(client(e)))?;
-                let rest = len - head.len();
-                conn.relay_rest(rest, sink).await.map_err(broken)?;
-                self.relayed = true;
-                Ok(len)
+        use crate::error::Side;
+        let broken = |side, detail| RpcError::RelayBroken { side, detail };
+        // with its length known, one frame as from a binary upstream;
+        // without, each part is a frame of its own (a SASL client reads a
+        // message across frames), so nothing waits for the whole body
+        let known = self.size();
+        let mut first = true;
+        while let Some(part) = self.next().await.map_err(|e| broken(Side::Upstream, e))? {
+            match (known, first) {
+                (Some(len), true) => sink.start(len, &part).await,
+                (Some(_), false) => sink.write(&part).await,
+                (None, _) => sink.frame(&part).await,
             }
-            // with its length known, one frame as from a binary upstream;
-            // without, each part is a frame of its own (a SASL client reads a
-            // message across frames), so nothing waits for the whole body
-            From::Http(rest) => {
-                let known = rest.len;
-                match known {
-                    Some(len) => sink.start(len, &head).await,
-                    None => sink.frame(&head).await,
-                }
-                .map_err(|e| broken(client(e)))?;
-                let mut sent = head.len();
-                while let Some(part) = rest.next(sent).await.map_err(|e| broken(upstream(e)))? {
-                    sent += part.len();
-                    if known.is_some_and(|len| sent > len) {
-                        return Err(broken(upstream(
-                            "reply body longer than its Content-Length".into(),
-                        )));
-                    }
-                    match known {
-                        Some(_) => sink.write(&part).await,
-                        None => sink.frame(&part).await,
-                    }
-                    .map_err(|e| broken(client(e)))?;
-                }
-                if known.is_some_and(|len| sent != len) {
-                    return Err(broken(upstream(
-                        "reply body shorter than its Content-Length".into(),
-                    )));
-                }
-                self.relayed = true;
-                Ok(sent)
-            }
+            .map_err(|e| broken(Side::Client, e.to_string()))?;
+            first = false;
         }
+        Ok(self.sent)
     }
 }
 
@@ -291,10 +326,10 @@ impl Link {
         }
     }
 
-    /// As [`Link::call`], except that a reply above `relay_above` bytes from
-    /// a binary SASL upstream is returned as soon as its first bytes are in:
-    /// the caller checks them, then relays the rest. HTTP upstreams, NOSASL
-    /// and wrapped (QOP) frames always give the whole reply.
+    /// As [`Link::call`], except that a reply above `relay_above` bytes is
+    /// returned as soon as its first bytes are in: the caller checks them,
+    /// then relays the rest. NOSASL and wrapped (QOP) frames always give the
+    /// whole reply.
     pub async fn call_streaming(
         &self,
         msg: Bytes,
@@ -305,22 +340,23 @@ impl Link {
             Link::Http(h) => {
                 return match h.call_streaming(msg, Some(relay_above)).await? {
                     http::HttpReply::Whole(reply) => Ok(Streamed::Whole(reply)),
-                    http::HttpReply::Partial(rest) => Ok(Streamed::Partial(Pending {
-                        head: rest.head.clone(),
-                        from: From::Http(rest),
-                        relayed: false,
-                    })),
+                    http::HttpReply::Partial(rest) => {
+                        let head = rest.head.clone();
+                        Ok(Streamed::Partial(Pending::new(From::Http(rest), head)))
+                    }
                 };
             }
         };
         let mut conn = c.clone().lock_owned().await;
         match conn.call_head(msg, relay_above).await? {
             Head::Whole(reply) => Ok(Streamed::Whole(reply)),
-            Head::Partial { len, head } => Ok(Streamed::Partial(Pending {
-                from: From::Binary { conn, len },
-                head,
-                relayed: false,
-            })),
+            Head::Partial { len, head } => {
+                conn.begin_relay();
+                Ok(Streamed::Partial(Pending::new(
+                    From::Binary { conn, len },
+                    head,
+                )))
+            }
         }
     }
 
