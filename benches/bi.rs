@@ -18,7 +18,7 @@
 
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kyuubi_broker::client::Hs2Client;
@@ -31,9 +31,8 @@ use serde_json::json;
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{free_port, wait_port, Proc};
+use common::{free_port, serve_broker, wait_port, Proc};
 
-const BROKER: &str = env!("CARGO_BIN_EXE_kyuubi-broker");
 const DB: &str = "kb_bench_bi";
 
 fn full() -> bool {
@@ -66,15 +65,7 @@ fn broker(upstream: u16, route: &str, dir: &Path, name: &str) -> (Proc, u16) {
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, cfg).unwrap();
-    let p = Proc(
-        Command::new(BROKER)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("KYUUBI_BROKER_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the broker"),
-    );
+    let p = serve_broker(&path);
     wait_port(port, "the broker");
     (p, port)
 }

@@ -26,13 +26,11 @@ mod responder;
 
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use common::{free_port, wait_port, Proc};
+use common::{free_port, serve_broker, status_kb, wait_port, Proc};
 use kyuubi_broker::loadgen::{self, Limit, Plan, Scenario};
 use serde_json::json;
-
-const BROKER: &str = env!("CARGO_BIN_EXE_kyuubi-broker");
 
 fn full() -> bool {
     std::env::args().any(|a| a == "--bench")
@@ -96,14 +94,6 @@ fn median(v: &mut [u64]) -> u64 {
     v[v.len() / 2]
 }
 
-fn vm_kb(pid: u32, key: &str) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-}
-
 /// The broker with one listener per bridge: binary listeners `bb`, `bh`
 /// and HTTP listeners `hb`, `hh` (client, upstream) over two routes.
 fn broker(up_bin: u16, up_http: u16, dir: &Path, name: &str) -> (Proc, Vec<u16>) {
@@ -124,15 +114,7 @@ fn broker(up_bin: u16, up_http: u16, dir: &Path, name: &str) -> (Proc, Vec<u16>)
     }
     let path = dir.join(format!("bridges-{name}.toml"));
     std::fs::write(&path, cfg).unwrap();
-    let p = Proc(
-        Command::new(BROKER)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("KYUUBI_BROKER_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the broker"),
-    );
+    let p = serve_broker(&path);
     for port in &ports {
         wait_port(*port, "the broker");
     }
@@ -155,7 +137,7 @@ async fn pass(label: &str, up_bin: u16, up_http: u16, dir: &Path) -> serde_json:
     for (_, u) in &targets {
         fetch_us(u).await;
     }
-    let idle_kb = vm_kb(pid, "VmRSS:");
+    let idle_kb = status_kb(pid, "VmRSS:");
     let mut samples: Vec<Vec<u64>> = vec![Vec::new(); targets.len()];
     let mut peak_kb = vec![0f64; targets.len()];
     for _ in 0..rounds() {
@@ -163,7 +145,7 @@ async fn pass(label: &str, up_bin: u16, up_http: u16, dir: &Path) -> serde_json:
             let reset = std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok();
             samples[i].push(fetch_us(u).await);
             if reset {
-                peak_kb[i] = peak_kb[i].max(vm_kb(pid, "VmHWM:"));
+                peak_kb[i] = peak_kb[i].max(status_kb(pid, "VmHWM:"));
             }
         }
     }

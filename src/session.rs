@@ -850,19 +850,12 @@ impl Broker {
             self.track_handles(c, call, guid, &session, &reply).await?;
             return Ok(HttpOut::Reply(reply));
         }
+        let target = &c.route.target;
         let reply = match streams {
-            true => match timed(
-                upstream,
-                session.link.call_streaming(msg.clone(), RELAY_ABOVE),
-            )
-            .await?
+            true => match call_streaming(&session.link, call, msg.clone(), target, upstream).await?
             {
                 Streamed::Whole(reply) => reply,
-                Streamed::Partial(p) => {
-                    // dropping `p` on a mismatch closes the link: it is mid-frame
-                    answers(p.head(), call).map_err(|e| malformed(&c.route.target, e))?;
-                    return Ok(HttpOut::Stream(p));
-                }
+                Streamed::Partial(p) => return Ok(HttpOut::Stream(p)),
             },
             false => timed(upstream, session.link.call(msg.clone())).await?,
         };
@@ -1222,7 +1215,7 @@ async fn relay_call(
     upstream: &mut Duration,
 ) -> Result<Out, RpcError> {
     let streamed = if sink.can_relay() {
-        timed(upstream, link.call_streaming(msg, RELAY_ABOVE)).await?
+        call_streaming(link, call, msg, target, upstream).await?
     } else {
         Streamed::Whole(timed(upstream, link.call(msg)).await?)
     };
@@ -1231,12 +1224,25 @@ async fn relay_call(
             check_reply(&reply, call, target, link).await?;
             Ok(Out::Reply(reply))
         }
-        Streamed::Partial(p) => {
-            // dropping `p` on a mismatch closes the link: it is mid-frame
-            answers(p.head(), call).map_err(|e| malformed(target, e))?;
-            timed(upstream, p.relay_to(sink)).await.map(Out::Relayed)
-        }
+        Streamed::Partial(p) => timed(upstream, p.relay_to(sink)).await.map(Out::Relayed),
     }
+}
+
+/// [`Link::call_streaming`], with a partial reply's head checked: it must
+/// answer `call` (a whole reply is the caller's to check).
+async fn call_streaming(
+    link: &Link,
+    call: &Call,
+    msg: Bytes,
+    target: &Target,
+    upstream: &mut Duration,
+) -> Result<Streamed, RpcError> {
+    let streamed = timed(upstream, link.call_streaming(msg, RELAY_ABOVE)).await?;
+    if let Streamed::Partial(p) = &streamed {
+        // dropping `p` on a mismatch closes the link: it is mid-frame
+        answers(p.head(), call).map_err(|e| malformed(target, e))?;
+    }
+    Ok(streamed)
 }
 
 async fn timed<T>(acc: &mut Duration, f: impl std::future::Future<Output = T>) -> T {

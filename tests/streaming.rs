@@ -200,54 +200,14 @@ async fn fake_http_upstream_of(release: Arc<Notify>, cut: bool, rows: usize) -> 
     addr
 }
 
-/// A SASL PLAIN client speaking frames by hand, to see bytes as they come.
-struct Raw {
-    s: TcpStream,
-    seqid: i32,
-}
+/// A hand-written client on either transport: one Thrift call out, one
+/// reply in.
+trait Peer {
+    async fn send<T: TSerializable>(&mut self, method: &str, req: &T);
+    async fn reply<T: TSerializable>(&mut self) -> T;
 
-impl Raw {
-    async fn connect(addr: SocketAddr) -> Raw {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&sasl::plain_client_hello("carol", &Secret::new("pw")))
-            .await
-            .unwrap();
-        let mut done = [0u8; 5];
-        s.read_exact(&mut done).await.unwrap();
-        assert_eq!(done.to_vec(), sasl::encode(sasl::Status::Complete, b""));
-        Raw { s, seqid: 0 }
-    }
-
-    async fn send<T: TSerializable>(&mut self, method: &str, req: &T) {
-        self.seqid += 1;
-        let msg = message(method, TMessageType::Call, self.seqid, 1, req);
-        let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(&msg);
-        self.s.write_all(&frame).await.unwrap();
-    }
-
-    /// Frames until they hold one whole message (a reply may span frames).
-    async fn reply<T: TSerializable>(&mut self) -> T {
-        let mut msg = Vec::new();
-        loop {
-            let mut len = [0u8; 4];
-            self.s.read_exact(&mut len).await.unwrap();
-            let mut part = vec![0u8; u32::from_be_bytes(len) as usize];
-            self.s.read_exact(&mut part).await.unwrap();
-            msg.extend_from_slice(&part);
-            if kyuubi_broker::wire::thrift::message_len(&msg).is_ok() {
-                break;
-            }
-        }
-        let mut p = TBinaryInputProtocol::new(&msg[..], true);
-        p.read_message_begin().unwrap();
-        p.read_struct_begin().unwrap();
-        assert_eq!(p.read_field_begin().unwrap().id, Some(0));
-        T::read_from_in_protocol(&mut p).unwrap()
-    }
-
-    /// Opens a session and a statement, and asks for its rows.
-    async fn ask_for_rows(&mut self) {
+    /// Opens a session and a statement, and asks for `rows` of its rows.
+    async fn ask_for_rows(&mut self, rows: usize) {
         self.send(
             "OpenSession",
             &TOpenSessionReq::new(
@@ -269,9 +229,54 @@ impl Raw {
         let op = ex.operation_handle.unwrap();
         self.send(
             "FetchResults",
-            &TFetchResultsReq::new(op, TFetchOrientation::FETCH_NEXT, ROWS as i64, None),
+            &TFetchResultsReq::new(op, TFetchOrientation::FETCH_NEXT, rows as i64, None),
         )
         .await;
+    }
+}
+
+/// A SASL PLAIN client speaking frames by hand, to see bytes as they come.
+struct Raw {
+    s: TcpStream,
+    seqid: i32,
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&sasl::plain_client_hello("carol", &Secret::new("pw")))
+            .await
+            .unwrap();
+        let mut done = [0u8; 5];
+        s.read_exact(&mut done).await.unwrap();
+        assert_eq!(done.to_vec(), sasl::encode(sasl::Status::Complete, b""));
+        Raw { s, seqid: 0 }
+    }
+}
+
+impl Peer for Raw {
+    async fn send<T: TSerializable>(&mut self, method: &str, req: &T) {
+        self.seqid += 1;
+        let msg = message(method, TMessageType::Call, self.seqid, 1, req);
+        let mut frame = (msg.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&msg);
+        self.s.write_all(&frame).await.unwrap();
+    }
+
+    /// Frames until they hold one whole message (a reply may span frames).
+    async fn reply<T: TSerializable>(&mut self) -> T {
+        let mut msg = Vec::new();
+        loop {
+            let mut len = [0u8; 4];
+            self.s.read_exact(&mut len).await.unwrap();
+            let mut part = vec![0u8; u32::from_be_bytes(len) as usize];
+            self.s.read_exact(&mut part).await.unwrap();
+            msg.extend_from_slice(&part);
+            if kyuubi_broker::wire::thrift::message_len(&msg).is_ok() {
+                break;
+            }
+        }
+        decode(&msg)
     }
 }
 
@@ -281,7 +286,7 @@ async fn a_big_reply_from_an_http_upstream_reaches_a_binary_client_before_the_up
     let up = fake_http_upstream(release.clone(), false).await;
     let b = start_broker(&route_toml("http", up, "")).await;
     let mut c = Raw::connect(b.binary).await;
-    c.ask_for_rows().await;
+    c.ask_for_rows(ROWS).await;
     // the upstream has sent 256 KiB and waits: the client must already have
     // some of it (a broker that buffers the reply would send nothing yet)
     let mut first = vec![0u8; 64 * 1024];
@@ -314,11 +319,7 @@ async fn a_big_reply_from_an_http_upstream_reaches_a_binary_client_before_the_up
         }
     }
     assert!(stream.is_empty(), "nothing after the reply");
-    let mut p = TBinaryInputProtocol::new(&msg[..], true);
-    p.read_message_begin().unwrap();
-    p.read_struct_begin().unwrap();
-    p.read_field_begin().unwrap();
-    let page = TFetchResultsResp::read_from_in_protocol(&mut p).unwrap();
+    let page: TFetchResultsResp = decode(&msg);
     assert_eq!(page, big_page());
     // the same connection goes on: the stream is in step
     c.send(
@@ -342,7 +343,7 @@ async fn an_http_upstream_cut_mid_reply_closes_that_client_only() {
     let b = start_broker(&route_toml("http", up, "")).await;
     for _ in 0..2 {
         let mut c = Raw::connect(b.binary).await;
-        c.ask_for_rows().await;
+        c.ask_for_rows(ROWS).await;
         // part of the reply, then the connection ends: never a whole reply
         let mut got = Vec::new();
         let closed = tokio::time::timeout(Duration::from_secs(20), c.s.read_to_end(&mut got))
@@ -382,20 +383,6 @@ impl RawHttp {
             seqid: 0,
             buf: Vec::new(),
         }
-    }
-
-    async fn send<T: TSerializable>(&mut self, method: &str, req: &T) {
-        self.seqid += 1;
-        let msg = message(method, TMessageType::Call, self.seqid, 1, req);
-        // carol:pw
-        let mut r = format!(
-            "POST /cliservice HTTP/1.1\r\nhost: broker\r\nauthorization: Basic Y2Fyb2w6cHc=\r\n\
-             content-type: application/x-thrift\r\ncontent-length: {}\r\n\r\n",
-            msg.len()
-        )
-        .into_bytes();
-        r.extend_from_slice(&msg);
-        self.s.write_all(&r).await.unwrap();
     }
 
     /// More bytes into `buf`; false at the end of the stream.
@@ -462,40 +449,28 @@ impl RawHttp {
             }
         }
     }
+}
+
+impl Peer for RawHttp {
+    async fn send<T: TSerializable>(&mut self, method: &str, req: &T) {
+        self.seqid += 1;
+        let msg = message(method, TMessageType::Call, self.seqid, 1, req);
+        // carol:pw
+        let mut r = format!(
+            "POST /cliservice HTTP/1.1\r\nhost: broker\r\nauthorization: Basic Y2Fyb2w6cHc=\r\n\
+             content-type: application/x-thrift\r\ncontent-length: {}\r\n\r\n",
+            msg.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(&msg);
+        self.s.write_all(&r).await.unwrap();
+    }
 
     async fn reply<T: TSerializable>(&mut self) -> T {
         let head = self.head().await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         let body = self.body(&head).await.expect("a whole body");
         decode(&body)
-    }
-
-    /// Opens a session and a statement, and asks for its rows.
-    async fn ask_for_rows(&mut self, rows: usize) {
-        self.send(
-            "OpenSession",
-            &TOpenSessionReq::new(
-                TProtocolVersion::HIVE_CLI_SERVICE_PROTOCOL_V10,
-                None,
-                None,
-                None,
-            ),
-        )
-        .await;
-        let open: TOpenSessionResp = self.reply().await;
-        let session = open.session_handle.unwrap();
-        self.send(
-            "ExecuteStatement",
-            &TExecuteStatementReq::new(session, "select big".to_string(), None, None, None),
-        )
-        .await;
-        let ex: TExecuteStatementResp = self.reply().await;
-        let op = ex.operation_handle.unwrap();
-        self.send(
-            "FetchResults",
-            &TFetchResultsReq::new(op, TFetchOrientation::FETCH_NEXT, rows as i64, None),
-        )
-        .await;
     }
 }
 

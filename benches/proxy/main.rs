@@ -20,7 +20,7 @@ mod common;
 mod png;
 mod responder;
 
-use common::{free_port, wait_port, Proc};
+use common::{free_port, serve_broker, status_kb, wait_port, Proc};
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
@@ -33,7 +33,6 @@ use kyuubi_broker::loadgen::{self, Limit, Plan, Scenario, TargetReport};
 use serde::Serialize;
 use serde_json::json;
 
-const BROKER: &str = env!("CARGO_BIN_EXE_kyuubi-broker");
 /// Set by `cargo bench`; `cargo test --all-targets` runs this binary without
 /// it, and then it only checks, quickly, that the harness works.
 fn full() -> bool {
@@ -124,11 +123,7 @@ fn clock_ticks_per_sec() -> f64 {
 }
 
 fn rss_mb(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    status_kb(pid, "VmRSS:") / 1024.0
 }
 
 /// HAProxy's path, installing Debian's package when missing (as root).
@@ -532,15 +527,7 @@ port = {}
     }
     let cfg_path = out_dir.join("broker.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let broker = Proc(
-        Command::new(BROKER)
-            .args(["serve", "--config"])
-            .arg(&cfg_path)
-            .env("KYUUBI_BROKER_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the broker"),
-    );
+    let broker = serve_broker(&cfg_path);
     let broker_pid = broker.0.id();
     wait_port(b_bin, "the broker");
 

@@ -826,22 +826,21 @@ impl Streaming {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        if self.reading.is_none() {
-            let Some(mut p) = self.pending.take() else {
-                return Poll::Ready(None);
-            };
-            let next: NextPart = Box::pin(async move {
-                let r = p.next().await;
-                (p, r)
-            });
-            self.reading = Some((next, Instant::now()));
-        }
-        let Some((next, since)) = self.reading.as_mut() else {
-            return Poll::Ready(None);
+        let (next, since) = match &mut self.reading {
+            Some(r) => r,
+            None => {
+                let Some(mut p) = self.pending.take() else {
+                    return Poll::Ready(None);
+                };
+                let next: NextPart = Box::pin(async move {
+                    let r = p.next().await;
+                    (p, r)
+                });
+                self.reading.insert((next, Instant::now()))
+            }
         };
-        let (p, r) = match next.as_mut().poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(done) => done,
+        let Poll::Ready((p, r)) = next.as_mut().poll(cx) else {
+            return Poll::Pending;
         };
         let waited = since.elapsed();
         self.reading = None;
@@ -850,28 +849,17 @@ impl Streaming {
         }
         match r {
             Ok(Some(part)) => {
-                self.sent(part.len());
                 // hyper sends no more than the length it announced and may
                 // drop the body without asking for its end: the exchange is
                 // finished with its last byte
-                let through = self
-                    .finish
-                    .as_ref()
-                    .is_some_and(|f| Some(f.sent as u64) == self.len);
-                if through {
-                    if let Some(f) = self.finish.take() {
-                        let n = f.sent;
-                        f.done(Ok(n));
-                    }
+                if p.is_through() {
+                    self.end(Ok(p.sent()));
                 }
                 self.pending = Some(p);
                 Poll::Ready(Some(Ok(Frame::data(part))))
             }
             Ok(None) => {
-                if let Some(f) = self.finish.take() {
-                    let n = f.sent;
-                    f.done(Ok(n));
-                }
+                self.end(Ok(p.sent()));
                 Poll::Ready(None)
             }
             Err(detail) => {
@@ -883,17 +871,16 @@ impl Streaming {
                     detail,
                 };
                 let text = e.to_string();
-                if let Some(f) = self.finish.take() {
-                    f.done(Err(&e));
-                }
+                self.end(Err(&e));
                 Poll::Ready(Some(Err(std::io::Error::other(text))))
             }
         }
     }
 
-    fn sent(&mut self, n: usize) {
-        if let Some(f) = self.finish.as_mut() {
-            f.sent += n;
+    /// Finishes the exchange at the edge, the first time only.
+    fn end(&mut self, result: Result<usize, &RpcError>) {
+        if let Some(f) = self.finish.take() {
+            f.done(result);
         }
     }
 }
@@ -902,13 +889,11 @@ impl Drop for Streaming {
     fn drop(&mut self) {
         // hyper drops the body when the client went away (or stopped
         // reading) before the end
-        if let Some(f) = self.finish.take() {
-            let e = RpcError::RelayBroken {
-                side: Side::Client,
-                detail: "the client connection ended before the reply was through".into(),
-            };
-            f.done(Err(&e));
-        }
+        let e = RpcError::RelayBroken {
+            side: Side::Client,
+            detail: "the client connection ended before the reply was through".into(),
+        };
+        self.end(Err(&e));
     }
 }
 
@@ -925,7 +910,6 @@ pub(crate) struct Finish {
     upstream: Duration,
     request_bytes: usize,
     statement: Option<Bytes>,
-    sent: usize,
 }
 
 impl Finish {
@@ -944,7 +928,6 @@ impl Finish {
             upstream: ex.upstream,
             request_bytes: ex.request_bytes,
             statement: ex.statement.clone(),
-            sent: 0,
         }
     }
 

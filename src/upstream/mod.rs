@@ -223,6 +223,17 @@ impl Pending {
         }
     }
 
+    /// Bytes handed out by [`Pending::next`] so far.
+    pub fn sent(&self) -> usize {
+        self.sent
+    }
+
+    /// Whether the whole reply has been handed out (with a known length,
+    /// as soon as its last byte has).
+    pub fn is_through(&self) -> bool {
+        self.relayed
+    }
+
     /// The next part of the reply, the head first; `None` once it is all
     /// through. Bounded by the upstream's read timeout per part and, for
     /// HTTP, by `max_message_bytes`; every failure here is the upstream's.
