@@ -38,6 +38,7 @@ FIXTURE_DIR=${KB_FIXTURE_DIR:-/tmp/kyuubi-broker-fixture}
 VENV="$CACHE_DIR/venv"
 PY="$VENV/bin/python"
 SHIM="$CACHE_DIR/loopback_bind.so"
+LLAP_STUB="$CACHE_DIR/llap-stub"
 MAIN_CLASS=org.apache.spark.sql.hive.thriftserver.HiveThriftServer2
 START_TIMEOUT=${KB_STS_START_TIMEOUT:-240}
 HOST=127.0.0.1
@@ -57,6 +58,7 @@ cmd_install() {
       thrift_sasl pure-sasl kerberos 'alibabacloud-emr-serverless-spark20230808==2.3.0' >&2
   fi
   build_shim
+  build_llap_stub
   log "installed: SPARK_HOME=$(spark_home)"
 }
 
@@ -99,6 +101,43 @@ EOF
   cc -shared -fPIC -O2 -o "$SHIM.tmp" "$CACHE_DIR/loopback_bind.c" -ldl && mv "$SHIM.tmp" "$SHIM"
 }
 
+# pyspark's jars lack hive-llap-common, yet Hive's FunctionRegistry registers
+# get_splits, whose class implements LlapSigner.Signable. Whenever the server
+# builds a Hive client with function registration (on some threads only, so
+# it depends on timing) the static init fails with NoClassDefFoundError and
+# stays failed for the JVM's life: a `create table` then fails at random.
+# The verifier needs only the interface to exist; nothing calls it. Built
+# once, and checked by loading FunctionRegistry against the same jars.
+build_llap_stub() {
+  [ -f "$LLAP_STUB/ok" ] && return 0
+  command -v javac >/dev/null || die "javac is needed (a JDK: apt-get install openjdk-17-jdk-headless)"
+  local src="$CACHE_DIR/llap-stub-src" jars; jars="$(spark_home)/jars"
+  rm -rf "$src" "$LLAP_STUB" && mkdir -p "$src/org/apache/hadoop/hive/llap/security" "$LLAP_STUB"
+  cat >"$src/org/apache/hadoop/hive/llap/security/LlapSigner.java" <<'EOF'
+package org.apache.hadoop.hive.llap.security;
+
+/** Stands in for hive-llap-common's interface so that Hive's FunctionRegistry links. */
+public interface LlapSigner {
+  interface Signable {}
+
+  class SignedMessage {}
+}
+EOF
+  cat >"$src/LlapStubCheck.java" <<'EOF'
+public class LlapStubCheck {
+  public static void main(String[] args) throws Exception {
+    Class.forName("org.apache.hadoop.hive.ql.exec.FunctionRegistry", true, LlapStubCheck.class.getClassLoader());
+  }
+}
+EOF
+  javac -d "$LLAP_STUB" "$src/org/apache/hadoop/hive/llap/security/LlapSigner.java"
+  javac -d "$src" "$src/LlapStubCheck.java"
+  java --add-opens java.base/java.net=ALL-UNNAMED --add-opens java.base/java.lang=ALL-UNNAMED \
+    --add-opens java.base/java.util=ALL-UNNAMED -cp "$src:$LLAP_STUB:$jars/*" LlapStubCheck >"$src/check.log" 2>&1 ||
+    die "Hive's FunctionRegistry does not load with the LLAP stub (log: $src/check.log)"
+  touch "$LLAP_STUB/ok"
+}
+
 alive() { # pid
   [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null &&
     tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q "$MAIN_CLASS"
@@ -136,6 +175,7 @@ cmd_start() {
   port_open "$port" && die "port $HOST:$port is in use by another process"
   [ -x "$PY" ] || cmd_install
   build_shim
+  build_llap_stub
   local sh; sh=$(spark_home)
   rm -rf "$dir/tmp"; mkdir -p "$dir/tmp"
   # one resources dir per session: Hive deletes it when the session closes,
@@ -185,6 +225,7 @@ cmd_start() {
     export SPARK_LOCAL_IP=$HOST LD_PRELOAD="$SHIM" SPARK_HOME="$sh"
     exec nohup "$sh/bin/spark-submit" --class "$MAIN_CLASS" --name "kb-fixture-$name" \
       --master 'local[2]' --driver-memory "${KB_STS_MEMORY:-1g}" \
+      --driver-class-path "$LLAP_STUB" \
       --conf spark.ui.enabled=false --conf "spark.driver.bindAddress=$HOST" --conf "spark.driver.host=$HOST" \
       --conf "spark.local.dir=$dir/tmp" --conf "spark.sql.warehouse.dir=$dir/warehouse" \
       --conf "spark.hadoop.javax.jdo.option.ConnectionURL=jdbc:derby:;databaseName=$dir/metastore_db;create=true" \
