@@ -90,6 +90,16 @@ struct RouteLabels {
     route: Arc<str>,
 }
 
+/// The handles one RPC label set observes into.
+struct RpcSeries {
+    duration: Histogram,
+    upstream: Histogram,
+    overhead: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+    method: Arc<MethodStats>,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// 10 µs to about 11 minutes, doubling: microseconds to minutes.
@@ -147,6 +157,9 @@ pub struct Metrics {
     token_age: Gauge<f64, AtomicU64>,
     token_expiry: Gauge<f64, AtomicU64>,
     methods: RwLock<HashMap<&'static str, Arc<MethodStats>>>,
+    /// The series one RPC's labels land in, resolved once per label set:
+    /// one lookup per RPC instead of one per family.
+    series: RwLock<HashMap<RpcLabels, Arc<RpcSeries>>>,
     /// (route, user) → live sessions, for `/status`.
     live: Mutex<HashMap<(String, String), i64>>,
 }
@@ -362,6 +375,7 @@ impl Metrics {
             token_age,
             token_expiry,
             methods: RwLock::new(HashMap::new()),
+            series: RwLock::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
         }
     }
@@ -375,35 +389,52 @@ impl Metrics {
             upstream_transport: o.upstream_transport,
             outcome: o.outcome,
         };
-        self.duration
-            .get_or_create(&labels)
-            .observe(o.total.as_secs_f64());
-        self.upstream
-            .get_or_create(&labels)
-            .observe(o.upstream.as_secs_f64());
-        self.overhead
-            .get_or_create(&labels)
-            .observe(overhead.as_secs_f64());
-        let ml = MethodLabels {
-            method: labels.method,
-            route: labels.route,
-        };
-        self.request_bytes
-            .get_or_create(&ml)
-            .observe(o.request_bytes as f64);
-        self.response_bytes
-            .get_or_create(&ml)
-            .observe(o.response_bytes as f64);
+        let s = self.series_of(labels);
+        s.duration.observe(o.total.as_secs_f64());
+        s.upstream.observe(o.upstream.as_secs_f64());
+        s.overhead.observe(overhead.as_secs_f64());
+        s.request_bytes.observe(o.request_bytes as f64);
+        s.response_bytes.observe(o.response_bytes as f64);
         if let Some(kind) = o.upstream_error {
             self.upstream_errors
                 .get_or_create(&ErrorLabels {
-                    route: ml.route,
+                    route: o.route.clone(),
                     kind,
                 })
                 .inc();
         }
-        self.method(o.method)
-            .record(o.total, o.upstream, o.outcome != "ok");
+        s.method.record(o.total, o.upstream, o.outcome != "ok");
+    }
+
+    fn series_of(&self, labels: RpcLabels) -> Arc<RpcSeries> {
+        if let Some(s) = self
+            .series
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&labels)
+        {
+            return s.clone();
+        }
+        let ml = MethodLabels {
+            method: labels.method,
+            route: labels.route.clone(),
+        };
+        // the families hand out shared handles: a clone observes into the
+        // series /metrics encodes
+        let s = Arc::new(RpcSeries {
+            duration: self.duration.get_or_create(&labels).clone(),
+            upstream: self.upstream.get_or_create(&labels).clone(),
+            overhead: self.overhead.get_or_create(&labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(&ml).clone(),
+            response_bytes: self.response_bytes.get_or_create(&ml).clone(),
+            method: self.method(labels.method),
+        });
+        self.series
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(labels)
+            .or_insert(s)
+            .clone()
     }
 
     /// One login attempt on `listener` with `mechanism` (plain, gssapi,

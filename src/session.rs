@@ -423,8 +423,10 @@ impl Broker {
         upstream: &mut Duration,
     ) -> Result<Out, RpcError> {
         if call.scope == Scope::OpenSession {
-            return self
-                .open_binary(c, call, msg, upstream)
+            // boxed, like every path but the plain forward below: this
+            // future is built and moved on every RPC, so its size should be
+            // the forwarding path's, not that of the biggest path's state
+            return Box::pin(self.open_binary(c, call, msg, upstream))
                 .await
                 .map(Out::Reply);
         }
@@ -455,7 +457,7 @@ impl Broker {
             None => None,
         };
         if let Some(k) = &key {
-            if let Some(e) = self.meta.get(k).await {
+            if let Some(e) = Box::pin(self.meta.get(k)).await {
                 if let Some((reply, replay)) = self.meta.answer(&e, call.seqid, guid)? {
                     if let Some((op, r)) = replay {
                         c.replays.insert(op, r);
@@ -498,7 +500,7 @@ impl Broker {
                             c.recordings.insert(op, rec);
                         }
                     }
-                    None => self.meta.store_whole(k, ttl, &reply, generation).await,
+                    None => Box::pin(self.meta.store_whole(k, ttl, &reply, generation)).await,
                 }
             }
             return Ok(Out::Reply(reply));
@@ -506,8 +508,7 @@ impl Broker {
         if let Some(rec) = c.recordings.get_mut(&guid).filter(|r| r.wanted()) {
             if call.method == "CloseOperation" {
                 if let Some(rec) = c.recordings.remove(&guid) {
-                    self.finish_recording(&link, &c.route.target, rec, upstream)
-                        .await;
+                    Box::pin(self.finish_recording(&link, &c.route.target, rec, upstream)).await;
                 }
             } else {
                 // read whole while recording: the rows are kept
@@ -516,7 +517,7 @@ impl Broker {
                 rec.observe(call, &msg, &reply);
                 if rec.complete() {
                     if let Some(rec) = c.recordings.remove(&guid) {
-                        self.meta.store(rec).await;
+                        Box::pin(self.meta.store(rec)).await;
                     }
                 }
                 return Ok(Out::Reply(reply));
@@ -1224,7 +1225,10 @@ async fn relay_call(
             check_reply(&reply, call, target, link).await?;
             Ok(Out::Reply(reply))
         }
-        Streamed::Partial(p) => timed(upstream, p.relay_to(sink)).await.map(Out::Relayed),
+        // boxed: a relay's state is large and only big replies need it
+        Streamed::Partial(p) => Box::pin(timed(upstream, p.relay_to(sink)))
+            .await
+            .map(Out::Relayed),
     }
 }
 

@@ -333,7 +333,9 @@ impl Link {
     pub async fn call(&self, msg: Bytes) -> Result<Bytes, UpstreamError> {
         match self {
             Link::Binary(c) => c.lock().await.call(msg).await,
-            Link::Http(h) => h.call(msg).await,
+            // boxed: an HTTP exchange's state (hyper's request future) is
+            // large, and inline it would size every binary RPC's future
+            Link::Http(h) => Box::pin(h.call(msg)).await,
         }
     }
 
@@ -349,7 +351,7 @@ impl Link {
         let c = match self {
             Link::Binary(c) => c,
             Link::Http(h) => {
-                return match h.call_streaming(msg, Some(relay_above)).await? {
+                return match Box::pin(h.call_streaming(msg, Some(relay_above))).await? {
                     http::HttpReply::Whole(reply) => Ok(Streamed::Whole(reply)),
                     http::HttpReply::Partial(rest) => {
                         let head = rest.head.clone();
