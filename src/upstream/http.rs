@@ -268,6 +268,9 @@ pub enum HttpReply {
 /// not reused (hyper discards a body that was not read to its end).
 pub struct HttpRest {
     pub head: Bytes,
+    /// Parts read past the head while telling a big reply from a small
+    /// one, handed out before the body's next frames.
+    queued: std::collections::VecDeque<Bytes>,
     body: hyper::body::Incoming,
     /// The body's length, when the upstream gave it (Content-Length).
     pub len: Option<usize>,
@@ -280,6 +283,9 @@ impl HttpRest {
     /// The next part of the body, `None` at its end. Bounded by the route's
     /// read timeout per part and by `max_message_bytes` in all.
     pub async fn next(&mut self, so_far: usize) -> Result<Option<Bytes>, String> {
+        if let Some(part) = self.queued.pop_front() {
+            return Ok(Some(part));
+        }
         loop {
             let frame = tokio::time::timeout(self.read_timeout, self.body.frame())
                 .await
@@ -308,7 +314,13 @@ impl HttpRest {
     }
 }
 
-/// Reads a 200 reply's body until `above` bytes are in or it ends.
+/// The head of a streamed reply holds at least this much (a message
+/// header is far shorter), so the caller can check what it answers.
+const HEAD_MIN: usize = 1024;
+
+/// Reads a 200 reply's body until `above` bytes are in or it ends. The
+/// parts are kept as hyper gave them: only a reply that ends below `above`
+/// in several parts, or a head shorter than [`HEAD_MIN`], is joined.
 async fn read_head(
     t: &Target,
     mut body: hyper::body::Incoming,
@@ -319,42 +331,71 @@ async fn read_head(
         upstream: t.display.clone(),
         detail,
     };
+    let too_big = || {
+        broken(format!(
+            "reply larger than max_message_bytes ({})",
+            t.max_message_bytes
+        ))
+    };
     let len = body
         .size_hint()
         .exact()
         .and_then(|n| usize::try_from(n).ok());
     if len.is_some_and(|n| n > t.max_message_bytes) {
-        return Err(broken(format!(
-            "reply larger than max_message_bytes ({})",
-            t.max_message_bytes
-        )));
+        return Err(too_big());
     }
-    let mut head = bytes::BytesMut::new();
-    while head.len() <= above {
+    let mut parts = std::collections::VecDeque::new();
+    let mut total = 0;
+    let ended = loop {
+        if total > above {
+            break false;
+        }
         match body.frame().await {
-            None => return Ok(HttpReply::Whole(head.freeze())),
+            None => break true,
             Some(Err(e)) => return Err(broken(format!("reading the reply body: {e}"))),
             Some(Ok(f)) => {
                 if let Ok(d) = f.into_data() {
-                    if head.len() + d.len() > t.max_message_bytes {
-                        return Err(broken(format!(
-                            "reply larger than max_message_bytes ({})",
-                            t.max_message_bytes
-                        )));
+                    total += d.len();
+                    if total > t.max_message_bytes {
+                        return Err(too_big());
                     }
-                    head.extend_from_slice(&d);
+                    if !d.is_empty() {
+                        parts.push_back(d);
+                    }
                 }
             }
         }
+    };
+    if ended {
+        return Ok(HttpReply::Whole(join(&mut parts, usize::MAX)));
     }
     Ok(HttpReply::Partial(HttpRest {
-        head: head.freeze(),
+        head: join(&mut parts, HEAD_MIN),
+        queued: parts,
         body,
         len,
         max: t.max_message_bytes,
         read_timeout: t.read_timeout,
         upstream: t.display.clone(),
     }))
+}
+
+/// Takes parts from the front of `parts` until `at_least` bytes are taken
+/// (or none are left), as one buffer: the first part itself when it is
+/// enough, else a copy of the parts joined.
+fn join(parts: &mut std::collections::VecDeque<Bytes>, at_least: usize) -> Bytes {
+    let Some(first) = parts.pop_front() else {
+        return Bytes::new();
+    };
+    if first.len() >= at_least || parts.is_empty() {
+        return first;
+    }
+    let mut joined = bytes::BytesMut::from(&first[..]);
+    while joined.len() < at_least {
+        let Some(p) = parts.pop_front() else { break };
+        joined.extend_from_slice(&p);
+    }
+    joined.freeze()
 }
 
 fn basic_header(target: &Target, cred: &Credential) -> Result<HeaderValue, UpstreamError> {
@@ -425,4 +466,49 @@ fn auth_cookie(headers: &http::HeaderMap) -> Option<HeaderValue> {
 fn snippet(body: &[u8]) -> String {
     let s = String::from_utf8_lossy(&body[..body.len().min(200)]);
     s.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    fn parts(sizes: &[usize]) -> VecDeque<Bytes> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Bytes::from(vec![i as u8; *n]))
+            .collect()
+    }
+
+    #[test]
+    fn a_first_part_long_enough_is_the_head_itself_not_a_copy() {
+        let mut q = parts(&[4096, 100]);
+        let ptr = q[0].as_ptr();
+        let head = join(&mut q, HEAD_MIN);
+        assert_eq!(head.as_ptr(), ptr);
+        assert_eq!(head.len(), 4096);
+        assert_eq!(q.len(), 1, "the second part stays queued");
+    }
+
+    #[test]
+    fn short_parts_are_joined_until_the_head_is_long_enough() {
+        let mut q = parts(&[600, 300, 300, 5000]);
+        let head = join(&mut q, HEAD_MIN);
+        assert_eq!(head.len(), 1200);
+        assert_eq!(&head[..600], &[0u8; 600][..]);
+        assert_eq!(&head[600..900], &[1u8; 300][..]);
+        assert_eq!(&head[900..], &[2u8; 300][..]);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].len(), 5000);
+    }
+
+    #[test]
+    fn a_whole_reply_in_several_parts_is_joined_in_order() {
+        let mut q = parts(&[3, 2, 1]);
+        let whole = join(&mut q, usize::MAX);
+        assert_eq!(&whole[..], &[0, 0, 0, 1, 1, 2]);
+        assert!(q.is_empty());
+        assert!(join(&mut q, usize::MAX).is_empty());
+    }
 }
