@@ -26,11 +26,16 @@
 #                                              (listed at cmd_tls_certs)
 #   scripts/fixture.sh start NAME --ssl        a Spark Thrift Server with hive.server2.use.SSL
 #                                              and /tmp/kb-tls/server.pem
+#   scripts/fixture.sh zk-start | zk-stop      ZooKeeper 3.8 (Debian's zookeeper) standalone on
+#                                              127.0.0.1:2181, state in /tmp/kb-zk
+#   scripts/fixture.sh fleet-key               the fleet's token key (32 random bytes, hex) in
+#                                              /tmp/kb-fleet.key, mode 600; kept if present
 #
 # Environment: KB_FIXTURE_DIR (state, default /tmp/kyuubi-broker-fixture),
 # KB_CACHE_DIR (venv + shim, default ~/.cache/kyuubi-broker),
 # KB_STS_START_TIMEOUT (seconds, default 240), KB_STS_MEMORY (default 1g),
-# KB_LDAP_PORT / KB_LDAPS_PORT (default 3890 / 6360), KB_TLS_DIR (default /tmp/kb-tls).
+# KB_LDAP_PORT / KB_LDAPS_PORT (default 3890 / 6360), KB_TLS_DIR (default /tmp/kb-tls),
+# KB_ZK_PORT (default 2181), KB_ZK_DIR (default /tmp/kb-zk).
 set -euo pipefail
 
 CACHE_DIR=${KB_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kyuubi-broker}
@@ -665,10 +670,97 @@ tls_certs() {
   ) 8>"$TLS_DIR.lock"
 }
 
+# ---- ZooKeeper (issue 13: discovery and the fleet's rotation record) ----
+ZK_PORT=${KB_ZK_PORT:-2181}
+ZK_DIR=${KB_ZK_DIR:-/tmp/kb-zk}
+ZK_JAR=/usr/share/java/zookeeper.jar
+
+zk_install() {
+  [ -r "$ZK_JAR" ] && return 0
+  log "installing Debian's zookeeper (the server is started by zk-start, not as a service)"
+  apt-cache show zookeeper >/dev/null 2>&1 || apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -q --no-install-recommends zookeeper >&2
+}
+
+# "imok" from the four-letter word, the server's own readiness answer
+zk_ready() {
+  local reply
+  reply=$( (exec 3<>"/dev/tcp/$HOST/$ZK_PORT" && printf ruok >&3 && timeout 2 cat <&3) 2>/dev/null) || true
+  [ "$reply" = imok ]
+}
+
+cmd_zk_start() {
+  zk_install
+  mkdir -p "$ZK_DIR/conf" "$ZK_DIR/data"
+  exec 9>"$ZK_DIR/lock"
+  flock 9
+  if [ -f "$ZK_DIR/pid" ] && kill -0 "$(cat "$ZK_DIR/pid")" 2>/dev/null && zk_ready; then
+    echo "$HOST:$ZK_PORT"
+    return 0
+  fi
+  port_open "$ZK_PORT" && die "port $HOST:$ZK_PORT is in use by another process"
+  # standalone, loopback only; no AdminServer (it would take 8080)
+  cat >"$ZK_DIR/conf/zoo.cfg" <<CONF
+tickTime=500
+initLimit=10
+syncLimit=5
+dataDir=$ZK_DIR/data
+clientPort=$ZK_PORT
+clientPortAddress=$HOST
+maxClientCnxns=200
+minSessionTimeout=1000
+maxSessionTimeout=60000
+admin.enableServer=false
+4lw.commands.whitelist=ruok,srvr,stat,cons
+CONF
+  (
+    exec 9>&-
+    # Debian's jar names its dependencies in its manifest; it ships no
+    # slf4j binding, so the server logs nothing (zk.log has the JVM's output)
+    exec nohup java -Xmx256m -cp "$ZK_JAR" \
+      org.apache.zookeeper.server.ZooKeeperServerMain "$ZK_DIR/conf/zoo.cfg"
+  ) >"$ZK_DIR/zk.log" 2>&1 </dev/null &
+  echo $! >"$ZK_DIR/pid"
+  for _ in $(seq 1 300); do
+    if zk_ready; then
+      echo "$HOST:$ZK_PORT"
+      return 0
+    fi
+    kill -0 "$(cat "$ZK_DIR/pid")" 2>/dev/null || { tail -20 "$ZK_DIR/zk.log" >&2; die "ZooKeeper exited"; }
+    sleep 0.1
+  done
+  cmd_zk_stop
+  die "ZooKeeper not ready after 30 s on $HOST:$ZK_PORT (log: $ZK_DIR/zk.log)"
+}
+
+cmd_zk_stop() {
+  [ -f "$ZK_DIR/pid" ] || return 0
+  local pid
+  pid=$(cat "$ZK_DIR/pid")
+  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q ZooKeeperServerMain; then
+    kill "$pid"
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    log "stopped ZooKeeper (pid $pid)"
+  fi
+  rm -f "$ZK_DIR/pid"
+}
+
+cmd_fleet_key() {
+  local key=/tmp/kb-fleet.key
+  if [ ! -s "$key" ]; then
+    (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$key")
+    log "wrote a new fleet key to $key"
+  fi
+  echo "$key"
+}
+
 case "${1:-}" in
   tls-certs) tls_certs ;;
   kdc-start) cmd_kdc_start ;;
   kdc-stop) cmd_kdc_stop ;;
+  zk-start) cmd_zk_start ;;
+  zk-stop) cmd_zk_stop ;;
+  fleet-key) cmd_fleet_key ;;
   install) shift; cmd_install ;;
   ldap-start) cmd_ldap_start ;;
   ldap-stop) cmd_ldap_stop ;;
@@ -676,5 +768,5 @@ case "${1:-}" in
   stop) shift; cmd_stop "$@" ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: checks formatting and lints (default features and
 # --no-default-features), installs the fixture (Spark Thrift Server 4.0.1 from
-# the pyspark package, PyHive, impyla, beeline, slapd, an MIT KDC), starts
+# the pyspark package, PyHive, impyla, beeline, slapd, an MIT KDC, ZooKeeper), starts
 # the shared servers, runs every cargo test against them, and stops what it
 # started.
 set -euo pipefail
@@ -23,7 +23,9 @@ scripts/fixture.sh start sts-http --mode http --port 10001 >/dev/null &
 h=$!
 scripts/fixture.sh start sts-ldap --mode binary --port 10003 --auth ldap >/dev/null &
 l=$!
-trap 'scripts/fixture.sh stop all' EXIT
+trap 'scripts/fixture.sh stop all; scripts/fixture.sh zk-stop' EXIT
+# ZooKeeper for the discovery tests (about 1 s)
+scripts/fixture.sh zk-start >/dev/null
 scripts/fixture.sh kdc-start >/dev/null
 scripts/fixture.sh start sts-kerberos --mode binary --port 10005 --auth kerberos >/dev/null &
 kb=$!

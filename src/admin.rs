@@ -50,6 +50,8 @@ pub struct AdminState {
     /// Listeners configured (readiness needs all of them).
     pub configured: usize,
     pub rotation: Option<crate::tokens::Rotation>,
+    /// ZooKeeper registration, with `[cluster]`.
+    pub discovery: Option<Arc<std::sync::Mutex<crate::cluster::discovery::DiscoveryStatus>>>,
     pub started: Instant,
     /// TLS listeners, for their certificates' time to expiry.
     pub tls: Vec<(Arc<str>, Arc<crate::tls::server::ServerTls>)>,
@@ -64,6 +66,9 @@ pub struct Status {
     pub sessions: Vec<LiveSessions>,
     pub methods: Vec<MethodRow>,
     pub token: Option<TokenStatus>,
+    /// With `[cluster]`: the ZooKeeper registration.
+    #[serde(default)]
+    pub discovery: Option<crate::cluster::discovery::DiscoveryStatus>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -149,6 +154,10 @@ impl AdminState {
             sessions: m.live_sessions(),
             methods: m.table(),
             token: self.token(),
+            discovery: self
+                .discovery
+                .as_ref()
+                .map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         }
     }
 

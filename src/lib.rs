@@ -49,7 +49,9 @@
 //!    in [`error::RpcError::answer`].
 //!
 //! [`run`] wires it together, serves the [`admin`] endpoints and drains
-//! connections on shutdown. Beside the data path: [`tokens`] rotates gateway
+//! connections on shutdown; with `[cluster]` it registers the listeners in
+//! ZooKeeper once they serve and takes them out first when draining
+//! ([`cluster::discovery`]). Beside the data path: [`tokens`] rotates gateway
 //! tokens through [`cloud`] (emulated by [`emulator`]); [`loadgen`] drives
 //! `kyuubi-broker bench`.
 //!
@@ -68,6 +70,7 @@
 //! - [`error`] (every client-visible failure and how it is answered), then
 //!   [`upstream`], [`warm`] (sessions opened ahead, over [`upstream`] and
 //!   [`governor`]), [`edge`], [`session`];
+//! - [`cluster`] (ZooKeeper registration, over [`config`] and [`metrics`]);
 //! - top: [`listen`], [`admin`], [`tokens`], [`client`], [`loadgen`],
 //!   [`commands`], `fuzzing` (what the fuzz targets in `fuzz/` call), and
 //!   this crate root.
@@ -77,6 +80,7 @@ pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod cloud;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod connstr;
@@ -304,6 +308,7 @@ pub async fn run(
     }
     let mut admin_socket = None;
     let mut up = Vec::new();
+    let mut bound_addrs = Vec::new();
     for bound in listeners {
         if bound.name == ADMIN {
             admin_socket = Some(bound.tcp);
@@ -326,6 +331,9 @@ pub async fn run(
             &shared.broker,
             &config.server,
         );
+        if let Ok(a) = bound.tcp.local_addr() {
+            bound_addrs.push((lc.name.clone(), a));
+        }
         let addr: String = bound
             .tcp
             .local_addr()
@@ -386,6 +394,21 @@ pub async fn run(
             shared.cancel.clone(),
         ));
     }
+    // registered once every listener serves
+    let discovery = match &config.cluster {
+        Some(c) => {
+            let regs = cluster::discovery::registrations(&config, &bound_addrs);
+            match cluster::discovery::Discovery::start(c, regs, shared.broker.metrics.clone()) {
+                Ok(d) => d,
+                Err(e) => {
+                    // checked by validation already; a file changed since
+                    warn!("{e}; this broker is not registered in ZooKeeper");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     if let Some(tcp) = admin_socket {
         let state = Arc::new(admin::AdminState {
             tls: served_tls,
@@ -393,12 +416,20 @@ pub async fn run(
             listeners: up,
             configured: config.listeners.len(),
             rotation: rotation.clone(),
+            discovery: discovery.as_ref().map(|d| d.status()),
             started: std::time::Instant::now(),
         });
         let limits = admin::AdminLimits::new(config.admin.as_ref(), &config.server);
         accept_loops.spawn(admin::serve(tcp, state, limits, shared.cancel.clone()));
     }
     shutdown.await;
+    if let (Some(d), Some(c)) = (discovery, &config.cluster) {
+        // new clients go elsewhere first; those that read a znode just
+        // before still get in during the grace
+        info!("draining: leaving ZooKeeper discovery");
+        d.deregister(Duration::from_secs(5)).await;
+        tokio::time::sleep(c.deregister_grace).await;
+    }
     info!("shutting down: no new connections; waiting for in-flight RPCs");
     rotation_stop.cancel();
     shared.cancel.cancel();

@@ -156,6 +156,9 @@ pub struct Metrics {
     governor_timeouts: Family<RouteLabels, Counter>,
     token_age: Gauge<f64, AtomicU64>,
     token_expiry: Gauge<f64, AtomicU64>,
+    discovery_znodes: Gauge,
+    discovery_registrations: Counter,
+    discovery_failures: Counter,
     methods: RwLock<HashMap<&'static str, Arc<MethodStats>>>,
     /// The series one RPC's labels land in, resolved once per label set:
     /// one lookup per RPC instead of one per family.
@@ -346,6 +349,24 @@ impl Metrics {
             Unit::Seconds,
             token_expiry.clone(),
         );
+        let discovery_znodes = Gauge::default();
+        registry.register(
+            "discovery_znodes",
+            "Znodes this broker has registered in ZooKeeper for its listeners now (0 while ZooKeeper is out of reach)",
+            discovery_znodes.clone(),
+        );
+        let discovery_registrations = Counter::default();
+        registry.register(
+            "discovery_registrations",
+            "Times this broker registered its listeners in ZooKeeper (once per ZooKeeper session)",
+            discovery_registrations.clone(),
+        );
+        let discovery_failures = Counter::default();
+        registry.register(
+            "discovery_failures",
+            "Failed attempts to reach ZooKeeper or register there, and lost ZooKeeper sessions",
+            discovery_failures.clone(),
+        );
         Metrics {
             registry,
             duration,
@@ -374,6 +395,9 @@ impl Metrics {
             governor_timeouts,
             token_age,
             token_expiry,
+            discovery_znodes,
+            discovery_registrations,
+            discovery_failures,
             methods: RwLock::new(HashMap::new()),
             series: RwLock::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
@@ -627,6 +651,23 @@ impl Metrics {
         self.token_age.set(age.map_or(0.0, |d| d.as_secs_f64()));
         self.token_expiry
             .set(to_expiry.map_or(0.0, |d| d.as_secs_f64()));
+    }
+
+    /// ZooKeeper registration: `Some(n)` registered `n` znodes now,
+    /// `None` a failed attempt or a lost session.
+    pub fn discovery(&self, registered: Option<usize>) {
+        match registered {
+            Some(n) => {
+                self.discovery_znodes.set(n as i64);
+                if n > 0 {
+                    self.discovery_registrations.inc();
+                }
+            }
+            None => {
+                self.discovery_znodes.set(0);
+                self.discovery_failures.inc();
+            }
+        }
     }
 
     /// The Prometheus text exposition (OpenMetrics).

@@ -166,6 +166,9 @@ fn local(a: &ConnstrArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(e),
     };
+    if a.zookeeper {
+        return fleet(&cfg, a);
+    }
     for l in &cfg.listeners {
         // a Kerberos listener is reached with its service principal
         let principal = l.kerberos.as_ref().and_then(|k| k.principal.clone());
@@ -191,6 +194,52 @@ fn local(a: &ConnstrArgs) -> ExitCode {
             }
             Err(e) => return fail(e),
         }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `--local --zookeeper`: the fleet's discovery URLs, one per namespace the
+/// config's listeners register in (binary and HTTP apart). The transport,
+/// port and path come from the znode; a Kerberos listener's principal goes
+/// in the URL, as the driver needs it before it connects.
+fn fleet(cfg: &Config, a: &ConnstrArgs) -> ExitCode {
+    let Some(cluster) = &cfg.cluster else {
+        return fail("--zookeeper with --local needs a [cluster] table in the config");
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for (l, ns) in cfg.discovered() {
+        if !seen.insert(ns.clone()) {
+            continue;
+        }
+        let principal = l.kerberos.as_ref().and_then(|k| k.principal.clone());
+        let mut spec = ConnSpec::new(
+            String::new(),
+            match (principal, &a.user) {
+                (Some(p), _) => Auth::Kerberos { principal: p },
+                (None, Some(u)) => Auth::User { name: u.clone() },
+                (None, None) => Auth::None,
+            },
+        );
+        spec.hosts = cluster
+            .zookeeper
+            .split(',')
+            .map(|h| h.trim().to_string())
+            .collect();
+        spec.zookeeper_namespace = Some(ns.clone());
+        match build(&spec, a.show_secret) {
+            Ok(url) => {
+                eprintln!(
+                    "namespace {ns}: {} listeners (first: {})",
+                    l.protocol.as_str(),
+                    l.name
+                );
+                println!("{url}");
+            }
+            Err(e) => return fail(e),
+        }
+    }
+    if seen.is_empty() {
+        return fail("no listener registers in ZooKeeper (all have discovery = false)");
     }
     ExitCode::SUCCESS
 }

@@ -236,6 +236,13 @@ pub struct ListenerConfig {
     /// with `hive.server2.use.SSL`; HTTP: HTTPS).
     #[serde(default)]
     pub tls: Option<crate::tls::server::ListenerTls>,
+    /// With `[cluster]`: register this listener in ZooKeeper (default).
+    #[serde(default = "yes")]
+    pub discovery: bool,
+    /// With `[cluster]`: the namespace to register in, instead of
+    /// `cluster.namespace` (binary) or `cluster.http_namespace` (HTTP).
+    #[serde(default)]
+    pub zookeeper_namespace: Option<String>,
 }
 
 fn yes() -> bool {

@@ -5,6 +5,7 @@
 //! that span sections.
 
 mod admin;
+mod cluster;
 mod listener;
 mod route;
 mod server;
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use self::admin::AdminConfig;
+pub use self::cluster::ClusterConfig;
 pub use self::listener::{ClientAuth, KerberosListenerConfig, LdapConfig, ListenerConfig};
 pub use self::route::{
     Account, Carry, CredentialsConfig, MappingConfig, MappingType, RouteConfig, SessionPolicy,
@@ -71,6 +73,9 @@ pub struct Config {
     /// Metrics and status endpoints.
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    /// A fleet on ZooKeeper: listeners register for discovery.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -196,7 +201,55 @@ impl Config {
         if let Some(t) = &self.tokens {
             t.validate()?;
         }
+        match &self.cluster {
+            Some(c) => {
+                c.validate()?;
+                if let Some(f) = &c.digest_file {
+                    readable(f, "cluster.digest_file")?;
+                }
+                for (i, l) in self.listeners.iter().enumerate() {
+                    if let Some(ns) = &l.zookeeper_namespace {
+                        cluster::check_namespace(
+                            &format!("listener[{i}].zookeeper_namespace"),
+                            ns,
+                        )?;
+                    }
+                }
+            }
+            None => {
+                if let Some((i, _)) = self
+                    .listeners
+                    .iter()
+                    .enumerate()
+                    .find(|(_, l)| l.zookeeper_namespace.is_some())
+                {
+                    return Err(invalid(
+                        format!("listener[{i}].zookeeper_namespace"),
+                        "is set but there is no [cluster]",
+                        "add [cluster] with zookeeper = \"host:2181\", or remove the key",
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The listeners that register in ZooKeeper, each with its namespace.
+    pub fn discovered(&self) -> Vec<(&ListenerConfig, String)> {
+        let Some(c) = &self.cluster else {
+            return Vec::new();
+        };
+        self.listeners
+            .iter()
+            .filter(|l| l.discovery)
+            .map(|l| {
+                let ns = l
+                    .zookeeper_namespace
+                    .clone()
+                    .unwrap_or_else(|| c.namespace_for(l.protocol));
+                (l, ns)
+            })
+            .collect()
     }
 }
 
