@@ -414,15 +414,23 @@ cmd_ldap_start() {
   die "slapd not ready after 10 s (plain, StartTLS and ldaps on 127.0.0.1:$LDAP_PORT and :$LDAPS_PORT)"
 }
 
-cmd_ldap_stop() {
-  [ -f "$LDAP_DIR/pid" ] || return 0
+# Stops the process of pid file $1 if its command line matches $2 (a stale
+# file may name another process by now), waits up to 5 s for it to end, and
+# removes the file; $3 names it in the log.
+stop_pidfile() {
+  [ -f "$1" ] || return 0
   local pid
-  pid=$(cat "$LDAP_DIR/pid")
-  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q slapd; then
+  pid=$(cat "$1")
+  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$2"; then
     kill "$pid"
-    log "stopped slapd (pid $pid)"
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    log "stopped $3 (pid $pid)"
   fi
-  rm -f "$LDAP_DIR/pid"
+  rm -f "$1"
+}
+
+cmd_ldap_stop() {
+  stop_pidfile "$LDAP_DIR/pid" slapd slapd
 }
 
 # ------------------------------------------------------------------- KDC ---
@@ -734,15 +742,7 @@ CONF
 }
 
 cmd_zk_stop() {
-  [ -f "$ZK_DIR/pid" ] || return 0
-  local pid
-  pid=$(cat "$ZK_DIR/pid")
-  if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q ZooKeeperServerMain; then
-    kill "$pid"
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    log "stopped ZooKeeper (pid $pid)"
-  fi
-  rm -f "$ZK_DIR/pid"
+  stop_pidfile "$ZK_DIR/pid" ZooKeeperServerMain ZooKeeper
 }
 
 cmd_fleet_key() {

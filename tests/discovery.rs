@@ -177,21 +177,7 @@ async fn beeline_finds_the_broker_through_zookeeper_on_both_transports() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("broker.toml");
     std::fs::write(&file, &toml).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kyuubi-broker"))
-        .args(["connstr", "--local", "--zookeeper", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let urls: Vec<String> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let urls = fleet_urls(&file).unwrap();
     let want = |n: &str| {
         format!("jdbc:hive2://{ZK}/;serviceDiscoveryMode=zooKeeper;zooKeeperNamespace={n}")
     };
@@ -334,29 +320,33 @@ async fn zookeeper_away_never_stops_serving_and_the_broker_registers_when_it_is_
     b.shutdown().await;
 }
 
+/// `connstr --local --zookeeper --config FILE`: its URLs, or its error text.
+fn fleet_urls(config: &std::path::Path) -> Result<Vec<String>, String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kyuubi-broker"))
+        .args(["connstr", "--local", "--zookeeper", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
 #[test]
 fn the_discovery_example_prints_one_zookeeper_url_per_transport() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kyuubi-broker"))
-        .args(["connstr", "--local", "--zookeeper", "--config"])
-        .arg(root().join("config/examples/discovery.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
-        "jdbc:hive2://127.0.0.1:2181/;serviceDiscoveryMode=zooKeeper;zooKeeperNamespace=kyuubi-broker\n\
-         jdbc:hive2://127.0.0.1:2181/;serviceDiscoveryMode=zooKeeper;zooKeeperNamespace=kyuubi-broker-http\n"
+        fleet_urls(&root().join("config/examples/discovery.toml")).unwrap(),
+        [
+            "jdbc:hive2://127.0.0.1:2181/;serviceDiscoveryMode=zooKeeper;zooKeeperNamespace=kyuubi-broker",
+            "jdbc:hive2://127.0.0.1:2181/;serviceDiscoveryMode=zooKeeper;zooKeeperNamespace=kyuubi-broker-http",
+        ]
     );
     // without [cluster] there is no fleet to print
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kyuubi-broker"))
-        .args(["connstr", "--local", "--zookeeper", "--config"])
-        .arg(root().join("config/examples/bi.toml"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("[cluster]"));
+    let e = fleet_urls(&root().join("config/examples/bi.toml")).unwrap_err();
+    assert!(e.contains("[cluster]"), "{e}");
 }
