@@ -56,11 +56,11 @@ spark_home() { "$PY" -c 'import os, pyspark; print(os.path.dirname(pyspark.__fil
 cmd_install() {
   command -v java >/dev/null || die "java (17 or 21) is required: apt-get install openjdk-17-jre-headless"
   mkdir -p "$CACHE_DIR"
-  if ! "$PY" -c 'import pyspark, pyhive, impala, thrift_sasl, puresasl, kerberos, alibabacloud_emr_serverless_spark20230808' 2>/dev/null; then
-    log "creating client venv in $VENV (pyspark 4.0.1, PyHive 0.7.0, impyla 0.24.0, the official EMR Serverless Spark SDK)"
+  if ! "$PY" -c 'import pyspark, pyhive, impala, thrift_sasl, puresasl, kerberos, kazoo, alibabacloud_emr_serverless_spark20230808' 2>/dev/null; then
+    log "creating client venv in $VENV (pyspark 4.0.1, PyHive 0.7.0, impyla 0.24.0, kazoo 2.11.0, the official EMR Serverless Spark SDK)"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q 'pyspark==4.0.1' 'pyhive[hive_pure_sasl]==0.7.0' 'impyla==0.24.0' \
-      thrift_sasl pure-sasl kerberos 'alibabacloud-emr-serverless-spark20230808==2.3.0' >&2
+      thrift_sasl pure-sasl kerberos 'kazoo==2.11.0' 'alibabacloud-emr-serverless-spark20230808==2.3.0' >&2
   fi
   build_shim
   build_llap_stub

@@ -91,6 +91,15 @@ pub struct TokenStatus {
     pub rotations: u64,
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
+    /// In a fleet: "leader" or "follower".
+    #[serde(default)]
+    pub role: Option<String>,
+    /// In a fleet: the broker that last wrote the token record.
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// In a fleet: leader's write to this broker's switch, last time.
+    #[serde(default)]
+    pub last_switch_lag_ms: Option<i64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -133,6 +142,9 @@ impl AdminState {
             rotations: s.rotations,
             consecutive_failures: s.consecutive_failures,
             last_error: s.last_error,
+            role: s.role.map(str::to_string),
+            leader: s.leader,
+            last_switch_lag_ms: s.last_switch_lag_ms,
         })
     }
 

@@ -52,7 +52,10 @@
 //! connections on shutdown; with `[cluster]` it registers the listeners in
 //! ZooKeeper once they serve and takes them out first when draining
 //! ([`cluster::discovery`]). Beside the data path: [`tokens`] rotates gateway
-//! tokens through [`cloud`] (emulated by [`emulator`]); [`loadgen`] drives
+//! tokens through [`cloud`] (emulated by [`emulator`]), keeping its state in
+//! a file on a single broker; in a fleet ([`cluster::fleet`]) one elected
+//! broker runs the same rotation with its state in ZooKeeper, and every
+//! broker takes the upstreams' token from there. [`loadgen`] drives
 //! `kyuubi-broker bench`.
 //!
 //! # Module tree
@@ -70,8 +73,11 @@
 //! - [`error`] (every client-visible failure and how it is answered), then
 //!   [`upstream`], [`warm`] (sessions opened ahead, over [`upstream`] and
 //!   [`governor`]), [`edge`], [`session`];
-//! - [`cluster`] (ZooKeeper registration, over [`config`] and [`metrics`]);
-//! - top: [`listen`], [`admin`], [`tokens`], [`client`], [`loadgen`],
+//! - [`tokens`] (the rotation, its schedule and the state file, over
+//!   [`cloud`]);
+//! - [`cluster`] (ZooKeeper registration, and the fleet's election and
+//!   token record, over [`tokens`], [`config`] and [`metrics`]);
+//! - top: [`listen`], [`admin`], [`client`], [`loadgen`],
 //!   [`commands`], `fuzzing` (what the fuzz targets in `fuzz/` call), and
 //!   this crate root.
 
@@ -185,6 +191,8 @@ pub struct Prepared {
     tls: Vec<Option<Arc<tls::server::ServerTls>>>,
     /// By route: how its TLS upstream is verified.
     upstream_tls: std::collections::BTreeMap<String, tls::client::ClientTls>,
+    /// A fleet rotating `[tokens]`: the key sealing its token values.
+    fleet_key: Option<Arc<cluster::seal::FleetKey>>,
 }
 
 impl Prepared {
@@ -241,11 +249,24 @@ pub fn prepare(config: Config) -> Result<Prepared, ConfigError> {
             upstream_tls.insert(name.clone(), t);
         }
     }
+    let fleet_key = match (&config.cluster, &config.tokens) {
+        (Some(c), Some(_)) => Some(Arc::new(
+            cluster::seal::FleetKey::load(c.token_key_file.as_deref()).map_err(|e| {
+                config::invalid(
+                    "cluster.token_key_file",
+                    e.to_string(),
+                    "`openssl rand -hex 32 > FILE; chmod 600 FILE`, and give every broker of the fleet that file",
+                )
+            })?,
+        )),
+        _ => None,
+    };
     Ok(Prepared {
         config,
         auths,
         tls,
         upstream_tls,
+        fleet_key,
     })
 }
 
@@ -262,6 +283,7 @@ pub async fn run(
         auths,
         tls,
         upstream_tls,
+        fleet_key,
     } = prepared;
     for w in config
         .listeners
@@ -272,15 +294,44 @@ pub async fn run(
         warn!("{w}");
     }
     let rotation_stop = CancellationToken::new();
-    let rotation = match &config.tokens {
-        Some(t) => Some(tokens::start(t, rotation_stop.clone()).await),
-        None => None,
+    // a fleet's token comes from its record in ZooKeeper, a single
+    // broker's from its own rotation
+    let fleet_live = (config.tokens.is_some() && config.cluster.is_some())
+        .then(|| tokio::sync::watch::channel(None));
+    let mut rotation = match (&config.tokens, &fleet_live) {
+        (Some(t), None) => Some(tokens::start(t, rotation_stop.clone()).await),
+        _ => None,
     };
-    let broker = Arc::new(Broker::new(
-        &config,
-        rotation.as_ref().map(|r| r.live.clone()),
-        &upstream_tls,
-    ));
+    let live = match &fleet_live {
+        Some((_, rx)) => Some(rx.clone()),
+        None => rotation.as_ref().map(|r| r.live.clone()),
+    };
+    let broker = Arc::new(Broker::new(&config, live, &upstream_tls));
+    let mut fleet = None;
+    if let (Some((tx, _)), Some(t), Some(c)) = (fleet_live, &config.tokens, &config.cluster) {
+        let inputs = cluster::fleet::Inputs {
+            cluster: c,
+            tokens: t,
+            key: fleet_key.expect("prepared with the fleet"),
+            me: cluster::fleet::member_name(
+                c,
+                listeners
+                    .iter()
+                    .find(|l| l.name == ADMIN)
+                    .or(listeners.first())
+                    .and_then(|l| l.tcp.local_addr().ok()),
+            ),
+            live: tx,
+            metrics: broker.metrics.clone(),
+        };
+        match cluster::fleet::start(inputs).await {
+            Ok((r, f)) => {
+                rotation = Some(r);
+                fleet = Some(f);
+            }
+            Err(e) => rotation = Some(tokens::Rotation::disabled(e.to_string(), None)),
+        }
+    }
     let shared = Arc::new(Shared {
         limits: listen::limits::Limits::new(&config.server, broker.metrics.clone()),
         broker,
@@ -423,6 +474,11 @@ pub async fn run(
         accept_loops.spawn(admin::serve(tcp, state, limits, shared.cancel.clone()));
     }
     shutdown.await;
+    if let Some(f) = fleet {
+        // another broker rotates from now on; this one keeps its token
+        info!("draining: stepping down from the fleet's rotation");
+        f.stop(Duration::from_secs(5)).await;
+    }
     if let (Some(d), Some(c)) = (discovery, &config.cluster) {
         // new clients go elsewhere first; those that read a znode just
         // before still get in during the grace

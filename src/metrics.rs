@@ -159,6 +159,9 @@ pub struct Metrics {
     discovery_znodes: Gauge,
     discovery_registrations: Counter,
     discovery_failures: Counter,
+    fleet_leader: Gauge,
+    fleet_token_updates: Counter,
+    fleet_errors: Counter,
     methods: RwLock<HashMap<&'static str, Arc<MethodStats>>>,
     /// The series one RPC's labels land in, resolved once per label set:
     /// one lookup per RPC instead of one per family.
@@ -367,6 +370,24 @@ impl Metrics {
             "Failed attempts to reach ZooKeeper or register there, and lost ZooKeeper sessions",
             discovery_failures.clone(),
         );
+        let fleet_leader = Gauge::default();
+        registry.register(
+            "fleet_leader",
+            "1 while this broker leads its fleet's token rotation, else 0",
+            fleet_leader.clone(),
+        );
+        let fleet_token_updates = Counter::default();
+        registry.register(
+            "fleet_token_updates",
+            "Times this broker switched to a token read from the fleet's record in ZooKeeper",
+            fleet_token_updates.clone(),
+        );
+        let fleet_errors = Counter::default();
+        registry.register(
+            "fleet_errors",
+            "Fleet token records that could not be read or opened (another key, damage), and failed leader reads",
+            fleet_errors.clone(),
+        );
         Metrics {
             registry,
             duration,
@@ -398,6 +419,9 @@ impl Metrics {
             discovery_znodes,
             discovery_registrations,
             discovery_failures,
+            fleet_leader,
+            fleet_token_updates,
+            fleet_errors,
             methods: RwLock::new(HashMap::new()),
             series: RwLock::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
@@ -668,6 +692,18 @@ impl Metrics {
                 self.discovery_failures.inc();
             }
         }
+    }
+
+    pub fn fleet_leader(&self, leads: bool) {
+        self.fleet_leader.set(i64::from(leads));
+    }
+
+    pub fn fleet_token_update(&self) {
+        self.fleet_token_updates.inc();
+    }
+
+    pub fn fleet_error(&self) {
+        self.fleet_errors.inc();
     }
 
     /// The Prometheus text exposition (OpenMetrics).

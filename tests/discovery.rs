@@ -243,48 +243,6 @@ async fn draining_removes_the_znodes_before_the_listeners_stop_accepting() {
     );
 }
 
-/// A private ZooKeeper on its own port and state directory, so stopping it
-/// disturbs no other test.
-struct PrivateZk {
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl PrivateZk {
-    fn new() -> PrivateZk {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        PrivateZk {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn run(&self, cmd: &str) {
-        let st = std::process::Command::new(root().join("scripts/fixture.sh"))
-            .arg(cmd)
-            .env("KB_ZK_PORT", self.port.to_string())
-            .env("KB_ZK_DIR", self.dir.path())
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success(), "fixture.sh {cmd}");
-    }
-
-    fn ensemble(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for PrivateZk {
-    fn drop(&mut self) {
-        self.run("zk-stop");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zookeeper_away_never_stops_serving_and_the_broker_registers_when_it_is_back() {
     let sts = sts_binary().await;

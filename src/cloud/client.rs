@@ -124,6 +124,8 @@ impl Default for Retry {
     }
 }
 
+/// Cheap to clone: the connection pool is shared.
+#[derive(Clone)]
 pub struct ApiClient {
     http: reqwest::Client,
     endpoint: Endpoint,

@@ -20,16 +20,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use zookeeper_client as zk;
 
+use super::{bounded, read_digest, ClusterError, BACKOFF_MAX, BACKOFF_MIN};
 use crate::config::{ClientAuth, ClusterConfig, Config, ListenerConfig, Transport};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
 /// The version in the znode name (Kyuubi writes its own version there).
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// Each ZooKeeper call during registration and removal.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// One listener's znode, before ZooKeeper appends its sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,12 +56,6 @@ pub struct Discovery {
     status: Arc<Mutex<DiscoveryStatus>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum DiscoveryError {
-    #[error("cluster.digest_file {path}: {reason}")]
-    Digest { path: String, reason: String },
-}
-
 /// The znodes of `config`'s discovered listeners, with the addresses they
 /// were bound to (a port of 0 in the config is the bound one here).
 pub fn registrations(config: &Config, bound: &[(String, SocketAddr)]) -> Vec<Registration> {
@@ -90,7 +81,7 @@ pub fn registrations(config: &Config, bound: &[(String, SocketAddr)]) -> Vec<Reg
 
 /// Where clients are told to connect: the configured host, else the bound
 /// address, else (a wildcard bind) this machine's host name.
-fn advertised_host(cluster: &ClusterConfig, addr: SocketAddr) -> String {
+pub(crate) fn advertised_host(cluster: &ClusterConfig, addr: SocketAddr) -> String {
     if let Some(h) = &cluster.advertise_host {
         return h.clone();
     }
@@ -157,33 +148,13 @@ fn znode_data(l: &ListenerConfig, host: &str, port: u16) -> String {
         .join(";")
 }
 
-/// `user:password` from the digest file, checked now so a bad file fails
-/// the start, not a later reconnect.
-fn read_digest(cluster: &ClusterConfig) -> Result<Option<Secret>, DiscoveryError> {
-    let Some(path) = &cluster.digest_file else {
-        return Ok(None);
-    };
-    let bad = |reason: String| DiscoveryError::Digest {
-        path: path.display().to_string(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let line = text.trim();
-    match line.split_once(':') {
-        Some((u, p)) if !u.is_empty() && !p.is_empty() && !line.contains('\n') => {
-            Ok(Some(Secret::new(line.to_string())))
-        }
-        _ => Err(bad("must hold one line, user:password".into())),
-    }
-}
-
 impl Discovery {
     /// Starts registering `regs` (none: nothing to do, `Ok(None)`).
     pub fn start(
         cluster: &ClusterConfig,
         regs: Vec<Registration>,
         metrics: Arc<Metrics>,
-    ) -> Result<Option<Discovery>, DiscoveryError> {
+    ) -> Result<Option<Discovery>, ClusterError> {
         if regs.is_empty() {
             return Ok(None);
         }
@@ -287,20 +258,7 @@ impl Registrar {
     }
 
     async fn connect(&self) -> Result<zk::Client, String> {
-        let mut c = zk::Client::connector()
-            .with_session_timeout(self.session_timeout)
-            .with_fail_eagerly();
-        if let Some(d) = &self.digest {
-            c = c.with_auth("digest", d.expose().as_bytes());
-        }
-        match tokio::time::timeout(self.session_timeout, c.connect(&self.ensemble)).await {
-            Ok(Ok(client)) => Ok(client),
-            Ok(Err(e)) => Err(format!("connecting to {}: {e}", self.ensemble)),
-            Err(_) => Err(format!(
-                "connecting to {}: no session within {:?}",
-                self.ensemble, self.session_timeout
-            )),
-        }
+        super::connect(&self.ensemble, self.session_timeout, self.digest.as_ref()).await
     }
 
     /// Creates the namespaces (persistent) and the listeners' znodes
@@ -374,15 +332,6 @@ impl Registrar {
                 }
             }
         }
-    }
-}
-
-async fn bounded<T>(
-    f: impl std::future::Future<Output = Result<T, zk::Error>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(CALL_TIMEOUT, f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
     }
 }
 

@@ -101,7 +101,7 @@ fn resolve(a: &TokenArgs) -> Result<Resolved, String> {
             )?,
             region,
         },
-        state: a.state.clone().or(file.map(|t| t.state_file)),
+        state: a.state.clone().or(file.and_then(|t| t.state_file)),
     })
 }
 

@@ -33,6 +33,12 @@ pub struct ClusterConfig {
     /// user only and readable by anyone (clients read them unauthenticated).
     #[serde(default)]
     pub digest_file: Option<PathBuf>,
+    /// The fleet's key sealing the token values in ZooKeeper (AES-256-GCM):
+    /// a file of 64 hex digits, mode 0600, the same on every broker. Without
+    /// it, `KYUUBI_BROKER_FLEET_KEY` holds the hex digits. Never the config
+    /// text: configs get copied around, keys must not.
+    #[serde(default)]
+    pub token_key_file: Option<PathBuf>,
     /// After SIGTERM, how long the broker still accepts once its znodes are
     /// gone: for clients that read them just before.
     #[serde(default = "default_deregister_grace", with = "duration")]

@@ -200,12 +200,22 @@ impl Config {
         }
         if let Some(t) = &self.tokens {
             t.validate()?;
+            if t.state_file.is_none() && self.cluster.is_none() {
+                return Err(invalid(
+                    "tokens.state_file",
+                    "is missing",
+                    "name the file where the broker keeps its tokens, e.g. state_file = \"/var/lib/kyuubi-broker/tokens.json\" (a fleet with [cluster] keeps them in ZooKeeper instead)",
+                ));
+            }
         }
         match &self.cluster {
             Some(c) => {
                 c.validate()?;
                 if let Some(f) = &c.digest_file {
                     readable(f, "cluster.digest_file")?;
+                }
+                if let Some(f) = &c.token_key_file {
+                    readable(f, "cluster.token_key_file")?;
                 }
                 for (i, l) in self.listeners.iter().enumerate() {
                     if let Some(ns) = &l.zookeeper_namespace {

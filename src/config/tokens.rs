@@ -16,8 +16,11 @@ pub struct TokensConfig {
     pub vpc: bool,
     pub workspace: String,
     pub kyuubi_service: String,
-    /// Where the broker keeps the tokens it created (mode 0600).
-    pub state_file: std::path::PathBuf,
+    /// Where a single broker keeps the tokens it created (mode 0600). With
+    /// `[cluster]` the fleet's record in ZooKeeper holds them; a state file
+    /// named there is imported into it once, when the fleet has no record.
+    #[serde(default)]
+    pub state_file: Option<std::path::PathBuf>,
     /// Auto-expiry of created tokens, in days; 0 = none.
     #[serde(default = "default_expire_days")]
     pub expire_days: u32,

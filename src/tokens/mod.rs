@@ -13,7 +13,9 @@ mod clock;
 pub mod schedule;
 mod state;
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,11 +56,71 @@ pub fn generate_value() -> String {
 }
 
 /// Test hook: `KYUUBI_BROKER_FAILPOINT=<step>` aborts the process at that
-/// step, to prove recovery from a crash there.
+/// step, to prove recovery from a crash there. `<step>@<n>` waits for the
+/// n-th time the step is reached; `<step>[@<n>]:hang` stops the thread
+/// there instead (after saying so on stderr), for a test to `kill -9` the
+/// process at exactly that point while the rest of it still runs.
 fn failpoint(step: &str) {
-    if std::env::var("KYUUBI_BROKER_FAILPOINT").is_ok_and(|v| v == step) {
-        eprintln!("failpoint {step}: aborting");
-        std::process::abort();
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static HITS: AtomicU32 = AtomicU32::new(0);
+    let Ok(spec) = std::env::var("KYUUBI_BROKER_FAILPOINT") else {
+        return;
+    };
+    let (point, hang) = match spec.strip_suffix(":hang") {
+        Some(p) => (p, true),
+        None => (spec.as_str(), false),
+    };
+    let (name, nth) = match point.split_once('@') {
+        Some((n, k)) => (n, k.parse::<u32>().unwrap_or(1)),
+        None => (point, 1),
+    };
+    if name != step || HITS.fetch_add(1, Ordering::SeqCst) + 1 != nth {
+        return;
+    }
+    if hang {
+        eprintln!("failpoint {step}: hanging until killed");
+        loop {
+            std::thread::park();
+        }
+    }
+    eprintln!("failpoint {step}: aborting");
+    std::process::abort();
+}
+
+/// Where a [`Lifecycle`] persists its state before each step that depends
+/// on it: the state file of a single broker, or the fleet's record in
+/// ZooKeeper (`crate::cluster`). A save that fails stops the step: nothing
+/// reaches the management API unless the state saying so was saved first.
+pub trait StateStore: Send + Sync {
+    fn save<'a>(
+        &'a mut self,
+        state: &'a TokenState,
+    ) -> Pin<Box<dyn Future<Output = Result<(), StateError>> + Send + 'a>>;
+}
+
+/// The state file, locked for as long as the store lives: one writer.
+pub struct FileStore {
+    path: PathBuf,
+    _lock: StateLock,
+}
+
+impl FileStore {
+    /// Locks the state file for `holder` (refused, with what to do instead,
+    /// while another process holds it) and loads it.
+    pub fn open(path: PathBuf, holder: Holder) -> Result<(FileStore, TokenState), StateError> {
+        let lock = StateLock::acquire(&path, holder)?;
+        let state = TokenState::load(&path)?;
+        Ok((FileStore { path, _lock: lock }, state))
+    }
+}
+
+impl StateStore for FileStore {
+    fn save<'a>(
+        &'a mut self,
+        state: &'a TokenState,
+    ) -> Pin<Box<dyn Future<Output = Result<(), StateError>> + Send + 'a>> {
+        // a small file, written and fsynced in well under a millisecond
+        Box::pin(std::future::ready(state.save(&self.path)))
     }
 }
 
@@ -74,14 +136,12 @@ pub struct Reconciled {
 pub struct Lifecycle {
     api: ApiClient,
     kref: KyuubiRef,
-    state_path: PathBuf,
+    store: Box<dyn StateStore>,
     state: TokenState,
     /// Auto-expiry requested on created tokens.
     pub expire_days: Option<i32>,
     live: watch::Sender<Option<Secret>>,
     clock: Clock,
-    /// Held as long as this Lifecycle lives: one writer of the state file.
-    _lock: StateLock,
 }
 
 impl Lifecycle {
@@ -95,19 +155,39 @@ impl Lifecycle {
         expire_days: Option<i32>,
         holder: Holder,
     ) -> Result<Lifecycle, TokenError> {
-        let lock = StateLock::acquire(&state_path, holder)?;
-        let state = TokenState::load(&state_path)?;
-        let (live, _) = watch::channel(state.active.as_ref().map(|t| Secret::new(t.value.clone())));
-        Ok(Lifecycle {
+        let (store, state) = FileStore::open(state_path, holder)?;
+        let (live, _) = watch::channel(None);
+        Ok(Lifecycle::with_store(
             api,
             kref,
-            state_path,
+            Box::new(store),
+            state,
+            expire_days,
+            live,
+        ))
+    }
+
+    /// A lifecycle over `state`, persisted in `store`, publishing the
+    /// active value to `live` (now, and after every rotation).
+    pub fn with_store(
+        api: ApiClient,
+        kref: KyuubiRef,
+        store: Box<dyn StateStore>,
+        state: TokenState,
+        expire_days: Option<i32>,
+        live: watch::Sender<Option<Secret>>,
+    ) -> Lifecycle {
+        let lc = Lifecycle {
+            api,
+            kref,
+            store,
             state,
             expire_days,
             live,
             clock: Clock::system(),
-            _lock: lock,
-        })
+        };
+        lc.publish();
+        lc
     }
 
     /// Stamps `created_ms` and `delete_after_ms` from `clock` instead of
@@ -130,17 +210,21 @@ impl Lifecycle {
         &self.state
     }
 
-    fn save(&self) -> Result<(), TokenError> {
-        Ok(self.state.save(&self.state_path)?)
+    async fn save(&mut self) -> Result<(), TokenError> {
+        Ok(self.store.save(&self.state).await?)
     }
 
+    /// Sends the active value to `live` unless it holds it already (a
+    /// fleet's follower task may have sent it first, from the record).
     fn publish(&self) {
-        let v = self
-            .state
-            .active
-            .as_ref()
-            .map(|t| Secret::new(t.value.clone()));
-        self.live.send_replace(v);
+        let v = self.state.active.as_ref().map(|t| t.value.as_str());
+        self.live.send_if_modified(|cur| {
+            if cur.as_ref().map(|s| s.expose()) == v {
+                return false;
+            }
+            *cur = v.map(Secret::new);
+            true
+        });
     }
 
     /// Brings the state file and the API into agreement after any crash.
@@ -162,7 +246,7 @@ impl Lifecycle {
                 None => report.dropped_intent = true,
             }
             self.state.intent = None;
-            self.save()?;
+            self.save().await?;
             self.publish();
         }
         // ours by name, but neither active nor retiring: nobody can use it
@@ -244,7 +328,7 @@ impl Lifecycle {
                 .map(|d| started + i64::from(d) * 86_400_000),
         };
         self.state.intent = Some(intent.clone());
-        self.save()?;
+        self.save().await?;
         failpoint("after_intent");
         let body = TokenBody {
             name: Some(intent.name.clone()),
@@ -259,7 +343,7 @@ impl Lifecycle {
         failpoint("after_create");
         self.promote(token_id.clone(), &intent, grace);
         self.state.intent = None;
-        self.save()?;
+        self.save().await?;
         failpoint("after_persist");
         self.publish();
         failpoint("after_swap");
@@ -285,7 +369,7 @@ impl Lifecycle {
             self.state
                 .retiring
                 .retain(|x| x.token.token_id != r.token.token_id);
-            self.save()?;
+            self.save().await?;
             info!(target: "audit", event = "token_retired", token_id = %r.token.token_id, name = %r.token.name, reason = "grace_over", "audit: token retired");
             done.push(r.token.token_id.clone());
         }
@@ -347,9 +431,10 @@ impl Rotation {
 /// the loop does that first) until `stop` is cancelled.
 pub fn spawn(lc: Lifecycle, schedule: schedule::Schedule, stop: CancellationToken) -> Rotation {
     let status = Arc::new(Mutex::new(schedule::RotationStatus::default()));
-    let (rotate_now, asked) = mpsc::channel(1);
+    let (rotate_now, mut asked) = mpsc::channel(1);
     let live = lc.subscribe();
-    tokio::spawn(schedule::run(lc, schedule, status.clone(), asked, stop));
+    let st = status.clone();
+    tokio::spawn(async move { schedule::run(lc, schedule, st, &mut asked, stop).await });
     Rotation {
         live,
         status,
@@ -357,23 +442,71 @@ pub fn spawn(lc: Lifecycle, schedule: schedule::Schedule, stop: CancellationToke
     }
 }
 
-/// Starts the rotation loop for `[tokens]`, holding the state file's lock
-/// until `stop`; SIGUSR1 asks it for a rotation now. Problems (no
-/// credentials, a damaged or locked state file, an unreachable API) are
-/// logged and shown in status; serving goes on with whatever token the
-/// state file holds.
-pub async fn start(cfg: &crate::config::TokensConfig, stop: CancellationToken) -> Rotation {
-    use crate::cloud::client::Endpoint;
-    use crate::cloud::credentials::Chain;
-    use tokio::signal::unix::{signal, SignalKind};
-    // before the lock file names this process: from then on an operator may
-    // send SIGUSR1, whose default action would kill the broker
-    let usr1 = signal(SignalKind::user_defined1())
-        .inspect_err(
-            |e| warn!(error = %e, "SIGUSR1 cannot be handled; rotate-now requests are off"),
-        )
-        .ok();
-    let fail = |msg: String, live: Option<Secret>| {
+/// What a rotating broker needs from `[tokens]`: the management API with
+/// credentials, the service, and the schedule.
+pub struct Management {
+    pub api: ApiClient,
+    pub kref: KyuubiRef,
+    /// Auto-expiry requested on created tokens.
+    pub expire_days: Option<i32>,
+    pub schedule: schedule::Schedule,
+}
+
+impl Management {
+    /// Resolves the credentials (the standard chain) for `cfg`.
+    pub async fn resolve(cfg: &crate::config::TokensConfig) -> Result<Management, String> {
+        use crate::cloud::client::Endpoint;
+        use crate::cloud::credentials::Chain;
+        let endpoint = match &cfg.endpoint {
+            Some(e) => Endpoint::parse(e).expect("validated at load"),
+            None => Endpoint::regional(&cfg.region, cfg.vpc),
+        };
+        let cred = Chain::from_process()
+            .resolve()
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(provider = %cred.provider, endpoint = %endpoint.base, "management API credentials found");
+        let expire_days = (cfg.expire_days > 0).then_some(cfg.expire_days as i32);
+        let lifetime = match expire_days {
+            Some(d) => Duration::from_secs(u64::from(d.unsigned_abs()) * 86400),
+            None => cfg.max_interval,
+        };
+        Ok(Management {
+            api: ApiClient::new(endpoint, cred),
+            kref: KyuubiRef {
+                region: cfg.region.clone(),
+                workspace: cfg.workspace.clone(),
+                kyuubi_service: cfg.kyuubi_service.clone(),
+            },
+            expire_days,
+            schedule: schedule::Schedule {
+                lifetime,
+                fraction: cfg.rotate_fraction,
+                min_interval: cfg.min_interval,
+                max_interval: cfg.max_interval,
+                grace: cfg.grace,
+            },
+        })
+    }
+}
+
+impl Rotation {
+    /// A rotation whose loop (or loops, one per term as a fleet's leader)
+    /// someone else runs: it reads `asked`'s other end.
+    pub fn new(
+        live: watch::Receiver<Option<Secret>>,
+        status: Arc<Mutex<schedule::RotationStatus>>,
+        rotate_now: mpsc::Sender<()>,
+    ) -> Rotation {
+        Rotation {
+            live,
+            status,
+            rotate_now,
+        }
+    }
+
+    /// No rotation (it could not start: `msg` says why), serving `live`.
+    pub fn disabled(msg: String, live: Option<Secret>) -> Rotation {
         warn!("token rotation disabled: {msg}");
         let status = schedule::RotationStatus {
             last_error: Some(msg),
@@ -381,64 +514,14 @@ pub async fn start(cfg: &crate::config::TokensConfig, stop: CancellationToken) -
         };
         // a receiver keeps the last value after its sender is gone
         let (_, rx) = watch::channel(live);
-        Rotation {
-            live: rx,
-            status: Arc::new(Mutex::new(status)),
-            rotate_now: mpsc::channel(1).0,
-        }
-    };
-    let recorded = || {
-        TokenState::load(&cfg.state_file)
-            .ok()
-            // moved, not copied: the Secret wipes it
-            .and_then(|s| {
-                s.active
-                    .map(|mut t| Secret::new(std::mem::take(&mut t.value)))
-            })
-    };
-    let endpoint = match &cfg.endpoint {
-        Some(e) => Endpoint::parse(e).expect("validated at load"),
-        None => Endpoint::regional(&cfg.region, cfg.vpc),
-    };
-    let cred = match Chain::from_process().resolve().await {
-        Ok(c) => c,
-        Err(e) => return fail(e.to_string(), recorded()),
-    };
-    info!(provider = %cred.provider, endpoint = %endpoint.base, "management API credentials found");
-    let kref = KyuubiRef {
-        region: cfg.region.clone(),
-        workspace: cfg.workspace.clone(),
-        kyuubi_service: cfg.kyuubi_service.clone(),
-    };
-    let expire_days = (cfg.expire_days > 0).then_some(cfg.expire_days as i32);
-    let lc = match Lifecycle::open(
-        ApiClient::new(endpoint, cred),
-        kref,
-        cfg.state_file.clone(),
-        expire_days,
-        Holder::Broker,
-    ) {
-        Ok(lc) => lc,
-        // the file is sound, only in use (a token command): serve its token
-        Err(e @ TokenError::State(StateError::Locked { .. })) => {
-            return fail(e.to_string(), recorded())
-        }
-        Err(e) => return fail(e.to_string(), None),
-    };
-    let lifetime = match expire_days {
-        Some(d) => Duration::from_secs(u64::from(d.unsigned_abs()) * 86400),
-        None => cfg.max_interval,
-    };
-    let sched = schedule::Schedule {
-        lifetime,
-        fraction: cfg.rotate_fraction,
-        min_interval: cfg.min_interval,
-        max_interval: cfg.max_interval,
-        grace: cfg.grace,
-    };
-    let rotation = spawn(lc, sched, stop.clone());
-    if let Some(mut usr1) = usr1 {
-        let r = rotation.clone();
+        Rotation::new(rx, Arc::new(Mutex::new(status)), mpsc::channel(1).0)
+    }
+
+    /// SIGUSR1 asks for a rotation now, until `stop`. Call
+    /// [`sigusr1`] before anything names this process as the one to signal.
+    pub fn on_sigusr1(&self, usr1: Option<tokio::signal::unix::Signal>, stop: CancellationToken) {
+        let Some(mut usr1) = usr1 else { return };
+        let r = self.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -451,6 +534,60 @@ pub async fn start(cfg: &crate::config::TokensConfig, stop: CancellationToken) -
             }
         });
     }
+}
+
+/// Handles SIGUSR1 from now on (its default action would kill the broker).
+pub fn sigusr1() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    signal(SignalKind::user_defined1())
+        .inspect_err(
+            |e| warn!(error = %e, "SIGUSR1 cannot be handled; rotate-now requests are off"),
+        )
+        .ok()
+}
+
+/// Starts the rotation loop for `[tokens]` on a single broker, holding the
+/// state file's lock until `stop`; SIGUSR1 asks it for a rotation now.
+/// Problems (no credentials, a damaged or locked state file, an unreachable
+/// API) are logged and shown in status; serving goes on with whatever token
+/// the state file holds.
+pub async fn start(cfg: &crate::config::TokensConfig, stop: CancellationToken) -> Rotation {
+    // before the lock file names this process: from then on an operator may
+    // send SIGUSR1
+    let usr1 = sigusr1();
+    let state_file = cfg
+        .state_file
+        .clone()
+        .expect("validated at load: a single broker has a state file");
+    let recorded = || {
+        TokenState::load(&state_file)
+            .ok()
+            // moved, not copied: the Secret wipes it
+            .and_then(|s| {
+                s.active
+                    .map(|mut t| Secret::new(std::mem::take(&mut t.value)))
+            })
+    };
+    let m = match Management::resolve(cfg).await {
+        Ok(m) => m,
+        Err(e) => return Rotation::disabled(e, recorded()),
+    };
+    let lc = match Lifecycle::open(
+        m.api,
+        m.kref,
+        state_file.clone(),
+        m.expire_days,
+        Holder::Broker,
+    ) {
+        Ok(lc) => lc,
+        // the file is sound, only in use (a token command): serve its token
+        Err(e @ TokenError::State(StateError::Locked { .. })) => {
+            return Rotation::disabled(e.to_string(), recorded())
+        }
+        Err(e) => return Rotation::disabled(e.to_string(), None),
+    };
+    let rotation = spawn(lc, m.schedule, stop.clone());
+    rotation.on_sigusr1(usr1, stop);
     rotation
 }
 

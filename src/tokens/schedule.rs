@@ -41,6 +41,13 @@ pub struct RotationStatus {
     pub rotations: u64,
     pub consecutive_failures: u32,
     pub last_error: Option<String>,
+    /// In a fleet (`[cluster]`): "leader" or "follower".
+    pub role: Option<&'static str>,
+    /// In a fleet: the broker that wrote the token record last.
+    pub leader: Option<String>,
+    /// In a fleet: from the leader writing the active token to this broker
+    /// using it, at the last switch.
+    pub last_switch_lag_ms: Option<i64>,
 }
 
 /// Wait before retry number `failures` (1-based): 5 s doubling, capped at 5 min.
@@ -136,7 +143,7 @@ pub(crate) async fn run<R: Rotator>(
     mut lc: R,
     schedule: Schedule,
     status: Arc<Mutex<RotationStatus>>,
-    mut rotate_now: mpsc::Receiver<()>,
+    rotate_now: &mut mpsc::Receiver<()>,
     stop: CancellationToken,
 ) {
     let clock = lc.clock();
@@ -385,8 +392,9 @@ mod tests {
         };
         let status = Arc::new(Mutex::new(RotationStatus::default()));
         let stop = CancellationToken::new();
-        let (rotate_now, asked) = mpsc::channel(1);
-        tokio::spawn(run(fake, schedule, status.clone(), asked, stop.clone()));
+        let (rotate_now, mut asked) = mpsc::channel(1);
+        let (status2, stop2) = (status.clone(), stop.clone());
+        tokio::spawn(async move { run(fake, schedule, status2, &mut asked, stop2).await });
         Running {
             api,
             status,

@@ -96,6 +96,10 @@ pub enum StateError {
     },
     #[error("token state file {path} is not valid: {detail}; restore it or move it away to start afresh")]
     Corrupt { path: String, detail: String },
+    /// The fleet's record in ZooKeeper (`crate::cluster`) could not be
+    /// written; the text says what ZooKeeper answered.
+    #[error("the fleet's token record in ZooKeeper: {0}")]
+    Fleet(String),
     #[error("{}", locked_message(path, *holder))]
     Locked {
         path: String,

@@ -1080,3 +1080,45 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
+
+/// A private ZooKeeper on its own port and state directory, so stopping it
+/// disturbs no other test.
+pub struct PrivateZk {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl PrivateZk {
+    pub fn new() -> PrivateZk {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        PrivateZk {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn run(&self, cmd: &str) {
+        let st = std::process::Command::new(root().join("scripts/fixture.sh"))
+            .arg(cmd)
+            .env("KB_ZK_PORT", self.port.to_string())
+            .env("KB_ZK_DIR", self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "fixture.sh {cmd}");
+    }
+
+    pub fn ensemble(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateZk {
+    fn drop(&mut self) {
+        self.run("zk-stop");
+    }
+}
