@@ -257,7 +257,7 @@ async fn zookeeper_away_never_stops_serving_and_the_broker_registers_when_it_is_
     assert_eq!(query(b.binary, "select 'served'").await, "served");
     zkp.run("zk-start");
     let zkc = zk_client(&zkp.ensemble()).await;
-    // the retry backoff is at most 30 s
+    // the retry backoff is at most 5 s
     children_when(&zkc, &ns, Duration::from_secs(45), |k| k.len() == 1).await;
     assert!(metric(&b, "kyuubi_broker_discovery_failures_total").await >= 1);
     drop(zkc);

@@ -21,6 +21,7 @@
 //! Nothing of the fleet's lives under a discovery namespace: Hive JDBC
 //! takes any child of its namespace for a server.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -38,7 +39,9 @@ use crate::config::{ClusterConfig, TokensConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::tokens::schedule::{self, RotationStatus};
-use crate::tokens::{Lifecycle, Management, Rotation, StateError, StateStore, TokenState};
+use crate::tokens::{
+    Holder, Lifecycle, Management, Rotation, StateError, StateLock, StateStore, TokenState,
+};
 
 /// Where a fleet keeps its election and its record.
 pub const ROOT: &str = "/kyuubi-broker-fleet";
@@ -47,6 +50,9 @@ pub const ROOT: &str = "/kyuubi-broker-fleet";
 const FIRST_READ: Duration = Duration::from_secs(5);
 /// The record's format.
 const FORMAT: u32 = 1;
+/// How long a rotation step under way may take to finish when a term ends
+/// (API calls are bounded well below this).
+const STEP_FINISH: Duration = Duration::from_secs(20);
 
 /// The znodes of the fleet of `namespace`.
 #[derive(Debug, Clone)]
@@ -172,6 +178,37 @@ struct FleetStore {
     /// Cancelled when a write finds this broker no longer leads, or the
     /// record changed under it: its term is over.
     lost: CancellationToken,
+    /// Cancelled when a write's outcome is unknown (no answer, connection
+    /// lost): the term reloads the record before going on.
+    stale: CancellationToken,
+}
+
+impl FleetStore {
+    /// Maps a failed transaction: who may go on, and the error to return.
+    fn failed(&self, e: zk::CheckWriteError) -> StateError {
+        let fail = |m: String| StateError::Fleet(m);
+        match e {
+            zk::CheckWriteError::CheckFailed { .. } => {
+                self.lost.cancel();
+                fail("this broker's election znode is gone: it no longer leads the fleet".into())
+            }
+            zk::CheckWriteError::OperationFailed {
+                source: zk::Error::BadVersion | zk::Error::NodeExists | zk::Error::NoNode,
+                ..
+            } => {
+                self.lost.cancel();
+                fail(
+                    "the record changed under this broker (another leader wrote it, or it was \
+                     removed); stepping down to reload it"
+                        .into(),
+                )
+            }
+            e => {
+                self.stale.cancel();
+                fail(e.to_string())
+            }
+        }
+    }
 }
 
 impl StateStore for FleetStore {
@@ -198,7 +235,10 @@ impl StateStore for FleetStore {
             op.map_err(|e| fail(e.to_string()))?;
             let done = match tokio::time::timeout(CALL_TIMEOUT, w.commit()).await {
                 Ok(r) => r,
-                Err(_) => return Err(fail(format!("no answer within {CALL_TIMEOUT:?}"))),
+                Err(_) => {
+                    self.stale.cancel();
+                    return Err(fail(format!("no answer within {CALL_TIMEOUT:?}")));
+                }
             };
             match done {
                 Ok(results) => {
@@ -208,24 +248,33 @@ impl StateStore for FleetStore {
                     });
                     Ok(())
                 }
-                Err(zk::CheckWriteError::CheckFailed { .. }) => {
-                    self.lost.cancel();
-                    Err(fail(
-                        "this broker's election znode is gone: it no longer leads the fleet".into(),
-                    ))
+                Err(e) => Err(self.failed(e)),
+            }
+        })
+    }
+
+    fn fence(
+        &mut self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StateError>> + Send + '_>>
+    {
+        Box::pin(async move {
+            let fail = |m: String| StateError::Fleet(m);
+            let Some(version) = self.version else {
+                return Err(fail("no record written yet; not deleting".into()));
+            };
+            let mut w = self
+                .client
+                .new_check_writer(&self.lock, None)
+                .map_err(|e| fail(e.to_string()))?;
+            w.add_check_version(&self.record, version)
+                .map_err(|e| fail(e.to_string()))?;
+            match tokio::time::timeout(CALL_TIMEOUT, w.commit()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(self.failed(e)),
+                Err(_) => {
+                    self.stale.cancel();
+                    Err(fail(format!("no answer within {CALL_TIMEOUT:?}")))
                 }
-                Err(zk::CheckWriteError::OperationFailed {
-                    source: zk::Error::BadVersion | zk::Error::NodeExists,
-                    ..
-                }) => {
-                    self.lost.cancel();
-                    Err(fail(
-                        "the record changed under this broker (another leader wrote it); \
-                         stepping down to reload it"
-                            .into(),
-                    ))
-                }
-                Err(e) => Err(fail(e.to_string())),
             }
         })
     }
@@ -282,6 +331,9 @@ pub struct Inputs<'a> {
 /// (or after a few seconds without ZooKeeper: serving starts anyway).
 pub async fn start(inp: Inputs<'_>) -> Result<(Rotation, Fleet), ClusterError> {
     let digest = read_digest(inp.cluster)?;
+    if digest.is_none() {
+        warn!("fleet: no cluster.digest_file: anyone who reaches ZooKeeper can rewrite or remove the fleet's token record (its values stay sealed); set digest_file on every broker");
+    }
     let usr1 = crate::tokens::sigusr1();
     let status = Arc::new(Mutex::new(RotationStatus {
         role: Some("follower"),
@@ -309,8 +361,10 @@ pub async fn start(inp: Inputs<'_>) -> Result<(Rotation, Fleet), ClusterError> {
         live: inp.live.clone(),
         status: status.clone(),
         metrics: inp.metrics,
-        management,
+        management: Mutex::new(management),
+        tokens: inp.tokens.clone(),
         import: inp.tokens.state_file.clone(),
+        imported: Default::default(),
         unreadable: Default::default(),
     };
     let task = tokio::spawn(member.run(asked, stop.clone(), first_tx));
@@ -337,6 +391,8 @@ enum Ended {
     Term(Term),
     /// The connection dropped; the session (and the leadership) may live on.
     Paused,
+    /// A write's outcome is unknown: reload the record, still leading.
+    Reload,
 }
 
 struct Member {
@@ -350,11 +406,14 @@ struct Member {
     live: watch::Sender<Option<Secret>>,
     status: Arc<Mutex<RotationStatus>>,
     metrics: Arc<Metrics>,
-    management: Option<Management>,
+    /// Resolved at start, or later by the campaign.
+    management: Mutex<Option<Management>>,
+    tokens: TokensConfig,
     /// A single broker's state file, imported when the fleet has no record.
     import: Option<std::path::PathBuf>,
+    imported: AtomicBool,
     /// The last record read could not be opened (its error is in status).
-    unreadable: std::sync::atomic::AtomicBool,
+    unreadable: AtomicBool,
 }
 
 /// A ZooKeeper call, bounded; a timeout reads as [`zk::Error::Timeout`].
@@ -520,15 +579,11 @@ impl Member {
                 self.metrics.fleet_error();
                 warn!(error = %e, "fleet: the token record cannot be read; keeping the current token");
                 self.set(|s| s.last_error = Some(e.to_string()));
-                self.unreadable
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.unreadable.store(true, Ordering::Relaxed);
                 return;
             }
         };
-        if self
-            .unreadable
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.unreadable.swap(false, Ordering::Relaxed) {
             info!("fleet: the token record reads again");
             self.set(|s| s.last_error = None);
         }
@@ -562,6 +617,49 @@ impl Member {
         });
     }
 
+    /// The management API, resolved again every 30 s until it is (a
+    /// metadata service down at boot must not make a follower for life);
+    /// `None` when the broker stops first.
+    async fn management(
+        &self,
+        asked: &mut mpsc::Receiver<()>,
+        stop: &CancellationToken,
+    ) -> Option<Management> {
+        let mut warned = false;
+        loop {
+            if let Some(m) = self
+                .management
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
+                return Some(m);
+            }
+            if !warned {
+                warn!(
+                    "fleet: no management API credentials; following, and trying again every 30 s"
+                );
+                warned = true;
+            }
+            let again = tokio::time::sleep(Duration::from_secs(30));
+            tokio::pin!(again);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = &mut again => break,
+                    Some(()) = asked.recv() => warn!("fleet: this broker has no management API credentials and cannot rotate; ask the leader"),
+                }
+            }
+            match Management::resolve(&self.tokens).await {
+                Ok(m) => {
+                    *self.management.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
+                    self.set(|s| s.last_error = None);
+                }
+                Err(e) => self.set(|s| s.last_error = Some(e)),
+            }
+        }
+    }
+
     /// Stands for election, leads while elected, and stands again. Returns
     /// `true` when the broker stops, `false` when the session is over.
     async fn campaign(
@@ -570,15 +668,19 @@ impl Member {
         asked: &mut mpsc::Receiver<()>,
         stop: &CancellationToken,
     ) -> bool {
-        let Some(m) = &self.management else {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return true,
-                    Some(()) = asked.recv() => warn!("fleet: this broker has no management API credentials and cannot rotate; ask the leader"),
-                }
-            }
+        let Some(m) = self.management(asked, stop).await else {
+            return true;
         };
         loop {
+            // a broker that cannot read the record (another key, a damaged
+            // record) must not lead: it would hold the office it cannot use
+            while self.unreadable.load(Ordering::Relaxed) {
+                tokio::select! {
+                    _ = stop.cancelled() => return true,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    Some(()) = asked.recv() => warn!("fleet: rotate-now asked, but this broker cannot read the fleet's record"),
+                }
+            }
             let options = match zk::LockOptions::new(self.dir_acls())
                 .with_ancestor_options(zk::CreateMode::Persistent.with_acls(self.dir_acls()))
             {
@@ -610,8 +712,17 @@ impl Member {
                     }
                 }
             };
-            let term = self.lead(client, lock.lock_path(), m, asked, stop).await;
-            self.set(|s| s.role = Some("follower"));
+            let term = self.lead(client, lock.lock_path(), &m, asked, stop).await;
+            let unreadable = self.unreadable.load(Ordering::Relaxed);
+            self.set(|s| {
+                s.role = Some("follower");
+                // the term's failures were its own (they are in the log);
+                // a record this broker cannot read stays shown
+                s.consecutive_failures = 0;
+                if !unreadable {
+                    s.last_error = None;
+                }
+            });
             self.metrics.fleet_leader(false);
             match term {
                 Term::Stopped => {
@@ -619,21 +730,19 @@ impl Member {
                     if let Err(e) = call(client.delete(lock.lock_path(), None)).await {
                         warn!("fleet: could not delete the election znode ({e}); the session's end does");
                     }
-                    std::mem::forget(lock);
                     info!("fleet: stepped down");
                     return true;
                 }
-                Term::SessionOver => {
-                    drop(lock);
-                    return false;
-                }
-                Term::Lost => drop(lock),
+                Term::SessionOver => return false,
+                Term::Lost => {}
             }
+            // dropping `lock` deletes the election znode (again, harmlessly,
+            // after a stop)
         }
     }
 
     /// Reads the record: its state and version, or the state to start it
-    /// with (imported from a single broker's file, or fresh).
+    /// with (imported from a single broker's file, once, or fresh).
     async fn load(&self, client: &zk::Client) -> Result<(TokenState, Option<i32>), String> {
         match call(client.get_data(&self.paths.record)).await {
             Ok((data, stat)) => {
@@ -641,9 +750,15 @@ impl Member {
                 Ok((rec.state, Some(stat.version)))
             }
             Err(zk::Error::NoNode) => {
-                if let Some(p) = self.import.as_ref().filter(|p| p.exists()) {
+                let import = self
+                    .import
+                    .as_ref()
+                    .filter(|p| p.exists() && !self.imported.swap(true, Ordering::Relaxed));
+                if let Some(p) = import {
+                    // held while read: no `token` command rewrites it meanwhile
+                    let _lock = StateLock::acquire(p, Holder::Broker).map_err(|e| e.to_string())?;
                     let st = TokenState::load(p).map_err(|e| e.to_string())?;
-                    info!(file = %p.display(), "fleet: no record yet; starting it from this broker's state file");
+                    info!(file = %p.display(), "fleet: no record yet; starting it from this broker's state file (not written from now on)");
                     return Ok((st, None));
                 }
                 Ok((TokenState::fresh(), None))
@@ -655,7 +770,7 @@ impl Member {
     /// One or more terms as leader, until leadership is lost, the session
     /// ends or the broker stops. A lost connection pauses the rotation; if
     /// this broker still leads when it is back, it reloads the record and
-    /// goes on.
+    /// goes on. So does a write whose outcome is unknown.
     async fn lead(
         &self,
         client: &zk::Client,
@@ -669,16 +784,19 @@ impl Member {
             let (state, version) = match self.load(client).await {
                 Ok(x) => x,
                 Err(e) => {
+                    // step down: another broker may read it, or this one
+                    // stands again once its follower reads the record
                     self.metrics.fleet_error();
-                    warn!("fleet: elected, but {e}; trying again in 1 s");
+                    warn!("fleet: elected, but {e}; stepping down");
                     self.set(|s| s.last_error = Some(e));
                     tokio::select! {
                         _ = stop.cancelled() => return Term::Stopped,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => return Term::Lost,
                     }
                 }
             };
             let lost = CancellationToken::new();
+            let stale = CancellationToken::new();
             let mut store = FleetStore {
                 client: client.clone(),
                 lock: lock.to_string(),
@@ -688,6 +806,7 @@ impl Member {
                 key: self.key.clone(),
                 me: self.me.clone(),
                 lost: lost.clone(),
+                stale: stale.clone(),
             };
             // the first write says who leads, and proves this broker may write
             if let Err(e) = store.save(&state).await {
@@ -722,19 +841,35 @@ impl Member {
                 asked,
                 term.clone(),
             );
-            // a cancelled step is as a crash there: the record's intent
-            // lets the next term (here or elsewhere) adopt or drop it
+            tokio::pin!(rotation);
             let why = tokio::select! {
-                _ = rotation => Ended::Term(Term::Stopped),
+                _ = &mut rotation => Ended::Term(Term::Stopped),
                 _ = stop.cancelled() => Ended::Term(Term::Stopped),
                 _ = lost.cancelled() => Ended::Term(Term::Lost),
+                _ = stale.cancelled() => Ended::Reload,
                 over = disconnected(&mut states) => match over {
                     true => Ended::Term(Term::SessionOver),
                     false => Ended::Paused,
                 },
             };
+            // the step under way finishes (a CreateKyuubiToken already sent
+            // would otherwise land unrecorded); its writes fail if it no
+            // longer may make them
             term.cancel();
+            if tokio::time::timeout(STEP_FINISH, &mut rotation)
+                .await
+                .is_err()
+            {
+                warn!("fleet: the rotation step under way did not finish within {STEP_FINISH:?}; abandoning it (the record's intent covers it)");
+            }
             match why {
+                Ended::Reload => {
+                    warn!("fleet: a write to the token record may or may not have landed; reloading it");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Term::Stopped,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
                 Ended::Paused => {
                     warn!("fleet: ZooKeeper connection lost; the rotation pauses until it is back");
                     self.set(|s| s.role = Some("follower"));

@@ -21,7 +21,10 @@ use crate::secret::Secret;
 /// Each ZooKeeper call.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(500);
-pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A reconnection attempt costs one refused TCP connect, and every second
+/// of it is a second of the fleet unregistered or without a leader after
+/// ZooKeeper returns.
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

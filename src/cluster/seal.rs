@@ -61,15 +61,20 @@ impl FleetKey {
                     source_name: name.clone(),
                     reason,
                 };
-                let meta = std::fs::metadata(p).map_err(|e| bad(e.to_string()))?;
+                use std::io::Read;
+                // the mode checked is the one of the file read (fstat)
+                let f = std::fs::File::open(p).map_err(|e| bad(e.to_string()))?;
+                let meta = f.metadata().map_err(|e| bad(e.to_string()))?;
                 let mode = meta.permissions().mode() & 0o777;
                 if mode & 0o077 != 0 {
                     return Err(bad(format!(
                         "is readable by group or others (mode {mode:03o}); chmod 600 it"
                     )));
                 }
-                let text =
-                    Zeroizing::new(std::fs::read_to_string(p).map_err(|e| bad(e.to_string()))?);
+                let mut text = Zeroizing::new(String::new());
+                f.take(4096)
+                    .read_to_string(&mut text)
+                    .map_err(|e| bad(e.to_string()))?;
                 FleetKey::from_hex(&text).map_err(bad)
             }
             None => match std::env::var(KEY_ENV) {

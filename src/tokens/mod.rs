@@ -96,6 +96,14 @@ pub trait StateStore: Send + Sync {
         &'a mut self,
         state: &'a TokenState,
     ) -> Pin<Box<dyn Future<Output = Result<(), StateError>> + Send + 'a>>;
+
+    /// Checks, just before a token is deleted, that this writer is still
+    /// the only one: a fleet's leader proves it still leads and the record
+    /// is as it last wrote it (a deposed leader resuming from a stall must
+    /// not delete what its successor made). A locked file needs nothing.
+    fn fence(&mut self) -> Pin<Box<dyn Future<Output = Result<(), StateError>> + Send + '_>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// The state file, locked for as long as the store lives: one writer.
@@ -378,7 +386,7 @@ impl Lifecycle {
 
     /// Deletes a token after checking it still exists, is ours by name and
     /// is not the active one. Returns false if it was already gone.
-    async fn checked_delete(&self, token_id: &str) -> Result<bool, TokenError> {
+    async fn checked_delete(&mut self, token_id: &str) -> Result<bool, TokenError> {
         if self
             .state
             .active
@@ -400,6 +408,7 @@ impl Lifecycle {
                 "{token_id} was not created by this broker"
             )));
         }
+        self.store.fence().await?;
         match self.api.delete_kyuubi_token(&self.kref, token_id).await {
             Ok(()) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),
@@ -444,6 +453,7 @@ pub fn spawn(lc: Lifecycle, schedule: schedule::Schedule, stop: CancellationToke
 
 /// What a rotating broker needs from `[tokens]`: the management API with
 /// credentials, the service, and the schedule.
+#[derive(Clone)]
 pub struct Management {
     pub api: ApiClient,
     pub kref: KyuubiRef,

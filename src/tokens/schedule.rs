@@ -178,6 +178,9 @@ pub(crate) async fn run<R: Rotator>(
         let wake = rotate_at.min(retire_at(lc.state(), &retirement));
         let wait = Duration::from_millis((wake - now).max(0) as u64);
         let asked = tokio::select! {
+            // a step that ended as `stop` came is the last one: never
+            // start another because its timer is ready too
+            biased;
             _ = stop.cancelled() => return,
             Some(()) = rotate_now.recv() => true,
             _ = tokio::time::sleep(wait) => false,
