@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -14,16 +13,6 @@ use kyuubi_broker::config::{Transport, UpstreamSasl};
 use zookeeper_client as zk;
 
 const ZK: &str = "127.0.0.1:2181";
-
-/// A namespace no other test (or run) uses.
-fn namespace(tag: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "kb-test-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 fn shared_zk() {
     fixture(&["zk-start"]);
@@ -105,7 +94,7 @@ async fn query(addr: SocketAddr, sql: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_register_ephemeral_sequential_znodes_that_hive_jdbc_reads() {
     shared_zk();
-    let ns = namespace("form");
+    let ns = zk_namespace("form");
     let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let b = start_broker_toml(&broker_toml(
         &cluster_toml(ZK, &ns, ""),
@@ -170,7 +159,7 @@ async fn listeners_register_ephemeral_sequential_znodes_that_hive_jdbc_reads() {
 async fn beeline_finds_the_broker_through_zookeeper_on_both_transports() {
     shared_zk();
     let sts = sts_binary().await;
-    let ns = namespace("beeline");
+    let ns = zk_namespace("beeline");
     let toml = broker_toml(&cluster_toml(ZK, &ns, ""), &route_toml("binary", sts, ""));
     let b = start_broker_toml(&toml).await;
     // the URLs a user is given: `connstr --local --zookeeper` on the config
@@ -219,7 +208,7 @@ async fn metric_sum(b: &Broker, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_removes_the_znodes_before_the_listeners_stop_accepting() {
     shared_zk();
-    let ns = namespace("drain");
+    let ns = zk_namespace("drain");
     let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let mut b = start_broker_toml(&broker_toml(
         &cluster_toml(ZK, &ns, "deregister_grace = \"3s\""),
@@ -247,7 +236,7 @@ async fn draining_removes_the_znodes_before_the_listeners_stop_accepting() {
 async fn zookeeper_away_never_stops_serving_and_the_broker_registers_when_it_is_back() {
     let sts = sts_binary().await;
     let zkp = PrivateZk::new();
-    let ns = namespace("outage");
+    let ns = zk_namespace("outage");
     // ZooKeeper is not there when the broker starts
     let b = start_broker_toml(&broker_toml(
         &cluster_toml(&zkp.ensemble(), &ns, ""),

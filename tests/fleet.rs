@@ -9,7 +9,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,23 +22,6 @@ use serde_json::Value;
 /// examples use the key file).
 const KEY: &str = "6b79757562692d62726f6b65722d666c6565742d746573742d6b65792d303031";
 const SHARED_ZK: &str = "127.0.0.1:2181";
-
-fn namespace(tag: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "kb-fleet-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A Spark Thrift Server of the fleet tests' own: their thousands of short
 /// sessions would otherwise crowd the shared one the other tests use.
@@ -56,6 +39,37 @@ struct FleetSetup {
     /// Rotation interval and grace.
     interval: &'static str,
     grace: &'static str,
+}
+
+impl FleetSetup {
+    /// A fleet in `zookeeper`'s namespace of `tag`, in front of the emulator's
+    /// token gateway to the fleet tests' Spark Thrift Server.
+    async fn new(
+        zookeeper: &str,
+        tag: &str,
+        interval: &'static str,
+        grace: &'static str,
+    ) -> FleetSetup {
+        let sts = sts_fleet().await;
+        FleetSetup {
+            zookeeper: zookeeper.into(),
+            namespace: zk_namespace(&format!("fleet-{tag}")),
+            emu: start_emulator(Some(sts)).await,
+            interval,
+            grace,
+        }
+    }
+
+    /// `n` brokers without failpoints, once they agree on one leader and
+    /// one token.
+    async fn members(&self, n: usize) -> Vec<Member> {
+        let mut members = Vec::new();
+        for _ in 0..n {
+            members.push(Member::start(self, None).await);
+        }
+        agreed(&members.iter().collect::<Vec<_>>(), Duration::from_secs(30)).await;
+        members
+    }
 }
 
 /// One broker process of the fleet.
@@ -364,14 +378,7 @@ async fn converged(e: &Emu, members: &[&Member], within: Duration) -> String {
 /// exactly one token remains, and that no query on the survivors failed.
 async fn leader_killed_at(step: &str) {
     fixture(&["zk-start"]);
-    let sts = sts_fleet().await;
-    let f = FleetSetup {
-        zookeeper: SHARED_ZK.into(),
-        namespace: namespace("kill"),
-        emu: start_emulator(Some(sts)).await,
-        interval: "6s",
-        grace: "2s",
-    };
+    let f = FleetSetup::new(SHARED_ZK, "kill", "6s", "2s").await;
     // the first broker up leads: its first rotation makes the first token,
     // its second stops at `step` until killed
     let b1 = Member::start(&f, Some(&format!("{step}@2:hang"))).await;
@@ -496,20 +503,9 @@ async fn a_leader_killed_after_publishing_a_token_before_retiring_the_old_loses_
 async fn zookeeper_stopped_for_30_s_fails_no_query_and_the_rotation_resumes_when_it_returns() {
     let zkp = PrivateZk::new();
     zkp.run("zk-start");
-    let sts = sts_fleet().await;
-    let f = FleetSetup {
-        zookeeper: zkp.ensemble(),
-        namespace: namespace("outage"),
-        emu: start_emulator(Some(sts)).await,
-        interval: "6s",
-        grace: "2s",
-    };
-    let mut members = Vec::new();
-    for _ in 0..3 {
-        members.push(Member::start(&f, None).await);
-    }
+    let f = FleetSetup::new(&zkp.ensemble(), "outage", "6s", "2s").await;
+    let members = f.members(3).await;
     let all: Vec<&Member> = members.iter().collect();
-    agreed(&all, Duration::from_secs(30)).await;
     let load = Load::start(&members.iter().map(|m| m.binary).collect::<Vec<_>>());
 
     let ok_before_stop = load.ok.load(Ordering::Relaxed);
@@ -572,20 +568,8 @@ async fn zookeeper_stopped_for_30_s_fails_no_query_and_the_rotation_resumes_when
 async fn beeline_and_impyla_find_the_fleet_through_zookeeper_and_a_sigterm_takes_a_broker_out_first(
 ) {
     fixture(&["zk-start"]);
-    let sts = sts_fleet().await;
-    let f = FleetSetup {
-        zookeeper: SHARED_ZK.into(),
-        namespace: namespace("find"),
-        emu: start_emulator(Some(sts)).await,
-        interval: "1h",
-        grace: "10s",
-    };
-    let mut members = Vec::new();
-    for _ in 0..3 {
-        members.push(Member::start(&f, None).await);
-    }
-    let all: Vec<&Member> = members.iter().collect();
-    agreed(&all, Duration::from_secs(30)).await;
+    let f = FleetSetup::new(SHARED_ZK, "find", "1h", "10s").await;
+    let mut members = f.members(3).await;
     let ports: Vec<u16> = members.iter().map(|m| m.binary.port()).collect();
 
     let url = format!(
@@ -782,14 +766,7 @@ async fn metric(m: &Member, name: &str) -> f64 {
 async fn a_damaged_record_stops_the_rotation_never_the_serving_and_restoring_it_resumes() {
     use zookeeper_client as zk;
     fixture(&["zk-start"]);
-    let sts = sts_fleet().await;
-    let f = FleetSetup {
-        zookeeper: SHARED_ZK.into(),
-        namespace: namespace("damage"),
-        emu: start_emulator(Some(sts)).await,
-        interval: "3s",
-        grace: "1s",
-    };
+    let f = FleetSetup::new(SHARED_ZK, "damage", "3s", "1s").await;
     let b1 = Member::start(&f, None).await;
     let b2 = Member::start(&f, None).await;
     let token = agreed(&[&b1, &b2], Duration::from_secs(30)).await;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use zookeeper_client as zk;
 
-use super::{bounded, read_digest, ClusterError, BACKOFF_MAX, BACKOFF_MIN};
+use super::{bounded, read_digest, Backoff, ClusterError};
 use crate::config::{ClientAuth, ClusterConfig, Config, ListenerConfig, Transport};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -205,8 +205,7 @@ struct Registrar {
 
 impl Registrar {
     async fn run(self, stop: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
-        let mut failing = false;
+        let mut backoff = Backoff::new();
         loop {
             let attempt = async {
                 let client = self.connect().await?;
@@ -224,22 +223,17 @@ impl Registrar {
                             s.znodes.clear();
                             s.last_error = Some(e.clone());
                         });
-                        // once per outage, not at every retry
-                        if !failing {
+                        if backoff.failed() {
                             warn!(zookeeper = %self.ensemble, "ZooKeeper: cannot register the listeners ({e}); still serving, retrying");
                         }
-                        failing = true;
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
+                        if !backoff.pause(&stop).await {
+                            return;
                         }
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
                         continue;
                     }
                 },
             };
-            failing = false;
-            backoff = BACKOFF_MIN;
+            backoff.succeeded();
             self.metrics.discovery(Some(paths.len()));
             self.set(|s| {
                 s.connected = true;

@@ -34,7 +34,7 @@ use zeroize::Zeroize;
 use zookeeper_client as zk;
 
 use super::seal::FleetKey;
-use super::{read_digest, ClusterError, BACKOFF_MAX, BACKOFF_MIN, CALL_TIMEOUT};
+use super::{read_digest, Backoff, ClusterError, CALL_TIMEOUT};
 use crate::config::{ClusterConfig, TokensConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -464,8 +464,7 @@ impl Member {
         first: oneshot::Sender<()>,
     ) {
         let mut first = Some(first);
-        let mut backoff = BACKOFF_MIN;
-        let mut failing = false;
+        let mut backoff = Backoff::new();
         loop {
             let connected = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -474,29 +473,20 @@ impl Member {
             let client = match connected {
                 Ok(c) => c,
                 Err(e) => {
-                    if !failing {
+                    if backoff.failed() {
                         warn!(zookeeper = %self.ensemble, "fleet: {e}; serving with the current token, retrying");
                     }
-                    failing = true;
                     self.set(|s| s.last_error = Some(format!("ZooKeeper: {e}")));
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !backoff.pause(&stop).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
                 }
             };
-            failing = false;
-            backoff = BACKOFF_MIN;
-            self.set(|s| {
-                if s.last_error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("ZooKeeper: "))
-                {
-                    s.last_error = None;
-                }
-            });
+            if backoff.succeeded() {
+                // the outage's error, shown until now
+                self.set(|s| s.last_error = None);
+            }
             if self.session(&client, &mut asked, &stop, &mut first).await {
                 return;
             }
@@ -937,15 +927,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_record_round_trips_and_shows_ids_and_the_leader_but_no_value() {
-        let k = key('a');
+    /// tk-2 active, tk-1 retiring.
+    fn two_tokens() -> TokenState {
         let mut st = TokenState::fresh();
         st.active = Some(token(2));
         st.retiring.push(Retiring {
             token: token(1),
             delete_after_ms: 5,
         });
+        st
+    }
+
+    #[test]
+    fn the_record_round_trips_and_shows_ids_and_the_leader_but_no_value() {
+        let k = key('a');
+        let mut st = two_tokens();
         st.intent = Some(Intent {
             name: "kyuubi-broker-ab12cd34-3".into(),
             value: "value3secret".repeat(3),
@@ -968,12 +964,7 @@ mod tests {
     #[test]
     fn a_value_moved_to_another_tokens_entry_does_not_open() {
         let k = key('a');
-        let mut st = TokenState::fresh();
-        st.active = Some(token(2));
-        st.retiring.push(Retiring {
-            token: token(1),
-            delete_after_ms: 5,
-        });
+        let st = two_tokens();
         let mut rec: Record = serde_json::from_slice(&encode(&st, &k, "x")).unwrap();
         let retiring_value = rec.state.retiring[0].token.value.clone();
         rec.state.active.as_mut().unwrap().value = retiring_value;

@@ -20,11 +20,49 @@ use crate::secret::Secret;
 
 /// Each ZooKeeper call.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// A reconnection attempt costs one refused TCP connect, and every second
 /// of it is a second of the fleet unregistered or without a leader after
 /// ZooKeeper returns.
-pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Reconnection attempts: a doubling wait from [`BACKOFF_MIN`] to
+/// [`BACKOFF_MAX`], and whether an outage is already reported (logged once,
+/// not at every retry).
+pub(crate) struct Backoff {
+    wait: Duration,
+    failing: bool,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Backoff {
+        Backoff {
+            wait: BACKOFF_MIN,
+            failing: false,
+        }
+    }
+
+    /// Records a failed attempt; `true` for the first of an outage.
+    pub(crate) fn failed(&mut self) -> bool {
+        !std::mem::replace(&mut self.failing, true)
+    }
+
+    /// Records a success; `true` if it ends an outage.
+    pub(crate) fn succeeded(&mut self) -> bool {
+        self.wait = BACKOFF_MIN;
+        std::mem::replace(&mut self.failing, false)
+    }
+
+    /// Waits before the next attempt; `false` if `stop` came first.
+    pub(crate) async fn pause(&mut self, stop: &tokio_util::sync::CancellationToken) -> bool {
+        let wait = self.wait;
+        self.wait = (self.wait * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

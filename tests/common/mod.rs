@@ -1083,6 +1083,25 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// A private ZooKeeper on its own port and state directory, so stopping it
 /// disturbs no other test.
+/// A ZooKeeper namespace (or fleet) no other test, or run, uses.
+pub fn zk_namespace(tag: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "kb-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// A port free now (the caller binds it soon; another may take it first).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub struct PrivateZk {
     pub port: u16,
     pub dir: tempfile::TempDir,
@@ -1090,13 +1109,8 @@ pub struct PrivateZk {
 
 impl PrivateZk {
     pub fn new() -> PrivateZk {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         PrivateZk {
-            port,
+            port: free_port(),
             dir: tempfile::tempdir().unwrap(),
         }
     }
