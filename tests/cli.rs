@@ -256,7 +256,7 @@ fn check_config_names_the_bad_key_and_exits_64() {
 }
 
 #[test]
-fn serve_stops_cleanly_on_sigterm() {
+fn serve_stops_cleanly_on_sigterm_and_logs_plain_text_to_a_pipe() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("c.toml");
     std::fs::write(
@@ -272,12 +272,18 @@ fn serve_stops_cleanly_on_sigterm() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let up = lines
-        .by_ref()
-        .take(20)
-        .map_while(Result::ok)
-        .any(|l| l.contains("binary listener up"));
-    assert!(up, "the broker reports its listener");
+    let mut seen = Vec::new();
+    for l in lines.by_ref().take(20).map_while(Result::ok) {
+        let up = l.contains("binary listener up");
+        seen.push(l);
+        if up {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("binary listener up")),
+        "the broker reports its listener: {seen:?}"
+    );
     let t0 = Instant::now();
     assert!(Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -297,6 +303,157 @@ fn serve_stops_cleanly_on_sigterm() {
     assert!(status.success(), "{status:?}");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+    // stderr is a pipe here, as under systemd or `> file`: no colour codes
+    let coloured: Vec<&String> = seen
+        .iter()
+        .chain(&rest)
+        .filter(|l| l.contains('\x1b'))
+        .collect();
+    assert!(
+        coloured.is_empty(),
+        "ANSI escapes in piped logs: {coloured:?}"
+    );
+}
+
+/// The subcommands `--help` lists under "Commands:" (without `help`).
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+fn help_of(path: &[String]) -> String {
+    let out = Command::new(BIN).args(path).arg("--help").output().unwrap();
+    assert!(out.status.success(), "{path:?} --help: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn every_subcommand_help_ends_with_an_example_that_names_the_program() {
+    let mut todo = vec![vec![]];
+    let mut checked = Vec::new();
+    while let Some(path) = todo.pop() {
+        let help = help_of(&path);
+        let example = help.split("Example:").nth(1).unwrap_or_else(|| {
+            panic!(
+                "`kyuubi-broker {}` --help has no example:\n{help}",
+                path.join(" ")
+            )
+        });
+        assert!(example.contains("kyuubi-broker"), "{path:?}: {example}");
+        for sub in subcommands(&help) {
+            let mut p = path.clone();
+            p.push(sub);
+            todo.push(p);
+        }
+        checked.push(path.join(" "));
+    }
+    for must in [
+        "serve",
+        "token",
+        "token revoke",
+        "completions",
+        "man",
+        "bench",
+    ] {
+        assert!(
+            checked.iter().any(|c| c == must),
+            "{must} not reached: {checked:?}"
+        );
+    }
+}
+
+#[test]
+fn bash_completion_offers_subcommands_and_their_flags() {
+    let out = Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("kb.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    // what bash's programmable completion does on <TAB>: the function
+    // `complete -p` names, with COMP_WORDS and COMP_CWORD set
+    let complete = |words: &str, cword: usize| -> String {
+        let prog = format!(
+            "source {}; f=$(complete -p kyuubi-broker | sed -E 's/.*-F ([^ ]+).*/\\1/'); \
+             COMP_WORDS=({words}); COMP_CWORD={cword}; COMP_LINE='{words}'; COMP_POINT=${{#COMP_LINE}}; \
+             \"$f\" kyuubi-broker \"${{COMP_WORDS[$COMP_CWORD]}}\" \"${{COMP_WORDS[$COMP_CWORD-1]}}\"; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display()
+        );
+        let out = Command::new("bash")
+            .args(["--norc", "-c", &prog])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let top = complete("kyuubi-broker to", 1);
+    assert_eq!(top.trim(), "token", "{top}");
+    let flags = complete("kyuubi-broker serve --c", 2);
+    assert!(flags.lines().any(|l| l == "--config"), "{flags}");
+    let shells = complete("kyuubi-broker completions", 2);
+    for sh in ["bash", "zsh", "fish"] {
+        assert!(shells.lines().any(|l| l == sh), "{shells}");
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("serve"),
+            "{shell}"
+        );
+    }
+}
+
+#[test]
+fn man_pages_render_without_groff_warnings_one_per_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut pages: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    pages.sort();
+    for want in [
+        "kyuubi-broker.1",
+        "kyuubi-broker-serve.1",
+        "kyuubi-broker-token-revoke.1",
+    ] {
+        assert!(pages.iter().any(|p| p == want), "{want} missing: {pages:?}");
+    }
+    for p in &pages {
+        let out = Command::new("groff")
+            .args(["-k", "-man", "-Tutf8", "-ww", "-z"])
+            .arg(dir.path().join(p))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{p}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let main = Command::new(BIN).arg("man").output().unwrap();
+    let text = String::from_utf8(main.stdout).unwrap();
+    assert!(
+        text.contains(".TH kyuubi-broker 1") && text.contains("completions"),
+        "{text}"
+    );
 }
 
 #[test]

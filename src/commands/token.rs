@@ -35,14 +35,23 @@ pub struct TokenArgs {
 #[derive(clap::Subcommand)]
 pub enum TokenAction {
     /// List the gateway's tokens (values are masked by the API).
+    #[command(
+        after_help = "Example:\n  ALIBABA_CLOUD_ACCESS_KEY_ID=... ALIBABA_CLOUD_ACCESS_KEY_SECRET=... \\\n    kyuubi-broker token --config broker.toml list"
+    )]
     List,
     /// Create a token and make it the broker's active one (needs --state).
+    #[command(
+        after_help = "Example:\n  kyuubi-broker token --config broker.toml create --expire-days 7"
+    )]
     Create {
         /// Auto-expiry in days; 0 for none.
         #[arg(long, default_value_t = 7)]
         expire_days: u32,
     },
     /// Replace the active token; delete the old one after the grace period.
+    #[command(
+        after_help = "Example:\n  kyuubi-broker token --config broker.toml rotate --grace 10m"
+    )]
     Rotate {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         grace: Duration,
@@ -50,6 +59,9 @@ pub enum TokenAction {
         expire_days: u32,
     },
     /// Delete a token, after showing what it is and what stops working.
+    #[command(
+        after_help = "Example:\n  kyuubi-broker token --config broker.toml revoke <token-id>"
+    )]
     Revoke {
         token_id: String,
         /// Do not ask for confirmation.
