@@ -5,6 +5,8 @@
 mod common;
 
 use common::*;
+use std::time::Duration;
+
 use kyuubi_broker::client::Hs2Client;
 use kyuubi_broker::config::{Transport, UpstreamSasl};
 
@@ -185,5 +187,162 @@ async fn bench_compares_broker_and_direct_and_writes_json_that_parses() {
         assert!(t["p99_us"].as_u64() >= t["p50_us"].as_u64());
     }
     assert_eq!(targets[0]["p50_ratio"], 1.0);
+    b.shutdown().await;
+}
+
+/// The metric names and label names a PromQL expression uses: identifiers
+/// starting `kyuubi_broker_`, the labels in `by (...)`, and those matched in
+/// `{...}` selectors.
+fn promql_names(expr: &str) -> (Vec<String>, Vec<String>) {
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let metrics = expr
+        .match_indices("kyuubi_broker_")
+        .map(|(i, _)| ident(&expr[i..]))
+        .collect();
+    let mut labels = Vec::new();
+    for (i, _) in expr.match_indices("by (") {
+        let inner = &expr[i + 4..i + 4 + expr[i + 4..].find(')').unwrap()];
+        labels.extend(inner.split(',').map(|l| l.trim().to_string()));
+    }
+    for (i, _) in expr.match_indices('{') {
+        let inner = &expr[i + 1..i + 1 + expr[i + 1..].find('}').unwrap()];
+        // a Grafana legend such as {{method}} is not a selector
+        if inner.starts_with('{') || inner.is_empty() {
+            continue;
+        }
+        labels.extend(inner.split(',').map(|m| ident(m.trim())));
+    }
+    (metrics, labels)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafana_dashboard_queries_only_metrics_and_labels_the_broker_exports() {
+    // traffic that makes every series the dashboard queries: good RPCs on
+    // both transports, a refused login, a connection over a listener's cap,
+    // one that never sends a request, and an upstream that is not there
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    let hash = kyuubi_broker::auth::hash_password("alice-pw");
+    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
+    let route = route_toml("binary", sts_binary().await, "");
+    let b = start_broker_toml(&format!(
+        "{ADMIN}[server]\nhandshake_timeout = \"1s\"\n{LISTENERS}\n\
+         [[listener]]\nname = \"locked\"\nprotocol = \"http\"\nbind = \"127.0.0.1:0\"\nroute = \"r\"\n\
+         auth = \"static\"\nusers_file = \"{}\"\nmax_connections = 1\n\n\
+         [[listener]]\nname = \"dead\"\nprotocol = \"binary\"\nbind = \"127.0.0.1:0\"\nroute = \"dead\"\n\
+         auth = \"none\"\nallow_any_user = true\n\n\
+         [routes.dead.upstream]\ntransport = \"binary\"\nhost = \"127.0.0.1\"\nport = 9\n\n{route}",
+        users.display()
+    ))
+    .await;
+    let admin = b.addrs["admin"];
+    for (mode, port) in [("binary", b.binary.port()), ("http", b.http.port())] {
+        let v = py_client("impyla", mode, port, "query", Some("select 1")).await;
+        assert_eq!(v["rows"][0][0], "1", "{v}");
+    }
+    let locked = b.addrs["locked"];
+    let (status, _, _) = http_post(locked, "/cliservice", &basic("alice", "nope"), b"x").await;
+    assert_eq!(status, 401);
+    // the one place on "locked", held without a request...
+    let idle = tokio::net::TcpStream::connect(locked).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while series(
+        &admin_get(admin, "/metrics").await.1,
+        "kyuubi_broker_client_connections",
+    )
+    .get("listener=\"locked\"")
+        != Some(&1.0)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle connection was not accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...so this one is over the cap, and the idle one times out (read to
+    // its end: the broker closes it after the 1 s handshake timeout)
+    let _ = send_and_read_all(locked, b"x").await;
+    {
+        use tokio::io::AsyncReadExt;
+        let mut idle = idle;
+        let mut sink = Vec::new();
+        let _ = idle.read_to_end(&mut sink).await;
+    }
+    let cfg = client_cfg(Transport::Binary, b.addrs["dead"], UpstreamSasl::Plain);
+    let mut c = Hs2Client::connect(&cfg, "alice", "x").await.unwrap();
+    assert!(c.open_session().await.is_err(), "the dead route answered");
+    let (_, text) = admin_get(b.addrs["admin"], "/metrics").await;
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/contrib/grafana/kyuubi-broker.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    exprs.push(
+        dash["templating"]["list"][1]["definition"]
+            .as_str()
+            .unwrap()
+            .into(),
+    );
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    let mut with_samples = 0;
+    let mut missing = Vec::new();
+    for expr in &exprs {
+        let (metrics, labels) = promql_names(expr);
+        assert!(!metrics.is_empty(), "no broker metric in {expr}");
+        for m in &metrics {
+            let family = ["_bucket", "_sum", "_count", "_total"]
+                .iter()
+                .find_map(|s| m.strip_suffix(s))
+                .unwrap_or(m);
+            if !text.contains(&format!("# TYPE {family} ")) {
+                missing.push(family.to_string());
+                continue;
+            }
+            let samples: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with(&format!("{m}{{")) || l.starts_with(&format!("{m} ")))
+                .collect();
+            if samples.is_empty() {
+                continue;
+            }
+            with_samples += 1;
+            for l in &labels {
+                // added by Prometheus when it scrapes, or by histogram_quantile
+                if ["instance", "job"].contains(&l.as_str())
+                    || (l == "le" && !m.ends_with("_bucket"))
+                {
+                    continue;
+                }
+                assert!(
+                    samples.iter().any(|s| s.contains(&format!("{l}=\""))),
+                    "{expr}: {m} has no label {l}: {samples:?}"
+                );
+            }
+        }
+    }
+    missing.sort();
+    missing.dedup();
+    assert!(
+        missing.is_empty(),
+        "not in /metrics after the traffic: {missing:?}"
+    );
+    assert!(
+        with_samples >= 12,
+        "too few queried series had samples: {with_samples}"
+    );
     b.shutdown().await;
 }
